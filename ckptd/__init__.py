@@ -1,0 +1,3 @@
+"""ckptd: verifies, catalogs, prunes and mirrors training checkpoints."""
+
+__version__ = "0.1.0"

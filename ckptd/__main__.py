@@ -1,0 +1,5 @@
+"""`python -m ckptd`."""
+
+from ckptd.cli import main
+
+main()

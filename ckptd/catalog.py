@@ -1,0 +1,189 @@
+"""The catalog: a SQLite database (WAL mode) in the state folder, recording every checkpoint seen.
+
+The only module that imports sqlite3. One row per checkpoint path; a checkpoint whose size, mtime and inode
+are unchanged is never hashed again. Rows of deleted checkpoints are kept with `gone_at` set, so history
+(and later the retention journal) stays queryable.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.model import Verification
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    path        TEXT PRIMARY KEY,
+    watch       TEXT NOT NULL,
+    run         TEXT NOT NULL,
+    kind        TEXT NOT NULL,            -- file, directory or link
+    link_target TEXT,                     -- for links: the checkpoint they point to
+    format      TEXT,
+    status      TEXT,                     -- ok, corrupt, unsafe, unsupported; NULL until verified
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    inode       INTEGER NOT NULL,
+    sha256      TEXT,
+    epoch       INTEGER,
+    step        INTEGER,
+    metrics     TEXT NOT NULL DEFAULT '{}',
+    problems    TEXT NOT NULL DEFAULT '[]',
+    first_seen  REAL NOT NULL,
+    verified_at REAL,
+    gone_at     REAL,
+    pinned      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
+CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
+"""
+
+CATALOG_NAME = "catalog.sqlite3"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checkpoint as the catalog knows it."""
+
+    path: str
+    watch: str
+    run: str
+    kind: str
+    link_target: str | None
+    format: str | None
+    status: str | None
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str | None
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, float]
+    problems: list[str]
+    first_seen: float
+    verified_at: float | None
+    gone_at: float | None
+    pinned: bool
+
+    @property
+    def mtime(self) -> float:
+        """Modification time in seconds."""
+        return self.mtime_ns / 1e9
+
+
+def _row(values: sqlite3.Row) -> Row:
+    data: dict[str, Any] = dict(values)
+    data["metrics"] = json.loads(data["metrics"])
+    data["problems"] = json.loads(data["problems"])
+    data["pinned"] = bool(data["pinned"])
+    return Row(**data)
+
+
+class Catalog:
+    """A connection to the catalog of one state folder. Use as a context manager, or call close()."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / CATALOG_NAME
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()
+
+    def get(self, path: str) -> Row | None:
+        """The row of `path`, or None."""
+        found = self._db.execute("SELECT * FROM checkpoints WHERE path = ?", (path,)).fetchone()
+        return _row(found) if found else None
+
+    def unchanged(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """True when `path` was verified before with exactly this size, mtime and inode (and is not gone)."""
+        found = self._db.execute(
+            "SELECT 1 FROM checkpoints WHERE path = ? AND size = ? AND mtime_ns = ? AND inode = ?"
+            " AND status IS NOT NULL AND gone_at IS NULL",
+            (path, size, mtime_ns, inode),
+        ).fetchone()
+        return found is not None
+
+    def record_verified(self, *, watch: str, run: str, verification: Verification, mtime_ns: int, now: float) -> None:
+        """Insert or update the row of a verified checkpoint (first_seen and pinned are kept)."""
+        v = verification
+        self._db.execute(
+            """
+            INSERT INTO checkpoints (path, watch, run, kind, link_target, format, status, size, mtime_ns, inode,
+                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at)
+            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+            ON CONFLICT (path) DO UPDATE SET
+                watch = excluded.watch, run = excluded.run, kind = excluded.kind, link_target = NULL,
+                format = excluded.format, status = excluded.status, size = excluded.size,
+                mtime_ns = excluded.mtime_ns, inode = excluded.inode, sha256 = excluded.sha256,
+                epoch = excluded.epoch, step = excluded.step, metrics = excluded.metrics,
+                problems = excluded.problems, verified_at = excluded.verified_at, gone_at = NULL
+            """,
+            (
+                v.path, watch, run, "directory" if v.is_directory else "file", v.format, v.status,
+                v.size_bytes, mtime_ns, v.inode, v.sha256, v.epoch, v.global_step,
+                json.dumps(v.metrics, allow_nan=True), json.dumps(v.problems), now, now,
+            ),
+        )  # fmt: skip
+
+    def record_link(
+        self,
+        *,
+        watch: str,
+        run: str,
+        path: str,
+        target: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        now: float,
+    ) -> None:
+        """Insert or update a symbolic link that points to another checkpoint; it is never hashed itself."""
+        self._db.execute(
+            """
+            INSERT INTO checkpoints (path, watch, run, kind, link_target, size, mtime_ns, inode, first_seen,
+                verified_at)
+            VALUES (?, ?, ?, 'link', ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (path) DO UPDATE SET kind = 'link', link_target = excluded.link_target,
+                size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode, status = NULL,
+                sha256 = NULL, verified_at = excluded.verified_at, gone_at = NULL
+            """,
+            (path, watch, run, target, size, mtime_ns, inode, now, now),
+        )
+
+    def mark_gone(self, path: str, now: float) -> None:
+        """Record that `path` no longer exists on disk."""
+        self._db.execute("UPDATE checkpoints SET gone_at = ? WHERE path = ? AND gone_at IS NULL", (now, path))
+
+    def present(self, *, watch: str | None = None, under: str | None = None) -> Iterator[Row]:
+        """Rows of checkpoints still on disk, for one watch and/or below one folder, by path."""
+        query, args = "SELECT * FROM checkpoints WHERE gone_at IS NULL", list[Any]()
+        if watch is not None:
+            query += " AND watch = ?"
+            args.append(watch)
+        if under is not None:
+            query += " AND (path = ? OR substr(path, 1, ?) = ?)"
+            prefix = under.rstrip("/") + "/"
+            args += [under, len(prefix), prefix]
+        for found in self._db.execute(query + " ORDER BY path", args):
+            yield _row(found)
+
+    def in_run(self, run: str) -> list[Row]:
+        """Rows of the checkpoints present in one run folder."""
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE run = ? AND gone_at IS NULL", (run,))
+        return [_row(r) for r in rows]

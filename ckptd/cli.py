@@ -1,0 +1,296 @@
+"""The `ckptd` command line. Errors become a message and an exit code here, in one place (`main`).
+
+Commands that only read sidecars or the catalog (`latest`, `best`, `list`, `show`, `status`) never import
+torch, so they answer in a fraction of a second inside launch scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ckptd import __version__
+from ckptd.errors import CkptdError, ConfigError, ExitCode, NoAnswer, UsageError
+
+if TYPE_CHECKING:
+    from ckptd.config import Config
+    from ckptd.model import Entry, Verification
+    from ckptd.sidecar import Sidecar
+
+DEFAULT_CONFIGS = (Path("config.toml"), Path("/etc/ckptd/config.toml"))
+_GB = 1 << 30
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI and exit with ckptd's documented status (see errors.ExitCode)."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="ckptd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ckptd: aborted", err=True)
+        code = 130
+    except click.ClickException as exc:
+        exc.show()
+        code = ExitCode.USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except CkptdError as exc:
+        click.echo(f"ckptd: {exc}", err=True)
+        code = exc.exit_code
+    except BrokenPipeError:
+        code = ExitCode.OK
+    sys.exit(int(code or 0))
+
+
+def _config_path(option: Path | None) -> Path | None:
+    if option is not None:
+        return option
+    from_env = os.environ.get("CKPTD_CONFIG")
+    if from_env:
+        return Path(from_env)
+    return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
+
+
+def _load(option: Path | None, *, required: bool) -> Config | None:
+    from ckptd.config import load_config
+
+    path = _config_path(option)
+    if path is None:
+        if required:
+            raise UsageError("no config file: pass --config FILE (or set CKPTD_CONFIG, or add ./config.toml)")
+        return None
+    return load_config(path)
+
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file [default: $CKPTD_CONFIG, ./config.toml, /etc/ckptd/config.toml].",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ckptd")
+def cli() -> None:
+    """Verify, catalog, prune and mirror training checkpoints."""
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per PATH.")
+@click.option("--trust", multiple=True, metavar="MODULE.NAME", help="Admit a pickle global (repeatable).")
+@config_option
+def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], config_file: Path | None) -> int:
+    """Verify checkpoints: hash, CRCs, a safe load, NaN/Inf. Exit 0 when every PATH is ok, else 1."""
+    from ckptd import verify as engine
+    from ckptd.model import CheckpointChanged
+
+    config = _load(config_file, required=False) if config_file else None
+    trusted = [*trust, *(config.daemon.trusted_globals if config else [])]
+    try:
+        engine.resolve_trusted(trusted)
+    except engine.TrustError as exc:
+        raise UsageError(str(exc)) from exc
+    results: list[Verification] = []
+    busy: list[str] = []
+    for path in paths:
+        try:
+            results.append(_verify_one(engine, path, trusted, show_progress=not as_json))
+        except CheckpointChanged as exc:
+            busy.append(f"{exc.path}: changed while being verified (still being written?); try again")
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        from ckptd import tables
+
+        tables.print_verifications(results)
+    for line in busy:
+        click.echo(f"ckptd: {line}", err=True)
+    return ExitCode.OK if not busy and all(r.status == "ok" for r in results) else ExitCode.CHECK_FAILED
+
+
+def _verify_one(engine: Any, path: Path, trusted: list[str], *, show_progress: bool) -> Verification:
+    size = path.stat().st_size if path.is_file() else 0
+    if not (show_progress and size > _GB and sys.stderr.isatty()):
+        result: Verification = engine.verify(path, trusted=trusted)
+        return result
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(path.name, total=size)
+        result = engine.verify(path, trusted=trusted, progress=lambda n: bar.advance(task, n))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- scan
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, file_okay=True, path_type=Path))
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> int:
+    """Verify new and changed checkpoints under PATHS (or the watched folders), once, then exit."""
+    from ckptd import log
+    from ckptd.catalog import Catalog
+    from ckptd.config import DEFAULT_PATTERNS
+    from ckptd.scan import reconcile
+    from ckptd.verify import engine_versions
+    from ckptd.verify import verify as engine_verify
+
+    config = _load(config_file, required=not paths)
+    log.configure(config.daemon.log_format if config else "console", "warning")
+    state_dir = config.daemon.state_dir if config else Path.home() / ".local/state/ckptd"
+    trusted = config.daemon.trusted_globals if config else []
+    targets: list[tuple[str, Path, list[str]]] = []
+    if paths:
+        for path in paths:
+            watch = _watch_of(config, path)
+            targets.append(
+                (watch.name, path.absolute(), watch.patterns) if watch else ("", path.absolute(), DEFAULT_PATTERNS)
+            )
+    else:
+        assert config is not None
+        targets = [(w.name, w.path, w.patterns) for w in config.watch]
+    summary: dict[str, Any] = {}
+    failed = False
+    with Catalog(state_dir) as catalog:
+        for watch_name, root, patterns in targets:
+            report = reconcile(
+                root, watch=watch_name, patterns=patterns, catalog=catalog,
+                verifier=lambda p: engine_verify(p, trusted=trusted), engine=engine_versions,
+            )  # fmt: skip
+            failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
+            summary[str(root)] = {
+                "verified": dict(report.by_status()), "unchanged": report.unchanged, "links": report.links,
+                "still_being_written": report.busy, "gone": report.gone,
+                "removed_sidecars": report.removed_sidecars, "unreadable": report.failed,
+                "not_ok": [{"path": v.path, "status": v.status, "problems": v.problems}
+                           for v in report.verified if v.status != "ok"],
+            }  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        from ckptd import tables
+
+        tables.print_scan(summary, state_dir)
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+
+
+def _watch_of(config: Config | None, path: Path) -> Any:
+    if config is None:
+        return None
+    resolved = path.resolve()
+    return next((w for w in config.watch if resolved.is_relative_to(w.path.resolve())), None)
+
+
+# ------------------------------------------------------------------------------------ read-only questions
+
+
+def _entries(folder: Path) -> list[tuple[Sidecar, Entry]]:
+    from ckptd import sidecar
+    from ckptd.model import Entry
+
+    found = []
+    for parsed, current in sidecar.find(folder):
+        entry = Entry.of(parsed.verification, run=str(parsed.checkpoint.parent), pinned=parsed.pinned)
+        if not current:
+            entry = Entry(**{**entry.__dict__, "verified": False})
+        found.append((parsed, entry))
+    return found
+
+
+def _existing_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a folder (give the run folder that holds the checkpoints)")
+    return path
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+def latest(run: Path) -> int:
+    """Print the path of RUN's newest ok checkpoint (by step, then mtime); exit 1 if there is none.
+
+    Made for launch scripts: python train.py --resume "$(ckptd latest runs/exp1)"
+    """
+    from ckptd import selection
+
+    found = selection.latest(e for _s, e in _entries(_existing_folder(run)))
+    if found is None:
+        raise NoAnswer(f"{run}: no verified ok checkpoint yet (is the daemon running? try: ckptd scan {run})")
+    click.echo(found.path)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--metric", required=True, help="Metric name, such as val_loss.")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+def best(run: Path, metric: str, mode: str) -> int:
+    """Print the path of RUN's best ok checkpoint by METRIC; exit 1 if none has that metric."""
+    from ckptd import selection
+
+    found = selection.best((e for _s, e in _entries(_existing_folder(run))), metric, "min" if mode == "min" else "max")
+    if found is None:
+        raise NoAnswer(f"{run}: no verified ok checkpoint has the metric {metric!r}")
+    click.echo(found.path)
+    return ExitCode.OK
+
+
+@cli.command(name="list")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def list_(folder: Path, as_json: bool) -> int:
+    """List the verified checkpoints under a run or a folder of runs, from their sidecars."""
+    found = _entries(_existing_folder(folder))
+    if as_json:
+        rows = [{**s.verification.to_dict(), "current": e.verified, "verified_at": s.verified_at,
+                 "pinned": s.pinned} for s, e in found]  # fmt: skip
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        from ckptd import tables
+
+        tables.print_entries([e for _s, e in found], folder)
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar's JSON.")
+def show(checkpoint: Path, as_json: bool) -> int:
+    """Show what ckptd knows of one checkpoint (its sidecar)."""
+    from ckptd import sidecar
+
+    parsed = sidecar.read(checkpoint.absolute())
+    if parsed is None:
+        raise NoAnswer(f"{checkpoint}: not verified yet (no sidecar); run: ckptd verify {checkpoint}")
+    current = any(s.checkpoint == parsed.checkpoint and c for s, c in sidecar.find(checkpoint.absolute().parent))
+    if as_json:
+        click.echo(sidecar.sidecar_path(checkpoint).read_text(), nl=False)
+    else:
+        from ckptd import tables
+
+        tables.print_sidecar(parsed, current)
+    return ExitCode.OK if parsed.verification.status == "ok" and current else ExitCode.CHECK_FAILED
+
+
+@cli.command(name="check-config")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(file: Path) -> int:
+    """Validate a config file; print every problem (exit 78) or `ok`."""
+    from ckptd.config import load_config
+
+    try:
+        config = load_config(file)
+    except ConfigError:
+        raise
+    click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir})")
+    return ExitCode.OK

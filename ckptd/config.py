@@ -1,0 +1,183 @@
+"""config.toml -> frozen, validated models.
+
+`parse_config` is pure (text and the file's path in, models out); `load_config` reads the file and checks
+what needs the disk (the watched folders exist). Either collects every problem before it raises one
+ConfigError, each naming the key and its value: `at 'watch[0].settle_seconds': ...`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from ckptd.errors import ConfigError
+
+DEFAULT_PATTERNS = ["*.pt", "*.pth", "*.ckpt", "*.bin", "*.safetensors"]
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as "30s", "10m", "24h", "7d". Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration such as 30, "30s", "10m" or "24h"')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError('expected a duration such as 30, "30s", "10m" or "24h"')
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DaemonConfig(_Model):
+    """`[daemon]`: settings of the daemon and of every command."""
+
+    state_dir: Path = Path(".ckptd")
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    trusted_globals: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")]] = []
+    workers: int = Field(default=1, ge=1, le=32)
+    rescan_interval: Duration = 600.0
+
+
+class MetricConfig(_Model):
+    """`[watch.metric]`: which metric makes a checkpoint the best, and in which direction."""
+
+    name: str = Field(min_length=1)
+    mode: Literal["min", "max"] = "min"
+
+
+class WatchConfig(_Model):
+    """`[[watch]]`: one watched folder."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: Path
+    patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PATTERNS), min_length=1)
+    settle_seconds: float = Field(default=2.0, ge=0, le=3600)
+    poll: bool = False
+    poll_interval: Duration = 30.0
+    metric: MetricConfig | None = None
+
+
+class Config(_Model):
+    """The whole config file, with every path made absolute."""
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    watch: list[WatchConfig] = Field(min_length=1)
+    source: Path = Path("config.toml")
+
+    def watch_named(self, name: str) -> WatchConfig | None:
+        """The watch called `name`, if any."""
+        return next((w for w in self.watch if w.name == name), None)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not part.startswith(("function-", "literal[", "constrained-")):
+            text += f".{part}" if text else part
+    return text
+
+
+def _message(error: dict[str, Any]) -> str:
+    where = _location(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"at '{where}': unknown key (remove it, or check its spelling)"
+    if error["type"] == "missing":
+        return f"at '{where}': required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"at '{where}': {message[0].lower() + message[1:]}, got {error['input']!r}"
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Parse config text; resolve relative paths against the folder of `source`.
+
+    Returns the validated Config. Raises ConfigError listing every problem: TOML syntax, unknown keys,
+    wrong types or values, duplicate watch names.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from exc
+    problems: list[str] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        problems += [_message(dict(e)) for e in exc.errors()]
+    if config is not None:
+        names = [w.name for w in config.watch]
+        problems += [
+            f"at 'watch[{i}].name': the name {n!r} is used by an earlier watch; names must be unique"
+            for i, n in enumerate(names)
+            if n in names[:i]
+        ]
+    if problems:
+        raise ConfigError(str(source), problems)
+    assert config is not None
+    return _resolved(config, source.parent)
+
+
+def _resolved(config: Config, base: Path) -> Config:
+    def absolute(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path).resolve()
+
+    return config.model_copy(
+        update={
+            "daemon": config.daemon.model_copy(update={"state_dir": absolute(config.daemon.state_dir)}),
+            "watch": [w.model_copy(update={"path": absolute(w.path)}) for w in config.watch],
+        }
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config file at `path`; check that each watched folder exists.
+
+    Raises ConfigError with every problem found (exit status 78).
+    """
+    source = path.absolute()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(source), [f"cannot read the config file: {exc}"]) from exc
+    try:
+        config = parse_config(text, source)
+    except ConfigError as exc:
+        raise ConfigError(str(source), exc.problems + _missing_folders_raw(text, source.parent)) from None
+    problems = [
+        f"at 'watch[{i}].path': folder {w.path} does not exist; create it or fix the path"
+        for i, w in enumerate(config.watch)
+        if not w.path.is_dir()
+    ]
+    if problems:
+        raise ConfigError(str(source), problems)
+    return config
+
+
+def _missing_folders_raw(text: str, base: Path) -> list[str]:
+    """Missing-folder problems read from raw TOML, so they are reported beside the other problems."""
+    try:
+        watches = tomllib.loads(text).get("watch", [])
+    except tomllib.TOMLDecodeError:
+        return []
+    problems = []
+    for i, watch in enumerate(watches if isinstance(watches, list) else []):
+        folder = watch.get("path") if isinstance(watch, dict) else None
+        if isinstance(folder, str) and not (base / folder).is_dir():
+            problems.append(f"at 'watch[{i}].path': folder {base / folder} does not exist; create it or fix the path")
+    return problems

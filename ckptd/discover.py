@@ -1,0 +1,151 @@
+"""Finding checkpoints on disk, and telling whether one changed. No torch, no catalog.
+
+A checkpoint is a file matching the watch's patterns, or a directory holding a format marker (DCP's
+`.metadata`, a `*.safetensors.index.json`, Orbax's `commit_success.txt`). Its run is the folder that holds
+it. Symbolic links are reported as links to their target and never followed; a link whose target lies
+outside the watched folder is ignored. Hidden folders (such as a `.ckptd` state folder) are skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ckptd import formats
+from ckptd.fsutil import TEMP_MARK
+from ckptd.sidecar import SIDECAR_SUFFIX
+
+Kind = Literal["file", "directory", "link"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint found on disk."""
+
+    path: Path
+    kind: Kind
+    run: Path
+    link_target: Path | None = None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What tells that a checkpoint changed: total size, newest mtime (ns) and inode."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @property
+    def mtime(self) -> float:
+        """The mtime in seconds, computed one way everywhere so that equality checks hold."""
+        return self.mtime_ns / 1e9
+
+
+def is_ckptd_file(name: str) -> bool:
+    """True for ckptd's own sidecars and temp files."""
+    return name.endswith(SIDECAR_SUFFIX) or TEMP_MARK in name
+
+
+def directory_files(folder: Path) -> list[str]:
+    """The relative paths of the regular files inside a directory checkpoint, sorted.
+
+    Symbolic links are not followed; ckptd's own sidecars and temp files are left out.
+    """
+    found = []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in names:
+            full = Path(root) / name
+            if is_ckptd_file(name) or full.is_symlink():
+                continue
+            found.append(full.relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def identity(path: Path) -> Identity:
+    """The identity of a file, or of a directory checkpoint (sizes summed, newest mtime of all its files).
+
+    Raises FileNotFoundError when the checkpoint is gone.
+    """
+    st = path.stat()
+    if not path.is_dir():
+        return Identity(st.st_size, st.st_mtime_ns, st.st_ino)
+    size, newest = 0, st.st_mtime_ns
+    for rel in directory_files(path):
+        inner = (path / rel).stat()
+        size += inner.st_size
+        newest = max(newest, inner.st_mtime_ns)
+    return Identity(size, newest, st.st_ino)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """True when a file name matches one of the watch's glob patterns."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def inside(path: Path, root: Path) -> bool:
+    """True when `path` (resolved) lies inside `root` (resolved)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def classify(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | None:
+    """Return the candidate that `path` is, or None if it is not a checkpoint ckptd should look at."""
+    name = path.name
+    if is_ckptd_file(name):
+        return None
+    if path.is_symlink():
+        target = path.resolve()
+        if not matches(name, patterns) and not (target.is_dir() and formats.detect_directory(target)):
+            return None
+        if not target.exists() or not inside(target, root):
+            return None  # never follow a link out of the watched folder
+        return Candidate(path, "link", path.parent, target)
+    if path.is_dir():
+        return Candidate(path, "directory", path.parent) if formats.detect_directory(path) else None
+    if path.is_file() and matches(name, patterns):
+        return Candidate(path, "file", path.parent)
+    return None
+
+
+def discover(root: Path, patterns: Sequence[str]) -> Iterator[Candidate]:
+    """Walk `root` and yield every checkpoint in it; directory checkpoints are not descended into.
+
+    `root` may itself be a checkpoint (a file or a directory checkpoint).
+    """
+    top = classify(root, root.parent, patterns) if root.is_file() or formats.detect_directory(root) else None
+    if top is not None:
+        yield top
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        folder = Path(dirpath)
+        dirnames.sort()
+        for name in list(dirnames):
+            sub = folder / name
+            if name.startswith(".") and not sub.is_symlink():
+                dirnames.remove(name)
+                continue
+            found = classify(sub, root, patterns)
+            if found is not None or sub.is_symlink():
+                dirnames.remove(name)
+            if found is not None:
+                yield found
+        for name in sorted(filenames):
+            found = classify(folder / name, root, patterns)
+            if found is not None:
+                yield found
+
+
+def orphan_sidecars(root: Path) -> Iterator[Path]:
+    """Sidecars under `root` whose checkpoint is gone."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.endswith(SIDECAR_SUFFIX):
+                checkpoint = Path(dirpath) / name.removesuffix(SIDECAR_SUFFIX)
+                if not checkpoint.exists() and not checkpoint.is_symlink():
+                    yield Path(dirpath) / name

@@ -1,0 +1,111 @@
+"""Value types shared by every part of ckptd. No I/O here.
+
+A `Verification` is what the verify engine says about one checkpoint (a file or a directory); it is what
+`ckptd verify --json` prints, what the sidecar stores and what the catalog indexes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "corrupt", "unsafe", "unsupported"]
+STATUSES: tuple[Status, ...] = ("ok", "corrupt", "unsafe", "unsupported")
+
+Format = Literal["torch_zip", "torch_legacy", "safetensors", "safetensors_sharded", "dcp", "orbax"]
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Counts over every tensor of a checkpoint.
+
+    `bytes` counts each storage once, so tied weights are not counted twice; `nonfinite` is the number of
+    floating-point tensors holding at least one NaN or Inf.
+    """
+
+    count: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The verify engine's record of one checkpoint."""
+
+    path: str
+    status: Status
+    format: Format | None
+    size_bytes: int
+    sha256: str | None
+    mtime: float
+    inode: int
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unsafe_globals: list[str] = field(default_factory=list)
+    epoch: int | None = None
+    global_step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    producer: str | None = None
+    keys: list[str] = field(default_factory=list)
+    tensors: TensorStats = field(default_factory=TensorStats)
+    files: dict[str, str] | None = None
+    seconds: float = 0.0
+
+    @property
+    def is_directory(self) -> bool:
+        """True for directory checkpoints (DCP, sharded safetensors), which carry a `files` map."""
+        return self.files is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verification:
+        """Build a record from `to_dict`'s output (extra keys, such as a sidecar's, are ignored).
+
+        Raises KeyError or TypeError when a required field is missing or of the wrong shape.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["tensors"] = TensorStats(**data.get("tensors", {}))
+        return cls(**values)
+
+
+class CheckpointChanged(Exception):
+    """The checkpoint changed while it was being verified: it is still being written. Retry later."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A checkpoint as the selection and retention logic see it, from a sidecar or a catalog row."""
+
+    path: str
+    run: str
+    status: str | None
+    size: int
+    mtime: float
+    sha256: str | None = None
+    epoch: int | None = None
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    pinned: bool = False
+    format: str | None = None
+    verified: bool = True  # False while the checkpoint is not yet verified (or changed since)
+
+    @classmethod
+    def of(cls, verification: Verification, run: str, pinned: bool = False) -> Entry:
+        """The entry of a verification record."""
+        v = verification
+        return cls(
+            path=v.path, run=run, status=v.status, size=v.size_bytes, mtime=v.mtime, sha256=v.sha256,
+            epoch=v.epoch, step=v.global_step, metrics=dict(v.metrics), pinned=pinned, format=v.format,
+        )  # fmt: skip

@@ -1,0 +1,122 @@
+"""Human-readable output: rich tables for the CLI. Imported only when a command prints for a person."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ckptd.model import Entry, Verification
+from ckptd.sidecar import Sidecar
+
+_STYLE = {"ok": "green", "corrupt": "bold red", "unsafe": "bold magenta", "unsupported": "yellow"}
+
+
+def human_bytes(size: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _status(status: str | None) -> str:
+    status = status or "pending"
+    return f"[{_STYLE.get(status, 'dim')}]{status}[/]"
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _relative(path: str, base: Path) -> str:
+    try:
+        return os.path.relpath(path, base)
+    except ValueError:
+        return path
+
+
+def print_verifications(results: Sequence[Verification]) -> None:
+    """One row per verified path, then every problem and warning spelled out."""
+    console = Console()
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("checkpoint", "status", "format", "size", "epoch", "step", "tensors", "metrics"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(
+            r.path, _status(r.status), r.format or "-", human_bytes(r.size_bytes),
+            "-" if r.epoch is None else str(r.epoch), "-" if r.global_step is None else str(r.global_step),
+            str(r.tensors.count), _metrics(r.metrics),
+        )  # fmt: skip
+    console.print(table)
+    for r in results:
+        for line in r.problems:
+            console.print(f"[red]problem[/] {line}", highlight=False)
+        if r.unsafe_globals:
+            console.print(
+                f"[magenta]unsafe[/] {r.path}: needs globals {', '.join(r.unsafe_globals)}"
+                " (admit harmless ones with --trust MODULE.NAME)",
+                highlight=False,
+            )
+        for line in r.warnings:
+            console.print(f"[yellow]warning[/] {r.path}: {line}", highlight=False)
+
+
+def print_entries(entries: Sequence[Entry], base: Path) -> None:
+    """A table of checkpoints from their sidecars."""
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("checkpoint", "status", "epoch", "step", "size", "modified", "metrics"):
+        table.add_column(column, overflow="fold")
+    for e in sorted(entries, key=lambda e: (e.run, e.step if e.step is not None else -1, e.mtime)):
+        status = _status(e.status) if e.verified else "[yellow]changed since verified[/]"
+        table.add_row(
+            _relative(e.path, base), status, "-" if e.epoch is None else str(e.epoch),
+            "-" if e.step is None else str(e.step), human_bytes(e.size),
+            datetime.fromtimestamp(e.mtime, UTC).strftime("%Y-%m-%d %H:%M:%S"), _metrics(e.metrics),
+        )  # fmt: skip
+    Console().print(table if entries else f"no verified checkpoints under {base}")
+
+
+def print_sidecar(found: Sidecar, current: bool) -> None:
+    """What one sidecar says, as aligned key/value lines."""
+    v = found.verification
+    table = Table.grid(padding=(0, 2))
+    rows: list[tuple[str, Any]] = [
+        ("checkpoint", v.path), ("status", _status(v.status) + ("" if current else " [yellow](changed since)[/]")),
+        ("format", v.format), ("producer", v.producer), ("size", human_bytes(v.size_bytes)), ("sha256", v.sha256),
+        ("epoch", v.epoch), ("step", v.global_step), ("metrics", _metrics(v.metrics)),
+        ("tensors", f"{v.tensors.count} ({v.tensors.parameters:,} parameters, {human_bytes(v.tensors.bytes)})"),
+        ("dtypes", ", ".join(f"{k}: {n}" for k, n in sorted(v.tensors.dtypes.items()))),
+        ("verified", f"{found.verified_at} on {found.host} by ckptd {found.ckptd_version}"),
+        ("pinned", "yes" if found.pinned else "no"),
+    ]  # fmt: skip
+    rows += [("problem", p) for p in v.problems] + [("warning", w) for w in v.warnings]
+    rows += [("unsafe global", g) for g in v.unsafe_globals]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", "-" if value is None else str(value))
+    Console().print(table)
+
+
+def print_scan(summary: dict[str, Any], state_dir: Path) -> None:
+    """One paragraph per scanned folder."""
+    console = Console()
+    for root, s in summary.items():
+        verified = ", ".join(f"{n} {status}" for status, n in sorted(s["verified"].items())) or "none"
+        console.print(
+            f"[bold]{root}[/]: verified {verified}; {s['unchanged']} unchanged; {s['links']} link(s);"
+            f" {len(s['gone'])} gone; {len(s['removed_sidecars'])} stale sidecar(s) removed",
+            highlight=False,
+        )
+        for item in s["not_ok"]:
+            console.print(f"  [red]{item['status']}[/] {item['path']}: {'; '.join(item['problems'])}", highlight=False)
+        for path in s["still_being_written"]:
+            console.print(f"  [yellow]busy[/] {path}: changed while being read; will be verified later")
+        for line in s["unreadable"]:
+            console.print(f"  [red]unreadable[/] {line}", highlight=False)
+    console.print(f"catalog: {state_dir}", highlight=False, style="dim")

@@ -1,0 +1,708 @@
+"""The verify engine: one read of a checkpoint's bytes gives its SHA-256, its CRC checks and its load.
+
+Given a path, `verify` returns a `Verification`. The file is mapped with mmap; a background thread hashes it
+sequentially while a second one checks every zip record's CRC-32, and the main thread loads it with
+`torch.load(weights_only=True, mmap=True)` (safetensors and DCP through readers that never unpickle
+arbitrary objects) and scans the tensors for NaN and Inf. Nothing in a checkpoint is ever executed: pickles
+are disassembled first, and one that needs a global outside torch's weights-only allow-list (plus the
+user's trusted names) is reported `unsafe` and never loaded. Memory does not grow with the file's size.
+
+This is the only module that imports torch, and it does so lazily, after the hashing has started, so that
+the import overlaps the read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import math
+import mmap
+import pickle
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
+
+from ckptd import formats
+from ckptd.discover import Identity, directory_files, identity
+from ckptd.formats import safetensors as st_format
+from ckptd.formats import torch_zip
+from ckptd.formats.buffers import Buffer
+from ckptd.formats.pickles import (
+    ForbiddenGlobal,
+    PickleStructureError,
+    RestrictedUnpickler,
+    globals_in,
+    globals_in_bytes,
+)
+from ckptd.metadata import Extracted, extract
+from ckptd.model import CheckpointChanged, Format, Status, TensorStats, Verification
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int], None]
+"""Called from the hashing thread with the number of bytes just hashed."""
+
+_HASH_CHUNK = 8 << 20
+_SCAN_ELEMENTS = 16 << 20  # elements per NaN/Inf reduction: bounded, and no temporary tensor at all
+
+
+class TrustError(ValueError):
+    """A trusted global name cannot be imported."""
+
+
+@dataclass
+class _Findings:
+    """What one format's checks found; turned into a Verification at the end."""
+
+    format: Format | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unsafe_globals: list[str] = field(default_factory=list)
+    unsupported: str | None = None
+    extracted: Extracted = field(default_factory=Extracted)
+    tensors: TensorStats = field(default_factory=TensorStats)
+    sha256: str | None = None
+    files: dict[str, str] | None = None
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None = None) -> Verification:
+    """Verify the checkpoint at `path` (a file or a directory checkpoint).
+
+    `trusted` names extra globals (`"numpy._core.multiarray.scalar"`) that pickles may use. Returns the
+    record; never raises for a bad checkpoint. Raises FileNotFoundError when `path` is missing,
+    TrustError when a trusted name cannot be imported, and CheckpointChanged when the checkpoint changed
+    while it was read (it is still being written: retry later, do not call it corrupt).
+    """
+    started = time.monotonic()
+    before = _identities(path)
+    if path.is_dir():
+        findings = _verify_directory(path, trusted, progress)
+    else:
+        findings = _verify_file(path, trusted, progress)
+    after = _identities(path)
+    if before != after:
+        raise CheckpointChanged(str(path), "changed while it was being verified")
+    stat = identity(path)
+    status: Status = "ok"
+    if findings.problems:
+        status = "corrupt"
+    elif findings.unsafe_globals:
+        status = "unsafe"
+    elif findings.unsupported:
+        status = "unsupported"
+        findings.problems.append(findings.unsupported)
+    if findings.tensors.nonfinite:
+        findings.warnings.append(f"{findings.tensors.nonfinite} floating-point tensor(s) hold NaN or Inf")
+    meta = findings.extracted
+    return Verification(
+        path=str(path),
+        status=status,
+        format=findings.format,
+        size_bytes=stat.size,
+        sha256=findings.sha256,
+        mtime=stat.mtime,
+        inode=stat.inode,
+        problems=findings.problems,
+        warnings=findings.warnings,
+        unsafe_globals=sorted(set(findings.unsafe_globals)),
+        epoch=meta.epoch,
+        global_step=meta.global_step,
+        metrics=meta.metrics,
+        producer=meta.producer,
+        keys=meta.keys,
+        tensors=findings.tensors,
+        files=findings.files,
+        seconds=round(time.monotonic() - started, 6),
+    )
+
+
+def _identities(path: Path) -> dict[str, Identity]:
+    """The identity of the checkpoint and, for a directory, of each file in it: none may change meanwhile."""
+    found = {"": identity(path)}
+    if path.is_dir():
+        found |= {rel: identity(path / rel) for rel in directory_files(path)}
+    return found
+
+
+def directory_digest(files: Mapping[str, str]) -> str:
+    """The SHA-256 of a directory checkpoint: of `sha256sum`-style lines, one per file, sorted by name."""
+    lines = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- the one read
+
+
+def _sha256(buffer: Buffer, progress: Progress | None) -> str:
+    """Hash the whole buffer front to back; hashlib releases the GIL, so this overlaps the load."""
+    digest = hashlib.sha256()
+    view = memoryview(buffer)
+    for at in range(0, len(view), _HASH_CHUNK):
+        piece = view[at : at + _HASH_CHUNK]
+        digest.update(piece)
+        if progress is not None:
+            progress(len(piece))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap]:
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with contextlib.suppress(OSError, AttributeError):
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        yield mapped
+
+
+# --------------------------------------------------------------------------------------------- single files
+
+
+def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
+    size = path.stat().st_size
+    if size == 0:
+        return _Findings(problems=[f"{path.name}: empty file (0 bytes)"], sha256=hashlib.sha256().hexdigest())
+    with _mapped(path) as mapped, ThreadPoolExecutor(2, thread_name_prefix="ckptd-verify") as pool:
+        sha = pool.submit(_sha256, mapped, progress)
+        kind = formats.detect_file(bytes(mapped[:64]), size)
+        if kind == "torch_zip":
+            findings = _check_torch_zip(path, mapped, pool, trusted)
+        elif kind == "torch_legacy":
+            findings = _check_torch_legacy(path, trusted)
+        elif kind == "safetensors":
+            findings = _check_safetensors(path, mapped)
+        elif formats.is_checkpoint_name(path.name):
+            findings = _Findings(
+                problems=[f"{path.name}: not a torch, safetensors or DCP checkpoint (starts {mapped[:8].hex()})"]
+            )
+        else:
+            findings = _Findings(unsupported=f"{path.name}: not a checkpoint format ckptd knows")
+        findings.sha256 = sha.result()
+    return findings
+
+
+def _check_torch_zip(path: Path, mapped: mmap.mmap, pool: ThreadPoolExecutor, trusted: Sequence[str]) -> _Findings:
+    findings = _Findings(format="torch_zip")
+    try:
+        records = torch_zip.read_records(mapped)
+    except torch_zip.ZipStructureError as exc:
+        findings.problems.append(f"{path.name}: {exc}")
+        return findings
+    crcs = pool.submit(torch_zip.crc_problems, mapped, records)
+    if torch_zip.is_torchscript(records):
+        findings.unsupported = f"{path.name}: a TorchScript archive; loading it would run its code"
+    else:
+        _load_torch_zip(path, mapped, records, trusted, findings)
+    findings.problems[:0] = [f"{path.name}: {p}" for p in crcs.result()]
+    return findings
+
+
+def _load_torch_zip(
+    path: Path,
+    mapped: mmap.mmap,
+    records: list[torch_zip.ZipRecord],
+    trusted: Sequence[str],
+    findings: _Findings,
+) -> None:
+    pickled = torch_zip.find_record(records, "data.pkl")
+    if pickled is None:
+        findings.problems.append(f"{path.name}: zip archive without a data.pkl record, not a torch checkpoint")
+        return
+    try:
+        names = globals_in_bytes(torch_zip.stored_bytes(mapped, pickled))
+    except (PickleStructureError, OSError, ValueError) as exc:
+        findings.problems.append(f"{path.name}: record {pickled.name!r} is not a readable pickle ({exc})")
+        return
+    findings.unsafe_globals = _disallowed(names, trusted)
+    if findings.unsafe_globals:
+        return
+    obj = _torch_load(path, trusted, findings, mmap_mode=True)
+    if obj is not None:
+        findings.extracted = extract(obj, path.name)
+        findings.tensors = _tensor_stats(obj)
+
+
+def _check_torch_legacy(path: Path, trusted: Sequence[str]) -> _Findings:
+    findings = _Findings(format="torch_legacy")
+    names: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for _ in range(5):  # magic number, protocol, sys info, the object, the storage keys
+                names += globals_in(handle)
+    except PickleStructureError as exc:
+        findings.problems.append(f"{path.name}: legacy torch file with a broken pickle ({exc})")
+        return findings
+    findings.unsafe_globals = _disallowed(names, trusted)
+    if findings.unsafe_globals:
+        return findings
+    # torch cannot mmap the legacy format: this load reads the storages into memory.
+    obj = _torch_load(path, trusted, findings, mmap_mode=False)
+    if obj is not None:
+        findings.extracted = extract(obj, path.name)
+        findings.tensors = _tensor_stats(obj)
+    return findings
+
+
+def _torch_load(path: Path, trusted: Sequence[str], findings: _Findings, *, mmap_mode: bool) -> Any:
+    """torch.load with weights_only; records an unsafe global or a load failure in `findings`."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(resolve_trusted(trusted)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_mode)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if "Unsupported global" in message or "allowlisted via" in message:
+            findings.unsafe_globals.append(_global_from_message(message))
+        else:
+            findings.problems.append(f"{path.name}: torch.load failed: {_first_line(message)}")
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for broken files
+        findings.problems.append(f"{path.name}: torch.load failed: {_first_line(str(exc))}")
+    return None
+
+
+def _check_safetensors(path: Path, mapped: mmap.mmap) -> _Findings:
+    findings = _Findings(format="safetensors")
+    header = _safetensors_header(path, mapped, findings)
+    if header is not None:
+        findings.tensors = _safetensors_stats(mapped, header.tensors)
+        numeric = {k: v for k, v in header.metadata.items() if _is_number(v)}
+        found = extract({k: float(v) for k, v in numeric.items()}, path.name, producer="huggingface")
+        findings.extracted = Extracted(
+            epoch=found.epoch,
+            global_step=found.global_step,
+            metrics=found.metrics,
+            producer="huggingface",
+            keys=[t.name for t in header.tensors][:200],
+        )
+    return findings
+
+
+def _safetensors_header(path: Path, mapped: Buffer, findings: _Findings) -> st_format.Header | None:
+    """Parse a safetensors header, then open the file with the format's own reader as a second opinion."""
+    try:
+        header = st_format.parse_header(mapped)
+    except st_format.SafetensorsError as exc:
+        findings.problems.append(f"{path.name}: {exc}")
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            reader.keys()
+    except Exception as exc:  # the reader raises its own SafetensorError and OSError
+        findings.problems.append(f"{path.name}: the safetensors reader refuses it: {_first_line(str(exc))}")
+        return None
+    return header
+
+
+# --------------------------------------------------------------------------------------- directory formats
+
+
+def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
+    kind = formats.detect_directory(folder)
+    if kind == "dcp":
+        findings = _check_dcp(folder, trusted, progress)
+    elif kind == "safetensors_sharded":
+        findings = _check_sharded(folder, progress)
+    elif kind == "orbax":
+        findings = _Findings(format="orbax", unsupported=f"{folder.name}: Orbax checkpoints are not verified yet")
+        findings.files = _hash_files(folder, directory_files(folder), progress)
+    else:
+        findings = _Findings(unsupported=f"{folder.name}: a folder without a checkpoint marker")
+        findings.files = {}
+    if findings.files is not None:
+        findings.sha256 = directory_digest(findings.files)
+    return findings
+
+
+def _hash_files(folder: Path, names: Sequence[str], progress: Progress | None) -> dict[str, str]:
+    hashes = {}
+    for rel in names:
+        with _mapped_or_empty(folder / rel) as mapped:
+            hashes[rel] = _sha256(mapped, progress)
+    return hashes
+
+
+@contextlib.contextmanager
+def _mapped_or_empty(path: Path) -> Iterator[Buffer]:
+    if path.stat().st_size == 0:
+        yield b""
+        return
+    with _mapped(path) as mapped:
+        yield mapped
+
+
+def _check_sharded(folder: Path, progress: Progress | None) -> _Findings:
+    findings = _Findings(format="safetensors_sharded")
+    index = formats.hf_index_in(folder)
+    assert index is not None
+    names = directory_files(folder)
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
+        hashes = pool.submit(_hash_files, folder, names, progress)
+        try:
+            weight_map = st_format.parse_index(index)
+        except st_format.SafetensorsError as exc:
+            findings.problems.append(str(exc))
+            weight_map = {}
+        stats: list[TensorStats] = []
+        expected: dict[str, set[str]] = {}
+        for tensor, shard in weight_map.items():
+            expected.setdefault(shard, set()).add(tensor)
+        for shard in sorted(expected):
+            shard_path = folder / shard
+            if shard not in names:
+                findings.problems.append(f"{index.name} names shard {shard!r}, which is missing")
+                continue
+            shard_findings = _Findings()
+            with _mapped_or_empty(shard_path) as mapped:
+                header = _safetensors_header(shard_path, mapped, shard_findings)
+                if header is not None:
+                    stats.append(_safetensors_stats(mapped, header.tensors))
+                    missing = expected[shard] - {t.name for t in header.tensors}
+                    if missing:
+                        shard_findings.problems.append(
+                            f"{shard}: lacks {len(missing)} tensor(s) the index maps to it, e.g. {min(missing)!r}"
+                        )
+            findings.problems += shard_findings.problems
+        findings.files = hashes.result()
+    findings.tensors = _merge_stats(stats)
+    found = extract({}, folder.name, producer="huggingface")
+    findings.extracted = Extracted(
+        epoch=found.epoch,
+        global_step=found.global_step,
+        metrics=found.metrics,
+        producer="huggingface",
+        keys=sorted(weight_map)[:200],
+    )
+    return findings
+
+
+def _dcp_allowed() -> dict[str, Any]:
+    """The globals a DCP `.metadata` pickle may use: DCP's own metadata classes, dtypes, torch.Size."""
+    import pathlib
+
+    import torch
+    from torch.distributed.checkpoint import filesystem
+    from torch.distributed.checkpoint import metadata as meta
+
+    allowed: dict[str, Any] = {
+        f"torch.{name}": value for name in dir(torch) if isinstance(value := getattr(torch, name), torch.dtype)
+    }
+    for name in dir(meta):
+        value = getattr(meta, name)
+        if isinstance(value, type) and value.__module__ == meta.__name__:
+            allowed[f"{meta.__name__}.{name}"] = value
+    allowed.update(
+        {
+            f"{meta.__name__}._MEM_FORMAT_ENCODING": meta._MEM_FORMAT_ENCODING,
+            f"{filesystem.__name__}._StorageInfo": filesystem._StorageInfo,
+            "torch.Size": torch.Size,
+            "torch.serialization._get_layout": torch.serialization._get_layout,
+            "collections.OrderedDict": __import__("collections").OrderedDict,
+            "pathlib.PosixPath": pathlib.PosixPath,
+            "pathlib.Path": pathlib.Path,
+        }
+    )
+    return allowed
+
+
+def _check_dcp(folder: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
+    """Check a torch.distributed.checkpoint folder.
+
+    DCP's own FileSystemReader unpickles `.metadata` with plain pickle.load, which would run any code in
+    it; ckptd reads it with a restricted unpickler instead, then checks every item it names.
+    """
+    findings = _Findings(format="dcp")
+    names = directory_files(folder)
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
+        hashes = pool.submit(_hash_files, folder, names, progress)
+        metadata = _dcp_metadata(folder, findings)
+        if metadata is not None:
+            _check_dcp_items(folder, metadata, trusted, findings)
+        findings.files = hashes.result()
+    return findings
+
+
+def _dcp_metadata(folder: Path, findings: _Findings) -> Any:
+    marker = folder / formats.DCP_MARKER
+    try:
+        with open(marker, "rb") as handle:
+            return RestrictedUnpickler(handle, _dcp_allowed()).load()
+    except ForbiddenGlobal as exc:
+        findings.unsafe_globals.append(exc.qualified_name)
+    except Exception as exc:  # a broken pickle raises anything from EOFError to ValueError
+        findings.problems.append(f"{marker.name}: not a readable DCP metadata file ({_first_line(str(exc))})")
+    return None
+
+
+def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findings: _Findings) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    storage_data: Mapping[Any, Any] = getattr(metadata, "storage_data", None) or {}
+    state: Mapping[str, Any] = getattr(metadata, "state_dict_metadata", None) or {}
+    by_file: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in storage_data.items():
+        by_file.setdefault(str(info.relative_path), []).append((index, info))
+    values: dict[str, Any] = {}
+    tensor_stats: list[TensorStats] = []
+    for rel, items in sorted(by_file.items()):
+        path = folder / rel
+        if not path.is_file():
+            findings.problems.append(f".metadata names {rel!r}, which is missing")
+            continue
+        size = path.stat().st_size
+        with _mapped_or_empty(path) as mapped:
+            for index, info in sorted(items, key=lambda item: int(item[1].offset)):
+                offset, length = int(info.offset), int(info.length)
+                where = f"{rel} bytes {offset}-{offset + length}"
+                if offset + length > size:
+                    findings.problems.append(f"{rel} is short: .metadata needs {where}, the file has {size}")
+                    continue
+                if getattr(info, "transform_descriptors", None):
+                    findings.unsupported = f"{rel}: DCP items with transforms {info.transform_descriptors}"
+                    continue
+                value = _dcp_item(folder, mapped, offset, length, where, trusted, findings)
+                if value is None:
+                    continue
+                if isinstance(state.get(index.fqn), TensorStorageMetadata):
+                    tensor_stats.append(_tensor_stats(value))
+                else:
+                    values[index.fqn] = value
+    findings.tensors = _merge_stats(tensor_stats)
+    tensor_count = sum(isinstance(m, TensorStorageMetadata) for m in state.values())
+    params = sum(math.prod(m.size) for m in state.values() if isinstance(m, TensorStorageMetadata))
+    dtypes = Counter(
+        str(m.properties.dtype).removeprefix("torch.") for m in state.values() if isinstance(m, TensorStorageMetadata)
+    )
+    findings.tensors = TensorStats(
+        count=tensor_count,
+        parameters=params,
+        bytes=findings.tensors.bytes,
+        dtypes=dict(dtypes),
+        nonfinite=findings.tensors.nonfinite,
+    )
+    found = extract(values, folder.name, producer="dcp")
+    keys = sorted({fqn.split(".")[0] for fqn in state})
+    findings.extracted = Extracted(found.epoch, found.global_step, found.metrics, "dcp", keys[:200])
+
+
+def _dcp_item(
+    folder: Path,
+    mapped: Buffer,
+    offset: int,
+    length: int,
+    where: str,
+    trusted: Sequence[str],
+    findings: _Findings,
+) -> Any:
+    """Check one DCP item (a torch.save archive embedded in a .distcp file) and return its value."""
+    import torch
+
+    try:
+        records = torch_zip.read_records(mapped, offset, length)
+    except torch_zip.ZipStructureError as exc:
+        findings.problems.append(f"{where}: {exc}")
+        return None
+    findings.problems += [f"{where}: {p}" for p in torch_zip.crc_problems(mapped, records)]
+    pickled = torch_zip.find_record(records, "data.pkl")
+    if pickled is None:
+        findings.problems.append(f"{where}: item without a data.pkl record")
+        return None
+    try:
+        unsafe = _disallowed(globals_in_bytes(torch_zip.stored_bytes(mapped, pickled)), trusted)
+    except PickleStructureError as exc:
+        findings.problems.append(f"{where}: item pickle is broken ({exc})")
+        return None
+    if unsafe:
+        findings.unsafe_globals += unsafe
+        return None
+    try:
+        with torch.serialization.safe_globals(resolve_trusted(trusted)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            item = cast("IO[bytes]", torch_zip.Window(mapped, offset, length))
+            return torch.load(item, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        findings.problems.append(f"{where}: item does not load: {_first_line(str(exc))}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+
+def _disallowed(names: Sequence[str], trusted: Sequence[str]) -> list[str]:
+    """The globals among `names` that neither torch's weights-only allow-list nor `trusted` admits."""
+    from torch import _weights_only_unpickler as wou
+
+    allowed = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals()) | set(trusted)  # type: ignore[no-untyped-call]
+    return sorted({name for name in names if name not in allowed})
+
+
+def engine_versions() -> dict[str, str]:
+    """The versions of the libraries that verified a checkpoint, for its sidecar."""
+    import safetensors
+    import torch
+
+    return {"torch": str(torch.__version__), "safetensors": str(safetensors.__version__)}
+
+
+def resolve_trusted(names: Sequence[str]) -> list[Any]:
+    """Import each trusted `module.name` and pair it with its name, as torch's safe_globals expects.
+
+    Raises TrustError naming the first name that is not `module.name` or cannot be imported.
+    """
+    resolved: list[Any] = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        if not module_name:
+            raise TrustError(f"trusted global {name!r} is not of the form module.name")
+        try:
+            resolved.append((getattr(importlib.import_module(module_name), attr), name))
+        except (ImportError, AttributeError) as exc:
+            raise TrustError(f"trusted global {name!r} cannot be imported: {exc}") from exc
+        if name == "numpy.dtype":
+            # A pickled numpy scalar rebuilds its dtype through a class of numpy.dtypes (Float64DType...);
+            # trusting numpy.dtype means trusting those plain dtype classes too.
+            dtypes = importlib.import_module("numpy.dtypes")
+            resolved += [(cls, f"numpy.dtypes.{n}") for n in dir(dtypes) if isinstance(cls := getattr(dtypes, n), type)]
+    return resolved
+
+
+def _global_from_message(message: str) -> str:
+    """The global named in torch's weights-only refusal ("GLOBAL x.y was not..." or "but got <class 'x.y'>")."""
+    for marker in ("but got <class '", "Unsupported global: GLOBAL ", "GLOBAL "):
+        if marker in message:
+            return message.split(marker, 1)[1].split()[0].rstrip(".,:'>")
+    return "unknown global"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else "no message"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 64:
+        return
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value, depth + 1)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for value in obj:
+            yield from _tensors(value, depth + 1)
+
+
+def _tensor_stats(obj: Any) -> TensorStats:
+    """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf."""
+    count = parameters = total_bytes = nonfinite = 0
+    dtypes: Counter[str] = Counter()
+    scanned: dict[tuple[int, int, str], bool] = {}
+    for tensor in _tensors(obj):
+        count += 1
+        parameters += tensor.numel()
+        dtypes[str(tensor.dtype).removeprefix("torch.")] += 1
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            continue
+        key = (storage.data_ptr(), storage.nbytes(), str(tensor.dtype))
+        if key not in scanned:
+            if not any(k[:2] == key[:2] for k in scanned):
+                total_bytes += storage.nbytes()
+            scanned[key] = _storage_nonfinite(storage, tensor.dtype)
+        nonfinite += scanned[key]
+    return TensorStats(count, parameters, total_bytes, dict(dtypes), nonfinite)
+
+
+def _storage_nonfinite(storage: torch.UntypedStorage, dtype: torch.dtype) -> bool:
+    import torch
+
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return False
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    flat = torch.empty(0, dtype=dtype).set_(storage, 0, (storage.nbytes() // itemsize,), (1,))
+    return _has_nonfinite(torch.view_as_real(flat).reshape(-1) if dtype.is_complex else flat)
+
+
+def _has_nonfinite(flat: torch.Tensor) -> bool:
+    """True if a 1-D floating tensor holds NaN or Inf: min and max, one pass, no temporary tensor."""
+    import torch
+
+    for at in range(0, flat.numel(), _SCAN_ELEMENTS):
+        chunk = flat[at : at + _SCAN_ELEMENTS]
+        try:
+            low, high = torch.aminmax(chunk)
+        except (RuntimeError, NotImplementedError):  # float8 and friends: widen this chunk only
+            low, high = torch.aminmax(chunk.float())
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            return True
+    return False
+
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}  # fmt: skip
+
+
+def _safetensors_stats(mapped: Buffer, tensors: Sequence[st_format.TensorEntry]) -> TensorStats:
+    import torch
+
+    dtypes: Counter[str] = Counter()
+    nonfinite = 0
+    for entry in tensors:
+        name = _ST_DTYPES.get(entry.dtype, entry.dtype.lower())
+        dtypes[name] += 1
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or entry.end == entry.start:
+            continue
+        if dtype.is_floating_point or dtype.is_complex:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the mapping is read-only; frombuffer only reads it
+                flat = torch.frombuffer(memoryview(mapped)[entry.start : entry.end], dtype=dtype)
+            nonfinite += _has_nonfinite(torch.view_as_real(flat).reshape(-1) if dtype.is_complex else flat)
+    return TensorStats(
+        count=len(tensors),
+        parameters=sum(math.prod(t.shape) for t in tensors),
+        bytes=sum(t.end - t.start for t in tensors),
+        dtypes=dict(dtypes),
+        nonfinite=nonfinite,
+    )
+
+
+def _merge_stats(parts: Sequence[TensorStats]) -> TensorStats:
+    dtypes: Counter[str] = Counter()
+    for part in parts:
+        dtypes.update(part.dtypes)
+    return TensorStats(
+        count=sum(p.count for p in parts),
+        parameters=sum(p.parameters for p in parts),
+        bytes=sum(p.bytes for p in parts),
+        dtypes=dict(dtypes),
+        nonfinite=sum(p.nonfinite for p in parts),
+    )
