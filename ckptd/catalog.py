@@ -40,6 +40,15 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
+CREATE TABLE IF NOT EXISTS runs (
+    run         TEXT PRIMARY KEY,
+    watch       TEXT NOT NULL,
+    latest      TEXT,                     -- newest ok checkpoint, by step then mtime
+    best        TEXT,                     -- best ok checkpoint by the watch's metric
+    best_metric TEXT,
+    best_value  REAL,
+    updated_at  REAL NOT NULL
+);
 """
 
 CATALOG_NAME = "catalog.sqlite3"
@@ -182,6 +191,47 @@ class Catalog:
             args += [under, len(prefix), prefix]
         for found in self._db.execute(query + " ORDER BY path", args):
             yield _row(found)
+
+    def set_run(
+        self,
+        *,
+        run: str,
+        watch: str,
+        latest: str | None,
+        best: str | None,
+        metric: str | None,
+        value: float | None,
+        now: float,
+    ) -> tuple[str | None, str | None]:
+        """Store a run's latest and best; return the (latest, best) stored before."""
+        before = self._db.execute("SELECT latest, best FROM runs WHERE run = ?", (run,)).fetchone()
+        self._db.execute(
+            """
+            INSERT INTO runs (run, watch, latest, best, best_metric, best_value, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (run) DO UPDATE SET watch = excluded.watch, latest = excluded.latest,
+                best = excluded.best, best_metric = excluded.best_metric, best_value = excluded.best_value,
+                updated_at = excluded.updated_at
+            """,
+            (run, watch, latest, best, metric, value, now),
+        )
+        return (before["latest"], before["best"]) if before else (None, None)
+
+    def runs(self, watch: str | None = None) -> list[dict[str, Any]]:
+        """Every run's latest and best, by run folder."""
+        query, args = "SELECT * FROM runs", list[Any]()
+        if watch is not None:
+            query, args = query + " WHERE watch = ?", [watch]
+        return [dict(r) for r in self._db.execute(query + " ORDER BY run", args)]
+
+    def counts(self, watch: str) -> dict[str, int]:
+        """How many present checkpoints of a watch are in each status (`pending` before verification)."""
+        rows = self._db.execute(
+            "SELECT COALESCE(status, CASE kind WHEN 'link' THEN 'link' ELSE 'pending' END) AS s, COUNT(*) AS n"
+            " FROM checkpoints WHERE watch = ? AND gone_at IS NULL GROUP BY s",
+            (watch,),
+        )
+        return {r["s"]: r["n"] for r in rows}
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""

@@ -282,6 +282,55 @@ def show(checkpoint: Path, as_json: bool) -> int:
     return ExitCode.OK if parsed.verification.status == "ok" and current else ExitCode.CHECK_FAILED
 
 
+@cli.command()
+@config_option
+def run(config_file: Path | None) -> int:
+    """Run the daemon: watch, verify, record, until SIGTERM (reload the config with SIGHUP)."""
+    from ckptd import daemon
+
+    path = _config_path(config_file)
+    if path is None:
+        raise UsageError("no config file: pass --config FILE (or set CKPTD_CONFIG, or add ./config.toml)")
+    return daemon.run(path)
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(config_file: Path | None, as_json: bool) -> int:
+    """Is the daemon running; per watched folder: runs, checkpoints by status, latest and best, queue."""
+    from ckptd import state
+    from ckptd.catalog import Catalog
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    state_dir = config.daemon.state_dir
+    pid = state.holder(state_dir)
+    published = state.read_status(state_dir) or {}
+    report: dict[str, Any] = {
+        "running": pid is not None, "pid": pid, "state_dir": str(state_dir),
+        "queue": published.get("queue", 0) + len(published.get("in_flight", [])) if pid else 0,
+        "updated_at": published.get("updated_at"), "watches": {},
+    }  # fmt: skip
+    with Catalog(state_dir) as catalog:
+        for watch in config.watch:
+            runs = catalog.runs(watch.name)
+            report["watches"][watch.name] = {
+                "folder": str(watch.path),
+                "checkpoints": catalog.counts(watch.name),
+                "runs": [{k: r[k] for k in ("run", "latest", "best", "best_metric", "best_value")} for r in runs],
+                "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
+                "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
+            }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from ckptd import tables
+
+        tables.print_status(report)
+    return ExitCode.OK
+
+
 @cli.command(name="check-config")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def check_config(file: Path) -> int:

@@ -51,6 +51,7 @@ class DaemonConfig(_Model):
     trusted_globals: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")]] = []
     workers: int = Field(default=1, ge=1, le=32)
     rescan_interval: Duration = 600.0
+    worker_idle_timeout: Duration = 300.0
 
 
 class MetricConfig(_Model):
@@ -115,22 +116,31 @@ def parse_config(text: str, source: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from exc
     problems: list[str] = []
+    if "source" in raw:  # set by ckptd itself below, so the file must not carry it
+        problems.append("at 'source': unknown key (remove it, or check its spelling)")
     config: Config | None = None
     try:
         config = Config.model_validate({**raw, "source": source})
     except ValidationError as exc:
         problems += [_message(dict(e)) for e in exc.errors()]
-    if config is not None:
-        names = [w.name for w in config.watch]
-        problems += [
-            f"at 'watch[{i}].name': the name {n!r} is used by an earlier watch; names must be unique"
-            for i, n in enumerate(names)
-            if n in names[:i]
-        ]
+    problems += _duplicate_names(raw)
     if problems:
         raise ConfigError(str(source), problems)
     assert config is not None
     return _resolved(config, source.parent)
+
+
+def _duplicate_names(raw: dict[str, Any]) -> list[str]:
+    """Watch names used twice, read from the raw TOML so they are reported beside every other problem."""
+    watches = raw.get("watch")
+    if not isinstance(watches, list):
+        return []
+    names = [w.get("name") if isinstance(w, dict) else None for w in watches]
+    return [
+        f"at 'watch[{i}].name': the name {n!r} is used by an earlier watch; names must be unique"
+        for i, n in enumerate(names)
+        if isinstance(n, str) and n in names[:i]
+    ]
 
 
 def _resolved(config: Config, base: Path) -> Config:

@@ -9,6 +9,7 @@ outside the watched folder is ignored. Hidden folders (such as a `.ckptd` state 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,11 +113,13 @@ def classify(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | Non
     return None
 
 
-def discover(root: Path, patterns: Sequence[str]) -> Iterator[Candidate]:
+def discover(root: Path, patterns: Sequence[str], boundary: Path | None = None) -> Iterator[Candidate]:
     """Walk `root` and yield every checkpoint in it; directory checkpoints are not descended into.
 
-    `root` may itself be a checkpoint (a file or a directory checkpoint).
+    `root` may itself be a checkpoint (a file or a directory checkpoint). Links may point anywhere inside
+    `boundary` (the watched folder; `root` by default), never out of it.
     """
+    boundary = boundary or root
     top = classify(root, root.parent, patterns) if root.is_file() or formats.detect_directory(root) else None
     if top is not None:
         yield top
@@ -129,13 +132,13 @@ def discover(root: Path, patterns: Sequence[str]) -> Iterator[Candidate]:
             if name.startswith(".") and not sub.is_symlink():
                 dirnames.remove(name)
                 continue
-            found = classify(sub, root, patterns)
+            found = classify(sub, boundary, patterns)
             if found is not None or sub.is_symlink():
                 dirnames.remove(name)
             if found is not None:
                 yield found
         for name in sorted(filenames):
-            found = classify(folder / name, root, patterns)
+            found = classify(folder / name, boundary, patterns)
             if found is not None:
                 yield found
 
@@ -149,3 +152,45 @@ def orphan_sidecars(root: Path) -> Iterator[Path]:
                 checkpoint = Path(dirpath) / name.removesuffix(SIDECAR_SUFFIX)
                 if not checkpoint.exists() and not checkpoint.is_symlink():
                     yield Path(dirpath) / name
+
+
+def stale_temps(root: Path, *, older_than: float, now: float) -> list[Path]:
+    """Delete ckptd temp files under `root` older than `older_than` seconds (left by a killed process)."""
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if TEMP_MARK not in name:
+                continue
+            path = Path(dirpath) / name
+            try:
+                if now - path.lstat().st_mtime >= older_than:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+def directory_complete(folder: Path) -> bool:
+    """True when a directory checkpoint's writer has finished: DCP's `.metadata` is in place (DCP writes
+    `.metadata.tmp` and renames it), every shard a safetensors index names exists, or Orbax committed."""
+    kind = formats.detect_directory(folder)
+    if kind == "safetensors_sharded":
+        index = formats.hf_index_in(folder)
+        try:
+            shards = set(json.loads(index.read_bytes()).get("weight_map", {}).values()) if index else set()
+        except (OSError, ValueError, AttributeError):
+            return False
+        return all((folder / str(shard)).is_file() for shard in shards)
+    return kind is not None
+
+
+def candidate_for(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | None:
+    """The checkpoint an event at `path` concerns: the directory checkpoint holding it, or the file itself."""
+    for parent in path.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        if formats.detect_directory(parent):
+            return Candidate(parent, "directory", parent.parent)
+    return classify(path, root, patterns) if path.exists() or path.is_symlink() else None

@@ -42,15 +42,3 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             temp.unlink()
         raise
     fsync_dir(path.parent)
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete ckptd temp files left in `folder` by a process that was killed; return what was removed."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            if TEMP_MARK in entry.name and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed

@@ -36,7 +36,10 @@ def scalar(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range, such as 10**400
+            return None
     numel = getattr(value, "numel", None)
     item = getattr(value, "item", None)
     if callable(item) and (numel is None or (callable(numel) and numel() == 1)):

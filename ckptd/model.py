@@ -79,9 +79,12 @@ class CheckpointChanged(Exception):
     """The checkpoint changed while it was being verified: it is still being written. Retry later."""
 
     def __init__(self, path: str, detail: str) -> None:
-        super().__init__(f"{path}: {detail}")
+        super().__init__(path, detail)  # both in args, so the exception survives pickling between processes
         self.path = path
         self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.detail}"
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,6 @@ class ScanReport:
         return Counter(v.status for v in self.verified)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What processing one candidate did: verified it, found it unchanged, or found it still being written."""
-
-    verification: Verification | None = None
-    unchanged: bool = False
-    busy: str | None = None
-
-
 def sidecar_bytes(verification: Verification, engine: dict[str, str], now: float, pinned: bool = False) -> bytes:
     """Render the sidecar of a fresh verification on this host."""
     return sidecar.render(
@@ -63,45 +54,82 @@ def sidecar_bytes(verification: Verification, engine: dict[str, str], now: float
     )
 
 
-def process(
+@dataclass
+class Survey:
+    """How the disk differs from the catalog under one folder; nothing hashed yet."""
+
+    to_verify: list[Candidate] = field(default_factory=list)
+    unchanged: int = 0
+    links: int = 0
+    gone: list[str] = field(default_factory=list)
+    removed_sidecars: list[str] = field(default_factory=list)
+    removed_temps: list[str] = field(default_factory=list)
+
+
+def needs_verify(candidate: Candidate, catalog: Catalog) -> bool:
+    """True unless the catalog has this exact checkpoint (size, mtime, inode) verified and its sidecar exists."""
+    found = discover.identity(candidate.path)
+    if not sidecar.sidecar_path(candidate.path).exists():
+        return True
+    return not catalog.unchanged(str(candidate.path), found.size, found.mtime_ns, found.inode)
+
+
+def record_link(candidate: Candidate, *, watch: str, catalog: Catalog, now: float) -> None:
+    """Record a symbolic link as a pointer to its target; links are never hashed."""
+    assert candidate.link_target is not None
+    found = discover.identity(candidate.path)
+    catalog.record_link(
+        watch=watch, run=str(candidate.run), path=str(candidate.path), target=str(candidate.link_target),
+        size=found.size, mtime_ns=found.mtime_ns, inode=found.inode, now=now,
+    )  # fmt: skip
+
+
+def survey(
+    root: Path, *, watch: str, patterns: Sequence[str], catalog: Catalog, now: Callable[[], float] = time.time
+) -> Survey:
+    """Compare `root` with the catalog: list what needs verifying, record links, mark vanished checkpoints
+    gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing."""
+    result = Survey()
+    seen: set[str] = set()
+    for candidate in discover.discover(root, patterns):
+        seen.add(str(candidate.path))
+        try:
+            if candidate.kind == "link":
+                record_link(candidate, watch=watch, catalog=catalog, now=now())
+                result.links += 1
+            elif needs_verify(candidate, catalog):
+                result.to_verify.append(candidate)
+            else:
+                result.unchanged += 1
+        except FileNotFoundError:
+            seen.discard(str(candidate.path))
+    for row in catalog.present(under=str(root)):
+        if row.path not in seen and not Path(row.path).exists() and not Path(row.path).is_symlink():
+            catalog.mark_gone(row.path, now())
+            result.gone.append(row.path)
+    for orphan in discover.orphan_sidecars(root):
+        orphan.unlink(missing_ok=True)
+        result.removed_sidecars.append(str(orphan))
+    result.removed_temps = [str(p) for p in discover.stale_temps(root, older_than=60.0, now=now())]
+    return result
+
+
+def record(
     candidate: Candidate,
+    verification: Verification,
     *,
     watch: str,
     catalog: Catalog,
-    verifier: Verifier,
-    engine: Callable[[], dict[str, str]],
-    now: Callable[[], float] = time.time,
-    force: bool = False,
-) -> Outcome:
-    """Bring one checkpoint's sidecar and catalog row up to date.
-
-    Links are recorded as pointers to their target and never hashed. Returns what was done. Raises
-    OSError when the checkpoint cannot be read (it vanished, or permissions).
-    """
-    found = discover.identity(candidate.path)
-    path = str(candidate.path)
-    if candidate.kind == "link":
-        assert candidate.link_target is not None
-        catalog.record_link(
-            watch=watch, run=str(candidate.run), path=path, target=str(candidate.link_target),
-            size=found.size, mtime_ns=found.mtime_ns, inode=found.inode, now=now(),
-        )  # fmt: skip
-        return Outcome(unchanged=True)
-    has_sidecar = sidecar.sidecar_path(candidate.path).exists()
-    if not force and has_sidecar and catalog.unchanged(path, found.size, found.mtime_ns, found.inode):
-        return Outcome(unchanged=True)
-    try:
-        verification = verifier(candidate.path)
-    except CheckpointChanged as exc:
-        return Outcome(busy=exc.detail)
-    row = catalog.get(path)
-    pinned = row.pinned if row else False
-    sidecar.write(candidate.path, sidecar_bytes(verification, engine(), now(), pinned))
+    engine: dict[str, str],
+    now: float,
+) -> None:
+    """Write the sidecar of a fresh verification, then its catalog row (a pin is kept)."""
+    row = catalog.get(str(candidate.path))
+    sidecar.write(candidate.path, sidecar_bytes(verification, engine, now, row.pinned if row else False))
     catalog.record_verified(
         watch=watch, run=str(candidate.run), verification=verification,
-        mtime_ns=round(verification.mtime * 1e9), now=now(),
+        mtime_ns=round(verification.mtime * 1e9), now=now,
     )  # fmt: skip
-    return Outcome(verification=verification)
 
 
 def reconcile(
@@ -113,36 +141,23 @@ def reconcile(
     verifier: Verifier,
     engine: Callable[[], dict[str, str]],
     now: Callable[[], float] = time.time,
-    on_outcome: Callable[[Candidate, Outcome], None] | None = None,
 ) -> ScanReport:
-    """Compare `root` on disk with the catalog and bring the catalog and sidecars up to date."""
-    report = ScanReport()
-    seen: set[str] = set()
-    for candidate in discover.discover(root, patterns):
-        seen.add(str(candidate.path))
+    """Survey `root`, then verify and record every new or changed checkpoint in this process."""
+    found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now)
+    report = ScanReport(
+        unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars
+    )
+    for candidate in found.to_verify:
         try:
-            outcome = process(candidate, watch=watch, catalog=catalog, verifier=verifier, engine=engine, now=now)
+            verification = verifier(candidate.path)
+        except CheckpointChanged:
+            report.busy.append(str(candidate.path))
+            continue
         except FileNotFoundError:
-            seen.discard(str(candidate.path))
             continue
         except OSError as exc:
             report.failed.append(f"{candidate.path}: {exc}")
             continue
-        if candidate.kind == "link":
-            report.links += 1
-        elif outcome.verification is not None:
-            report.verified.append(outcome.verification)
-        elif outcome.busy:
-            report.busy.append(str(candidate.path))
-        else:
-            report.unchanged += 1
-        if on_outcome is not None:
-            on_outcome(candidate, outcome)
-    for row in catalog.present(under=str(root)):
-        if row.path not in seen and not Path(row.path).exists():
-            catalog.mark_gone(row.path, now())
-            report.gone.append(row.path)
-    for orphan in discover.orphan_sidecars(root):
-        orphan.unlink(missing_ok=True)
-        report.removed_sidecars.append(str(orphan))
+        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now())
+        report.verified.append(verification)
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,9 @@ from ckptd.model import Verification
 
 SIDECAR_SUFFIX = ".ckptd.json"
 SCHEMA_VERSION = 1
+
+# JSON has no NaN or Infinity: a non-finite metric (a diverged val_loss) is stored as one of these strings.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class SidecarError(ValueError):
@@ -64,7 +68,7 @@ def render(
     pinned: bool = False,
 ) -> bytes:
     """Return the sidecar's JSON bytes (stable key order, UTF-8, trailing newline)."""
-    body: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **verification.to_dict()}
+    body: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **jsonable(verification)}
     body.update(
         verified_at=verified_at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         host=host,
@@ -75,6 +79,19 @@ def render(
     return (json.dumps(body, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
+def jsonable(verification: Verification) -> dict[str, Any]:
+    """`verification.to_dict()` with non-finite metrics as "NaN", "Infinity" or "-Infinity": strict JSON."""
+    body = verification.to_dict()
+    body["metrics"] = {name: _metric_out(value) for name, value in verification.metrics.items()}
+    return body
+
+
+def _metric_out(value: float) -> float | str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 def parse(data: bytes) -> Sidecar:
     """Parse sidecar bytes. Raises SidecarError when they are not a sidecar of a known schema version."""
     try:
@@ -83,6 +100,9 @@ def parse(data: bytes) -> Sidecar:
         raise SidecarError(f"not valid JSON: {exc}") from exc
     if not isinstance(body, dict) or body.get("schema_version") != SCHEMA_VERSION:
         raise SidecarError(f"not a ckptd sidecar of schema version {SCHEMA_VERSION}")
+    metrics = body.get("metrics")
+    if isinstance(metrics, dict):
+        body["metrics"] = {k: NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in metrics.items()}
     try:
         return Sidecar(
             verification=Verification.from_dict(body),

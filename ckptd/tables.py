@@ -120,3 +120,32 @@ def print_scan(summary: dict[str, Any], state_dir: Path) -> None:
         for line in s["unreadable"]:
             console.print(f"  [red]unreadable[/] {line}", highlight=False)
     console.print(f"catalog: {state_dir}", highlight=False, style="dim")
+
+
+def print_status(report: dict[str, Any]) -> None:
+    """The daemon's state and each watched folder's runs with their latest and best."""
+    console = Console()
+    if report["running"]:
+        console.print(f"daemon: [green]running[/] (pid {report['pid']}), queue {report['queue']}", highlight=False)
+    else:
+        console.print("daemon: [yellow]not running[/]", highlight=False)
+    for name, watch in report["watches"].items():
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(watch["checkpoints"].items())) or "no checkpoints"
+        mode = "polling" if watch["polling"] else "inotify"
+        console.print(
+            f"\n[bold]{name}[/] {watch['folder']} ({mode}): {counts};"
+            f" last reconciliation {watch['last_reconciliation'] or 'never'}",
+            highlight=False,
+        )
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("run", "latest", "best"):
+            table.add_column(column, overflow="fold")
+        for run in watch["runs"]:
+            best = "-"
+            if run["best"]:
+                best = f"{Path(run['best']).name} ({run['best_metric']}={run['best_value']:.4g})"
+            table.add_row(
+                _relative(run["run"], Path(watch["folder"])), Path(run["latest"]).name if run["latest"] else "-", best
+            )
+        if watch["runs"]:
+            console.print(table)

@@ -84,6 +84,7 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
     while it was read (it is still being written: retry later, do not call it corrupt).
     """
     started = time.monotonic()
+    resolve_trusted(trusted)  # a bad name raises TrustError here, not a load failure that reads as corrupt
     before = _identities(path)
     if path.is_dir():
         findings = _verify_directory(path, trusted, progress)

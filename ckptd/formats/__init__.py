@@ -51,7 +51,11 @@ def hf_index_in(folder: Path) -> Path | None:
     preferred = folder / HF_INDEX
     if preferred.is_file():
         return preferred
-    for entry in sorted(os.listdir(folder)):
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:  # gone, or not a folder
+        return None
+    for entry in entries:
         if entry.endswith(HF_INDEX_SUFFIX) and (folder / entry).is_file():
             return folder / entry
     return None

@@ -1,0 +1,311 @@
+"""Benchmark: `ckptd verify` against one read of the file (the floor) and against a naive load-then-hash.
+
+Run as `.venv/bin/python benchmarks/verify.py [--size-gib 2] [--second-gib 0.5] [--repeats 5]`.
+
+For each size, a torch checkpoint written by `torch.save` (a dict of 64 MiB float32 tensors, a few small ones,
+an epoch and a global_step) is created once under /tmp/ckptd-bench and read once so that it is in the page
+cache. Three commands then run as subprocesses, in alternating order, `--repeats` times after one untimed
+warm-up round:
+
+- floor: `python -c "import torch, hashlib; <hash the file once in 8 MiB chunks>"`;
+- ckptd: `ckptd verify FILE --json` (its status must be ok);
+- naive: `python -c "import torch, hashlib; torch.load(FILE, weights_only=True, map_location='cpu'); <hash>"`.
+
+Each run's wall time is measured from start to exit, and a sampling thread reads RssAnon and RssFile from
+/proc/<pid>/status for the process and all its descendants every ~5 ms. The table reports the median wall
+time, its ratio to the floor's median measured in the same run, the peak anonymous memory (the target) and
+the peak total resident memory (anonymous + file-backed pages, which include mmap'd checkpoint pages that
+live in the page cache anyway).
+
+The parent process never imports torch: the checkpoint is created in a subprocess too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+CKPTD = str(VENV_BIN / "ckptd")
+CACHE_DIR = Path("/tmp/ckptd-bench")
+
+BIG_TENSOR = 64 << 20  # bytes per big tensor
+SMALL_TENSORS = 16  # 4096-element float32 tensors (biases, norms)
+SMALL_ELEMENTS = 4096
+SAMPLE_INTERVAL = 0.005
+TARGET_RATIO = 1.15
+TARGET_ANON_MB = 400
+
+HASH_SNIPPET = (
+    "h = hashlib.sha256()\n"
+    "with open(path, 'rb') as f:\n"
+    "    while chunk := f.read(8 << 20):\n"
+    "        h.update(chunk)\n"
+    "print(h.hexdigest())\n"
+)
+FLOOR_CODE = "import sys, torch, hashlib\npath = sys.argv[1]\n" + HASH_SNIPPET
+NAIVE_CODE = (
+    "import sys, torch, hashlib\n"
+    "path = sys.argv[1]\n"
+    "obj = torch.load(path, weights_only=True, map_location='cpu')\n" + HASH_SNIPPET
+)
+
+CREATE_CODE = """
+import os, sys, torch
+path, n_big, big_elements, n_small, small_elements = sys.argv[1], *map(int, sys.argv[2:6])
+torch.manual_seed(0)
+state = {}
+for i in range(n_big):
+    state[f"layers.{i}.weight"] = torch.randn(big_elements, dtype=torch.float32).view(-1, 4096)
+for i in range(n_small):
+    state[f"layers.{i}.bias"] = torch.randn(small_elements, dtype=torch.float32)
+tmp = path + ".partial"
+torch.save({"epoch": 7, "global_step": 12345, "state_dict": state}, tmp)
+os.replace(tmp, path)
+"""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def _expected_payload(size_gib: float) -> tuple[int, int]:
+    n_big = max(1, round(size_gib * (1 << 30) / BIG_TENSOR))
+    payload = n_big * BIG_TENSOR + SMALL_TENSORS * SMALL_ELEMENTS * 4
+    return n_big, payload
+
+
+def ensure_checkpoint(size_gib: float) -> Path:
+    """Create the checkpoint once; reuse it when it exists with the right size. Then read it into the cache."""
+    n_big, payload = _expected_payload(size_gib)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / f"checkpoint-{n_big * BIG_TENSOR >> 20}MiB.pt"
+    # torch.save adds zip headers and a small pickle: a few hundred KiB at most beyond the tensor bytes.
+    size = path.stat().st_size if path.exists() else -1
+    if not payload <= size < payload + (4 << 20):
+        print(f"creating {path} ({n_big} x 64 MiB float32 tensors + {SMALL_TENSORS} small ones) ...", flush=True)
+        started = time.monotonic()
+        args = [str(path), str(n_big), str(BIG_TENSOR // 4), str(SMALL_TENSORS), str(SMALL_ELEMENTS)]
+        subprocess.run([PYTHON, "-c", CREATE_CODE, *args], check=True)
+        print(f"  created in {time.monotonic() - started:.1f} s", flush=True)
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- memory sampling
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, through /proc/<pid>/task/*/children."""
+    seen: list[int] = []
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        seen.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue
+    return seen
+
+
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) of one process in KiB; zeros once it has gone."""
+    anon = file = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return anon, file
+
+
+@dataclass
+class Sampler:
+    """Samples a process tree's anonymous and total resident memory every ~5 ms; keeps the maxima."""
+
+    pid: int
+    peak_anon_kib: int = 0
+    peak_total_kib: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon = total = 0
+            for p in _tree(self.pid):
+                a, f = _rss_kib(p)
+                anon += a
+                total += a + f
+            self.peak_anon_kib = max(self.peak_anon_kib, anon)
+            self.peak_total_kib = max(self.peak_total_kib, total)
+            self.samples += 1
+            self._stop.wait(SAMPLE_INTERVAL)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_anon_mb: float
+    peak_total_mb: float
+
+
+def commands(path: Path) -> dict[str, list[str]]:
+    return {
+        "floor": [PYTHON, "-c", FLOOR_CODE, str(path)],
+        "ckptd": [CKPTD, "verify", str(path), "--json"],
+        "naive": [PYTHON, "-c", NAIVE_CODE, str(path)],
+    }
+
+
+def run_once(name: str, argv: list[str]) -> Run:
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - started
+    sampler.stop()
+    if name == "ckptd":
+        try:
+            statuses = [r["status"] for r in json.loads(out)]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"ckptd verify printed unreadable JSON ({exc}):\n{out}\n{err}") from exc
+        if proc.returncode != 0 or statuses != ["ok"]:
+            raise SystemExit(f"ckptd verify did not report ok (rc={proc.returncode}, {statuses}):\n{err}")
+    elif proc.returncode != 0:
+        raise SystemExit(f"{name} failed (rc={proc.returncode}):\n{err}")
+    return Run(seconds, sampler.peak_anon_kib * 1024 / 1e6, sampler.peak_total_kib * 1024 / 1e6)
+
+
+def bench(path: Path, repeats: int) -> dict[str, list[Run]]:
+    cmds = commands(path)
+    names = list(cmds)
+    print(f"warm-up round on {path.name} ...", flush=True)
+    for name in names:
+        run_once(name, cmds[name])
+    runs: dict[str, list[Run]] = {name: [] for name in names}
+    for i in range(repeats):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            r = run_once(name, cmds[name])
+            runs[name].append(r)
+            print(
+                f"  [{i + 1}/{repeats}] {name:5s} {r.seconds:6.2f} s  anon {r.peak_anon_mb:7.0f} MB"
+                f"  rss {r.peak_total_mb:7.0f} MB",
+                flush=True,
+            )
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def table(size_label: str, size_bytes: int, runs: dict[str, list[Run]]) -> str:
+    floor = statistics.median(r.seconds for r in runs["floor"])
+    lines = [
+        f"Checkpoint: {size_label} ({size_bytes / (1 << 30):.2f} GiB, {size_bytes:,} bytes), "
+        f"{len(runs['floor'])} timed runs each",
+        "",
+        "| command | median s | min–max s | × floor | peak anon MB (max) | peak RSS MB (max) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, rs in runs.items():
+        secs = [r.seconds for r in rs]
+        med = statistics.median(secs)
+        lines.append(
+            f"| {name} | {med:.2f} | {min(secs):.2f}–{max(secs):.2f} | {med / floor:.2f} | "
+            f"{max(r.peak_anon_mb for r in rs):.0f} | {max(r.peak_total_mb for r in rs):.0f} |"
+        )
+    ckptd_med = statistics.median(r.seconds for r in runs["ckptd"])
+    ckptd_anon = max(r.peak_anon_mb for r in runs["ckptd"])
+    ratio_ok = ckptd_med / floor <= TARGET_RATIO
+    mem_ok = ckptd_anon < TARGET_ANON_MB
+    lines += [
+        "",
+        f"Targets: ckptd ≤ {TARGET_RATIO}× floor: {'met' if ratio_ok else 'MISSED'} ({ckptd_med / floor:.2f}×); "
+        f"ckptd peak anonymous memory < {TARGET_ANON_MB} MB: {'met' if mem_ok else 'MISSED'} ({ckptd_anon:.0f} MB)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
+    parser.add_argument(
+        "--second-gib",
+        type=float,
+        default=0.5,
+        help="a second size, to show memory does not grow with size (default 0.5; 0 skips it)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per command and size (default 5)")
+    args = parser.parse_args()
+    if not Path(CKPTD).exists():
+        raise SystemExit(f"{CKPTD} not found: run `make` (or install the package into .venv) first")
+
+    sizes = [args.size_gib] + ([args.second_gib] if args.second_gib > 0 else [])
+    reports = []
+    for size in sizes:
+        path = ensure_checkpoint(size)
+        runs = bench(path, args.repeats)
+        reports.append(table(f"{size:g} GiB target", path.stat().st_size, runs))
+
+    print()
+    print(f"Machine: {machine()}")
+    print(f"Command: {Path(sys.executable).name} benchmarks/verify.py " + " ".join(sys.argv[1:]))
+    for report in reports:
+        print()
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

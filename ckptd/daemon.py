@@ -1,0 +1,462 @@
+"""The composition root: `ckptd run` builds the parts, runs the main loop, and stops cleanly.
+
+discover -> wait until complete -> verify -> write sidecar -> catalog -> best/latest.
+
+Threads only produce: watchdog observers put `Change`s on a queue, worker processes return verifications.
+Everything that writes (sidecars, the catalog, the status file) happens on the main loop's thread, so
+there is no locking to get wrong. Signals set flags that the loop reads: SIGTERM/SIGINT stop it (a hash
+in flight is abandoned: workers write nothing), SIGHUP reloads the config (a bad one is logged and the
+old one stays).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import time
+from collections import Counter
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ckptd import discover, log, selection, sidecar
+from ckptd.catalog import Catalog, Row
+from ckptd.config import Config, WatchConfig, load_config
+from ckptd.discover import Candidate, Identity
+from ckptd.errors import ConfigError
+from ckptd.model import CheckpointChanged, Entry, Verification
+from ckptd.scan import record, record_link, survey
+from ckptd.settle import SettleTracker
+from ckptd.state import StateLock, write_status
+from ckptd.systemd import Notifier
+from ckptd.watch import Change, FolderWatcher
+from ckptd.workers import Result, VerifierPool
+
+TICK = 0.1  # seconds between looks at the settle tracker and the workers
+STATUS_EVERY = 2.0
+MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _complete(candidate: Candidate) -> bool:
+    """Files found without an event count as closed (settling still applies); directories need their marker."""
+    return candidate.kind != "directory" or discover.directory_complete(candidate.path)
+
+
+def entry_of(row: Row) -> Entry:
+    """The selection entry of a catalog row."""
+    return Entry(
+        path=row.path, run=row.run, status=row.status, size=row.size, mtime=row.mtime, sha256=row.sha256,
+        epoch=row.epoch, step=row.step, metrics=row.metrics, pinned=row.pinned, format=row.format,
+        verified=row.status is not None,
+    )  # fmt: skip
+
+
+@dataclass
+class _InFlight:
+    watch: str
+    candidate: Candidate
+    future: Future[Result]
+    started: float
+
+
+@dataclass
+class _Stats:
+    started_at: float = field(default_factory=time.time)
+    verified: Counter[str] = field(default_factory=Counter)
+    last_reconciliation: dict[str, str] = field(default_factory=dict)
+
+
+class Daemon:
+    """`ckptd run`: watches, verifies, records; runs until a signal stops it."""
+
+    def __init__(self, config_path: Path, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.config: Config = load_config(config_path)
+        self.notifier = notifier or Notifier.from_env()
+        self.log = log.get("ckptd")
+        self.changes: queue.Queue[Change] = queue.Queue()
+        self.tracker = SettleTracker()
+        self.watchers: dict[str, FolderWatcher] = {}
+        self.in_flight: dict[str, _InFlight] = {}
+        self.crashes: Counter[str] = Counter()
+        self.stats = _Stats()
+        self._stop = False
+        self._reload = False
+        self._lock = StateLock(self.config.daemon.state_dir)
+        self.catalog: Catalog | None = None
+        self.pool: VerifierPool | None = None
+
+    # -------------------------------------------------------------------------------------------- life cycle
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status. Raises AlreadyRunning (75)."""
+        self._lock.acquire()
+        try:
+            self._install_signals()
+            self.catalog = Catalog(self.config.daemon.state_dir)
+            self.pool = self._make_pool()
+            self.log.info(
+                "daemon starting", config=str(self.config_path), state_dir=str(self.config.daemon.state_dir),
+                watches=[w.name for w in self.config.watch], workers=self.config.daemon.workers,
+            )  # fmt: skip
+            self._start_watchers()
+            self._reconcile_all("start-up")
+            self.notifier.ready()
+            self._publish()
+            self.log.info("daemon ready", queued=len(self.tracker))
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        """Ask the main loop to stop (what SIGTERM does)."""
+        self._stop = True
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self._stop = True
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self._reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _make_pool(self) -> VerifierPool:
+        d = self.config.daemon
+        return VerifierPool(d.workers, d.trusted_globals, idle_timeout=d.worker_idle_timeout)
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.log.info("daemon stopping", abandoned=sorted(self.in_flight))
+        for watcher in self.watchers.values():
+            watcher.stop()
+        if self.pool is not None:
+            self.pool.kill()
+        self.in_flight.clear()
+        if self.catalog is not None:
+            self._publish(running=False)
+            self.catalog.close()
+        self._lock.release()
+        self.log.info("daemon stopped")
+
+    # ------------------------------------------------------------------------------------------- main loop
+
+    def _loop(self) -> None:
+        ping_every = self.notifier.watchdog_interval()
+        last_ping = last_status = 0.0
+        next_rescan = time.monotonic() + self.config.daemon.rescan_interval
+        while not self._stop:
+            self._drain_changes(timeout=TICK)
+            now = time.monotonic()
+            self._dispatch(now)
+            self._collect()
+            if self._reload:
+                self._reload = False
+                self._reload_config()
+                next_rescan = now + self.config.daemon.rescan_interval
+            unhealthy = [name for name, w in self.watchers.items() if not w.healthy()]
+            if unhealthy:
+                self._restart_watchers(unhealthy)
+            if now >= next_rescan:
+                self._reconcile_all("schedule")
+                next_rescan = now + self.config.daemon.rescan_interval
+            if ping_every and now - last_ping >= ping_every and self._healthy():
+                self.notifier.watchdog()
+                last_ping = now
+            if now - last_status >= STATUS_EVERY:
+                self._publish()
+                last_status = now
+            if self.pool is not None and self.pool.reap_idle(len(self.in_flight)):
+                self.log.debug("verifier workers stopped while idle")
+
+    def _healthy(self) -> bool:
+        return all(w.healthy() for w in self.watchers.values())
+
+    # ----------------------------------------------------------------------------------------------- watching
+
+    def _start_watchers(self) -> None:
+        for watch in self.config.watch:
+            watcher = FolderWatcher(
+                watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
+            )
+            watcher.start()
+            self.watchers[watch.name] = watcher
+            self.log.info("watching", watch=watch.name, folder=str(watch.path), polling=watcher.polling)
+
+    def _restart_watchers(self, names: list[str]) -> None:
+        for name in names:
+            self.log.error("observer stopped, restarting it and rescanning", watch=name)
+            self.watchers.pop(name).stop()
+        self._start_watchers_named(names)
+        for name in names:
+            watch = self.config.watch_named(name)
+            if watch is not None:
+                self._reconcile(watch, "observer error")
+
+    def _start_watchers_named(self, names: list[str]) -> None:
+        for watch in self.config.watch:
+            if watch.name in names:
+                watcher = FolderWatcher(
+                    watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
+                )
+                watcher.start()
+                self.watchers[watch.name] = watcher
+
+    def _drain_changes(self, timeout: float) -> None:
+        try:
+            change = self.changes.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self._on_change(change)
+            except Exception:  # one bad event must never stop the daemon
+                self.log.exception("event handling failed", path=str(change.path), kind=change.kind)
+            try:
+                change = self.changes.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_change(self, change: Change) -> None:
+        watch = self.config.watch_named(change.watch)
+        if watch is None:
+            return
+        if change.kind == "deleted":
+            self._on_deleted(watch, change.path)
+        elif change.kind == "new_folder":
+            for found in discover.discover(change.path, watch.patterns, boundary=watch.path):
+                self._track(watch, found, closed=_complete(found))
+        else:
+            candidate = discover.candidate_for(change.path, watch.path, watch.patterns)
+            if candidate is not None:
+                closed = change.kind == "complete" or watch.poll
+                self._track(watch, candidate, closed=_complete(candidate) if candidate.kind == "directory" else closed)
+
+    def _track(self, watch: WatchConfig, candidate: Candidate, *, closed: bool) -> None:
+        if candidate.kind == "link":
+            assert self.catalog is not None
+            record_link(candidate, watch=watch.name, catalog=self.catalog, now=time.time())
+            self.log.info("link recorded", path=str(candidate.path), target=str(candidate.link_target))
+            return
+        self.tracker.touch(
+            candidate, watch=watch.name, settle=watch.settle_seconds, closed=closed, now=time.monotonic()
+        )
+        if self.pool is not None:
+            self.pool.warm()
+
+    def _on_deleted(self, watch: WatchConfig, path: Path) -> None:
+        assert self.catalog is not None
+        self.tracker.forget(str(path))
+        rows = list(self.catalog.present(under=str(path)))
+        runs = set()
+        for row in rows:
+            if Path(row.path).exists() or Path(row.path).is_symlink():
+                continue
+            self.catalog.mark_gone(row.path, time.time())
+            removed = sidecar.remove(Path(row.path))
+            runs.add(row.run)
+            self.log.info("checkpoint deleted", path=row.path, run=row.run, sidecar_removed=removed)
+        for run in runs:
+            self._update_run(watch, run)
+        if not rows:  # a file inside a directory checkpoint: the directory must be checked again
+            candidate = discover.candidate_for(path, watch.path, watch.patterns)
+            if candidate is not None and candidate.kind == "directory":
+                self._track(watch, candidate, closed=_complete(candidate))
+
+    # ------------------------------------------------------------------------------------------- verifying
+
+    def _dispatch(self, now: float) -> None:
+        def identity_of(candidate: Candidate) -> Identity | None:
+            try:
+                return discover.identity(candidate.path)
+            except OSError:
+                return None
+
+        assert self.pool is not None
+        for watch_name, candidate in self.tracker.due(now, identity_of):
+            key = str(candidate.path)
+            watch = self.config.watch_named(watch_name)
+            if watch is None:
+                continue
+            if key in self.in_flight:  # changed again while being verified: look again once it is done
+                self.tracker.touch(candidate, watch=watch_name, settle=watch.settle_seconds, closed=True, now=now)
+                continue
+            self.in_flight[key] = _InFlight(watch_name, candidate, self.pool.submit(candidate.path), now)
+
+    def _collect(self) -> None:
+        for key, job in list(self.in_flight.items()):
+            if not job.future.done():
+                continue
+            del self.in_flight[key]
+            watch = self.config.watch_named(job.watch)
+            if watch is None:
+                continue
+            try:
+                verification, engine = job.future.result()
+            except CheckpointChanged:
+                self.log.info("checkpoint still being written, waiting", path=key, run=str(job.candidate.run))
+                self._track(watch, job.candidate, closed=True)
+                continue
+            except FileNotFoundError:
+                self._on_deleted(watch, job.candidate.path)
+                continue
+            except BrokenProcessPool:
+                self._on_crash(watch, job)
+                continue
+            except Exception as exc:
+                self.log.error("verify failed", path=key, run=str(job.candidate.run), error=repr(exc))
+                continue
+            self.crashes.pop(key, None)
+            self._record(watch, job.candidate, verification, engine, time.monotonic() - job.started)
+
+    def _on_crash(self, watch: WatchConfig, job: _InFlight) -> None:
+        """A worker died (SIGBUS from a file truncated under it, or a loader crash)."""
+        assert self.pool is not None
+        self.pool.broken()
+        key = str(job.candidate.path)
+        for other_key, other in list(self.in_flight.items()):  # the whole pool went down with it
+            del self.in_flight[other_key]
+            other_watch = self.config.watch_named(other.watch)
+            if other_watch is not None:
+                self._track(other_watch, other.candidate, closed=True)
+        self.crashes[key] += 1
+        if self.crashes[key] < MAX_CRASHES:
+            self.log.warning("verifier process died, retrying", path=key, attempt=self.crashes[key])
+            self._track(watch, job.candidate, closed=True)
+            return
+        self.log.error("checkpoint keeps killing the verifier, recording it corrupt", path=key)
+        found = discover.identity(job.candidate.path)
+        verification = Verification(
+            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime,
+            inode=found.inode, problems=[f"verifying it killed the verifier process {MAX_CRASHES} times"],
+        )  # fmt: skip
+        self.crashes.pop(key, None)
+        self._record(watch, job.candidate, verification, {}, 0.0)
+
+    def _record(
+        self, watch: WatchConfig, candidate: Candidate, verification: Verification, engine: dict[str, str],
+        seconds: float,
+    ) -> None:  # fmt: skip
+        assert self.catalog is not None
+        record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time())
+        self.stats.verified[verification.status] += 1
+        fields: dict[str, Any] = {
+            "path": verification.path, "run": str(candidate.run), "status": verification.status,
+            "bytes": verification.size_bytes, "seconds": round(seconds, 3), "step": verification.global_step,
+        }  # fmt: skip
+        if verification.status == "ok":
+            self.log.info("checkpoint verified", **fields, warnings=verification.warnings or None)
+        else:
+            self.log.warning(
+                "checkpoint not ok", **fields, problems=verification.problems,
+                unsafe_globals=verification.unsafe_globals or None,
+            )  # fmt: skip
+        self._update_run(watch, str(candidate.run))
+
+    def _update_run(self, watch: WatchConfig, run: str) -> None:
+        assert self.catalog is not None
+        entries = [entry_of(r) for r in self.catalog.in_run(run) if r.kind != "link"]
+        newest = selection.latest(entries)
+        top = selection.best(entries, watch.metric.name, watch.metric.mode) if watch.metric else None
+        value = selection.metric_value(top, watch.metric.name) if top and watch.metric else None
+        before_latest, before_best = self.catalog.set_run(
+            run=run, watch=watch.name, latest=newest.path if newest else None, best=top.path if top else None,
+            metric=watch.metric.name if watch.metric else None, value=value, now=time.time(),
+        )  # fmt: skip
+        if newest and newest.path != before_latest:
+            self.log.info("run latest changed", run=run, path=newest.path, step=newest.step)
+        if top and top.path != before_best and watch.metric:
+            self.log.info("run best changed", run=run, path=top.path, metric=watch.metric.name, value=value)
+
+    # -------------------------------------------------------------------------------------- reconciliation
+
+    def _reconcile_all(self, reason: str) -> None:
+        for watch in self.config.watch:
+            self._reconcile(watch, reason)
+
+    def _reconcile(self, watch: WatchConfig, reason: str) -> None:
+        """Compare disk with the catalog (the safety net for dropped events); queue what changed."""
+        assert self.catalog is not None
+        started = time.monotonic()
+        try:
+            found = survey(watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog)
+        except OSError as exc:
+            self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=str(exc))
+            return
+        for candidate in found.to_verify:
+            self._track(watch, candidate, closed=_complete(candidate))
+        for run in {str(Path(p).parent) for p in found.gone}:
+            self._update_run(watch, run)
+        self.stats.last_reconciliation[watch.name] = _iso(time.time())
+        self.log.info(
+            "reconciled", watch=watch.name, reason=reason, queued=len(found.to_verify), unchanged=found.unchanged,
+            links=found.links, gone=len(found.gone), stale_sidecars=len(found.removed_sidecars),
+            temps_removed=len(found.removed_temps), seconds=round(time.monotonic() - started, 3),
+        )  # fmt: skip
+
+    def _reload_config(self) -> None:
+        self.notifier.reloading()
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as exc:
+            self.log.error("config reload rejected, keeping the old config", problems=exc.problems)
+            self.notifier.ready()
+            return
+        if fresh.daemon.state_dir != self.config.daemon.state_dir:
+            self.log.error("config reload: state_dir cannot change while running; restart the daemon instead")
+            self.notifier.ready()
+            return
+        for watcher in self.watchers.values():
+            watcher.stop()
+        self.watchers.clear()
+        self.config = fresh
+        if self.pool is not None:
+            self.pool.trusted = list(fresh.daemon.trusted_globals)
+        self._start_watchers()
+        self._reconcile_all("reload")
+        self.log.info("config reloaded", config=str(self.config_path), watches=[w.name for w in fresh.watch])
+        self.notifier.ready()
+
+    # ---------------------------------------------------------------------------------------------- status
+
+    def _publish(self, running: bool = True) -> None:
+        assert self.catalog is not None
+        queued, busy = len(self.tracker), len(self.in_flight)
+        counts = {w.name: self.catalog.counts(w.name) for w in self.config.watch}
+        total = Counter[str]()
+        for per_watch in counts.values():
+            total.update(per_watch)
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(total.items())) or "no checkpoints yet"
+        self.notifier.status(f"{len(self.config.watch)} folder(s): {summary}; queue {queued + busy}")
+        write_status(
+            self.config.daemon.state_dir,
+            {
+                "running": running, "pid": os.getpid(), "started_at": _iso(self.stats.started_at),
+                "updated_at": _iso(time.time()), "queue": queued, "in_flight": sorted(self.in_flight),
+                "verified_since_start": dict(self.stats.verified),
+                "last_reconciliation": self.stats.last_reconciliation,
+                "watches": {
+                    name: {"polling": w.polling, "healthy": w.healthy()} for name, w in self.watchers.items()
+                },
+            },
+        )  # fmt: skip
+
+
+def run(config_path: Path) -> int:
+    """Entry point of `ckptd run`: configure logging from the config, then run the daemon."""
+    config = load_config(config_path)
+    log.configure(config.daemon.log_format, config.daemon.log_level, stream=sys.stdout)
+    return Daemon(config_path).run()

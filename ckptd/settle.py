@@ -1,0 +1,75 @@
+"""Waiting until a checkpoint is completely written. Pure bookkeeping: the clock and stat are passed in.
+
+A checkpoint becomes due once it is complete: its writer closed it or renamed it into place (or the
+folder is polled, or it was found by a scan, where no such signal exists), and in every case its size and
+mtime have held still for `settle_seconds`. A change seen meanwhile restarts the wait. A file written to
+after its last close waits for the next close; should that never come (a writer using mmap, a stray
+attribute change), it is taken once it has been still for `UNCLOSED_GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ckptd.discover import Candidate, Identity
+
+UNCLOSED_GRACE = 30.0
+
+
+@dataclass
+class _Waiting:
+    candidate: Candidate
+    watch: str
+    settle: float
+    closed: bool
+    identity: Identity | None
+    stable_since: float
+
+
+class SettleTracker:
+    """Checkpoints waiting to be verified, keyed by path."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, _Waiting] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._waiting
+
+    def touch(self, candidate: Candidate, *, watch: str, settle: float, closed: bool, now: float) -> None:
+        """Note an event on `candidate`: written to (closed=False), or closed/renamed into place (closed=True).
+
+        A later write after a close makes it wait for the next close again.
+        """
+        key = str(candidate.path)
+        entry = self._waiting.get(key)
+        if entry is None:
+            self._waiting[key] = _Waiting(candidate, watch, settle, closed, None, now)
+        else:
+            entry.candidate, entry.closed, entry.stable_since = candidate, closed, now
+
+    def forget(self, path: str) -> None:
+        """Stop waiting for `path` (it was deleted)."""
+        self._waiting.pop(path, None)
+
+    def due(self, now: float, identity_of: Callable[[Candidate], Identity | None]) -> list[tuple[str, Candidate]]:
+        """Remove and return the (watch, candidate) pairs that are complete and have settled.
+
+        `identity_of` stats a candidate; None means it vanished, which drops it.
+        """
+        ready = []
+        for key, entry in list(self._waiting.items()):
+            current = identity_of(entry.candidate)
+            if current is None:
+                del self._waiting[key]
+                continue
+            if current != entry.identity:
+                entry.identity, entry.stable_since = current, now
+            still = now - entry.stable_since
+            if still >= entry.settle and (entry.closed or still >= max(UNCLOSED_GRACE, entry.settle)):
+                ready.append((entry.watch, entry.candidate))
+                del self._waiting[key]
+        return ready

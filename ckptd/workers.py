@@ -1,0 +1,97 @@
+"""The verify engine behind a process boundary, for the daemon.
+
+Verifying in worker processes keeps torch out of the daemon's own memory, lets an idle daemon give that
+memory back, and contains the one failure a thread could not survive: a checkpoint truncated by its
+writer while mapped raises SIGBUS, which kills only the worker. The pool is bounded (`workers`), its
+processes run torch with one thread, and they are killed, not waited for, on shutdown.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ckptd.model import Verification
+
+Result = tuple[Verification, dict[str, str]]
+
+
+def _warm() -> None:
+    """Worker start-up: import torch once, and keep it to one thread so training keeps the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _noop() -> None:
+    """A job that only makes a worker start (and import torch)."""
+
+
+def _verify(path: str, trusted: list[str]) -> Result:
+    from ckptd.verify import engine_versions, verify
+
+    return verify(Path(path), trusted=trusted), engine_versions()
+
+
+class VerifierPool:
+    """Worker processes that verify checkpoints; started on demand and stopped after `idle_timeout` idle."""
+
+    def __init__(self, workers: int, trusted: list[str], idle_timeout: float = 300.0) -> None:
+        self.workers, self.trusted, self.idle_timeout = workers, list(trusted), idle_timeout
+        self._pool: ProcessPoolExecutor | None = None
+        self._idle_since = time.monotonic()
+
+    def _ensure(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_warm)
+        return self._pool
+
+    def warm(self) -> None:
+        """Start a worker now (torch takes seconds to import), so it is ready when the checkpoint settles."""
+        if self._pool is None:
+            self._ensure().submit(_noop).add_done_callback(self._done)
+
+    def submit(self, path: Path) -> Future[Result]:
+        """Queue one verification; the future raises CheckpointChanged, OSError, or BrokenProcessPool."""
+        future = self._ensure().submit(_verify, str(path), self.trusted)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: Future[Any]) -> None:
+        self._idle_since = time.monotonic()  # runs on the pool's thread: a plain assignment only
+
+    @property
+    def running(self) -> bool:
+        """True while worker processes exist."""
+        return self._pool is not None
+
+    def reap_idle(self, in_flight: int) -> bool:
+        """Stop the worker processes if nothing is in flight and they idled `idle_timeout`; True if it did."""
+        if self._pool is not None and in_flight == 0 and time.monotonic() - self._idle_since >= self.idle_timeout:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+            return True
+        return False
+
+    def broken(self) -> None:
+        """Forget a pool whose worker died; the next submit starts a fresh one."""
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill the workers now: a hash in flight is abandoned (workers write nothing, so nothing is left)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values())  # no public API to kill a pool's workers
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(2.0)
