@@ -39,7 +39,8 @@ from ckptd.watch import Change, FolderWatcher
 from ckptd.workers import Result, VerifierPool
 
 TICK = 0.1  # seconds between looks at the settle tracker and the workers
-STATUS_EVERY = 2.0
+STATUS_EVERY = 2.0  # the status file is rewritten at most this often, and only after a change...
+STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes (and fsyncs) next to nothing
 MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
 
 
@@ -92,6 +93,8 @@ class Daemon:
         self.stats = _Stats()
         self._stop = False
         self._reload = False
+        self._dirty = False
+        self._published_queue = (0, 0)
         self._lock = StateLock(self.config.daemon.state_dir)
         self.catalog: Catalog | None = None
         self.pool: VerifierPool | None = None
@@ -176,9 +179,13 @@ class Daemon:
             if ping_every and now - last_ping >= ping_every and self._healthy():
                 self.notifier.watchdog()
                 last_ping = now
-            if now - last_status >= STATUS_EVERY:
+            queue_size = (len(self.tracker), len(self.in_flight))
+            if queue_size != self._published_queue:
+                self._dirty = True
+            since = now - last_status
+            if (self._dirty and since >= STATUS_EVERY) or since >= STATUS_IDLE_EVERY:
                 self._publish()
-                last_status = now
+                last_status, self._dirty, self._published_queue = now, False, queue_size
             if self.pool is not None and self.pool.reap_idle(len(self.in_flight)):
                 self.log.debug("verifier workers stopped while idle")
 
@@ -271,6 +278,7 @@ class Daemon:
             self.log.info("checkpoint deleted", path=row.path, run=row.run, sidecar_removed=removed)
         for run in runs:
             self._update_run(watch, run)
+        self._dirty = self._dirty or bool(runs)
         if not rows:  # a file inside a directory checkpoint: the directory must be checked again
             candidate = discover.candidate_for(path, watch.path, watch.patterns)
             if candidate is not None and candidate.kind == "directory":
@@ -353,6 +361,7 @@ class Daemon:
         assert self.catalog is not None
         record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time())
         self.stats.verified[verification.status] += 1
+        self._dirty = True
         fields: dict[str, Any] = {
             "path": verification.path, "run": str(candidate.run), "status": verification.status,
             "bytes": verification.size_bytes, "seconds": round(seconds, 3), "step": verification.global_step,
@@ -401,6 +410,7 @@ class Daemon:
         for run in {str(Path(p).parent) for p in found.gone}:
             self._update_run(watch, run)
         self.stats.last_reconciliation[watch.name] = _iso(time.time())
+        self._dirty = True
         self.log.info(
             "reconciled", watch=watch.name, reason=reason, queued=len(found.to_verify), unchanged=found.unchanged,
             links=found.links, gone=len(found.gone), stale_sidecars=len(found.removed_sidecars),
