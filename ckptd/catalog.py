@@ -7,6 +7,7 @@ are unchanged is never hashed again. Rows of deleted checkpoints are kept with `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.model import Verification
+from ckptd.model import Entry, Verification
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -40,6 +41,35 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
+CREATE TABLE IF NOT EXISTS journal (
+    id          INTEGER PRIMARY KEY,
+    planned_at  REAL NOT NULL,
+    done_at     REAL,
+    state       TEXT NOT NULL,            -- pending (intent written, action not finished), done, skipped
+    action      TEXT NOT NULL,            -- delete or quarantine
+    watch       TEXT NOT NULL,
+    run         TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    sha256      TEXT,
+    size        INTEGER NOT NULL,
+    reasons     TEXT NOT NULL,            -- JSON list
+    detail      TEXT                      -- where a quarantined checkpoint went, or why it was skipped
+);
+CREATE TABLE IF NOT EXISTS mirror_queue (
+    target      TEXT NOT NULL,            -- the [mirror.NAME] it goes to
+    path        TEXT NOT NULL,            -- the local checkpoint
+    watch       TEXT NOT NULL,
+    run         TEXT NOT NULL,
+    role        TEXT NOT NULL,            -- best, latest, milestone or all (comma-joined when several)
+    sha256      TEXT NOT NULL,
+    state       TEXT NOT NULL,            -- pending, done, failed (retried with backoff)
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT,
+    next_try    REAL NOT NULL DEFAULT 0,
+    queued_at   REAL NOT NULL,
+    done_at     REAL,
+    PRIMARY KEY (target, path, sha256)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run         TEXT PRIMARY KEY,
     watch       TEXT NOT NULL,
@@ -82,6 +112,14 @@ class Row:
     def mtime(self) -> float:
         """Modification time in seconds."""
         return self.mtime_ns / 1e9
+
+    def entry(self) -> Entry:
+        """The selection and retention view of this row; unverified until it has a status."""
+        return Entry(
+            path=self.path, run=self.run, status=self.status, size=self.size, mtime=self.mtime, sha256=self.sha256,
+            epoch=self.epoch, step=self.step, metrics=self.metrics, pinned=self.pinned, format=self.format,
+            verified=self.status is not None,
+        )  # fmt: skip
 
 
 def _row(values: sqlite3.Row) -> Row:
@@ -232,6 +270,75 @@ class Catalog:
             (watch,),
         )
         return {r["s"]: r["n"] for r in rows}
+
+    def set_pinned(self, path: str, pinned: bool) -> bool:
+        """Pin or unpin a cataloged checkpoint; False when the catalog does not know it."""
+        cursor = self._db.execute(
+            "UPDATE checkpoints SET pinned = ? WHERE path = ? AND gone_at IS NULL", (int(pinned), path)
+        )
+        return cursor.rowcount > 0
+
+    def link_targets(self, watch: str) -> dict[str, str]:
+        """{target: link} for the links of a watch that point to a checkpoint."""
+        rows = self._db.execute(
+            "SELECT path, link_target FROM checkpoints WHERE watch = ? AND kind = 'link' AND gone_at IS NULL", (watch,)
+        )
+        return {r["link_target"]: r["path"] for r in rows}
+
+    def journal_intent(
+        self, *, action: str, watch: str, run: str, path: str, sha256: str | None, size: int, reasons: list[str],
+        now: float,
+    ) -> int:  # fmt: skip
+        """Write down a deletion or quarantine before doing it; return the journal entry's id."""
+        cursor = self._db.execute(
+            "INSERT INTO journal (planned_at, state, action, watch, run, path, sha256, size, reasons)"
+            " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+            (now, action, watch, run, path, sha256, size, json.dumps(reasons)),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def journal_finish(self, entry: int, *, state: str, now: float, detail: str | None = None) -> None:
+        """Close a journal entry (done or skipped); a done one also marks its checkpoint gone, atomically."""
+        with self._transaction():
+            self._db.execute(
+                "UPDATE journal SET state = ?, done_at = ?, detail = COALESCE(?, detail) WHERE id = ?",
+                (state, now, detail, entry),
+            )
+            if state == "done":
+                self._db.execute(
+                    "UPDATE checkpoints SET gone_at = ? WHERE gone_at IS NULL AND path ="
+                    " (SELECT path FROM journal WHERE id = ?)",
+                    (now, entry),
+                )
+
+    def journal(self, *, state: str | None = None, watch: str | None = None) -> list[dict[str, Any]]:
+        """Journal entries, oldest first."""
+        query, args = "SELECT * FROM journal WHERE 1 = 1", list[Any]()
+        if state is not None:
+            query, args = query + " AND state = ?", [*args, state]
+        if watch is not None:
+            query, args = query + " AND watch = ?", [*args, watch]
+        found = []
+        for row in self._db.execute(query + " ORDER BY id", args):
+            entry = dict(row)
+            entry["reasons"] = json.loads(entry["reasons"])
+            found.append(entry)
+        return found
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def awaiting_mirror(self, watch: str) -> frozenset[str]:
+        """Paths of a watch that a mirror rule still has to copy (kept by retention until copied)."""
+        rows = self._db.execute("SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state != 'done'", (watch,))
+        return frozenset(r["path"] for r in rows)
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""

@@ -6,6 +6,7 @@ torch, so they answer in a fraction of a second inside launch scripts.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -328,6 +329,74 @@ def status(config_file: Path | None, as_json: bool) -> int:
         from ckptd import tables
 
         tables.print_status(report)
+    return ExitCode.OK
+
+
+@cli.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as a JSON list.")
+def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
+    """Apply each watch's retention policy now (or only print the plan, with --dry-run)."""
+    from ckptd import log
+    from ckptd.catalog import Catalog
+    from ckptd.prune import prune_watch
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    log.configure(config.daemon.log_format, "warning")
+    reports = []
+    with Catalog(config.daemon.state_dir) as catalog:
+        for watch in config.watch:
+            if watch.retention is None:
+                continue
+            reports.append(
+                prune_watch(
+                    watch, watch.retention, catalog=catalog, state_dir=config.daemon.state_dir, dry_run=dry_run,
+                    awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
+                )
+            )  # fmt: skip
+    if not reports:
+        raise UsageError("no watch has a [watch.retention] section: nothing to prune")
+    if as_json:
+        click.echo(json.dumps([row for r in reports for row in r.to_rows()], indent=2))
+    else:
+        from ckptd import tables
+
+        tables.print_prune(reports)
+    return ExitCode.CHECK_FAILED if any(r.skipped for r in reports) else ExitCode.OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@config_option
+def pin(checkpoint: Path, config_file: Path | None) -> int:
+    """Keep CHECKPOINT forever: retention never deletes a pinned checkpoint."""
+    return _set_pin(checkpoint, config_file, pinned=True)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@config_option
+def unpin(checkpoint: Path, config_file: Path | None) -> int:
+    """Let retention decide about CHECKPOINT again."""
+    return _set_pin(checkpoint, config_file, pinned=False)
+
+
+def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int:
+    from ckptd import sidecar
+    from ckptd.catalog import Catalog
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    path = checkpoint.absolute()
+    with Catalog(config.daemon.state_dir) as catalog:
+        if not catalog.set_pinned(str(path), pinned):
+            raise NoAnswer(f"{checkpoint}: not in the catalog yet; verify it first: ckptd scan {checkpoint.parent}")
+    found = sidecar.read(path)
+    if found is not None:
+        sidecar.set_pinned(path, pinned)
+    click.echo(f"{'pinned' if pinned else 'unpinned'}: {path}")
     return ExitCode.OK
 
 

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ckptd.errors import ConfigError
 
@@ -36,6 +36,28 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+    "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string such as "500GB", "1.5TiB", "200MB". Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError('expected a size such as "500GB" or "1.5TiB"')
+    if isinstance(value, int | float) and value >= 0:
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match or match[2].lower() not in _SIZE_UNITS:
+        raise ValueError('expected a size such as "500GB" or "1.5TiB"')
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+_CRON = re.compile(r"^\s*\S+(\s+\S+){4}\s*$")
 
 
 class _Model(BaseModel):
@@ -61,6 +83,33 @@ class MetricConfig(_Model):
     mode: Literal["min", "max"] = "min"
 
 
+class RetentionConfig(_Model):
+    """`[watch.retention]`: what to keep; everything else is deleted (never what an invariant protects)."""
+
+    interval: Duration | None = None
+    cron: str | None = Field(default=None, pattern=_CRON.pattern)
+    keep_last: int = Field(default=3, ge=0)
+    keep_best: int = Field(default=1, ge=0)
+    keep_every: int = Field(default=0, ge=0)
+    keep_every_steps: int = Field(default=0, ge=0)
+    keep_within: Duration = 0.0
+    min_epoch: int = Field(default=0, ge=0)
+    max_size: Size | None = None
+    on_corrupt: Literal["quarantine", "keep", "delete"] = "quarantine"
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> RetentionConfig:
+        if self.interval is not None and self.cron is not None:
+            raise ValueError("give either interval or cron, not both")
+        return self
+
+    @property
+    def every(self) -> float:
+        """The interval in seconds when no cron expression is given (default 10 minutes)."""
+        return self.interval if self.interval is not None else 600.0
+
+
 class WatchConfig(_Model):
     """`[[watch]]`: one watched folder."""
 
@@ -71,6 +120,7 @@ class WatchConfig(_Model):
     poll: bool = False
     poll_interval: Duration = 30.0
     metric: MetricConfig | None = None
+    retention: RetentionConfig | None = None
 
 
 class Config(_Model):

@@ -26,11 +26,11 @@ from types import FrameType
 from typing import Any
 
 from ckptd import discover, log, selection, sidecar
-from ckptd.catalog import Catalog, Row
+from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate, Identity
 from ckptd.errors import ConfigError
-from ckptd.model import CheckpointChanged, Entry, Verification
+from ckptd.model import CheckpointChanged, Verification
 from ckptd.scan import record, record_link, survey
 from ckptd.settle import SettleTracker
 from ckptd.state import StateLock, write_status
@@ -51,15 +51,6 @@ def _iso(timestamp: float) -> str:
 def _complete(candidate: Candidate) -> bool:
     """Files found without an event count as closed (settling still applies); directories need their marker."""
     return candidate.kind != "directory" or discover.directory_complete(candidate.path)
-
-
-def entry_of(row: Row) -> Entry:
-    """The selection entry of a catalog row."""
-    return Entry(
-        path=row.path, run=row.run, status=row.status, size=row.size, mtime=row.mtime, sha256=row.sha256,
-        epoch=row.epoch, step=row.step, metrics=row.metrics, pinned=row.pinned, format=row.format,
-        verified=row.status is not None,
-    )  # fmt: skip
 
 
 @dataclass
@@ -348,7 +339,7 @@ class Daemon:
         self.log.error("checkpoint keeps killing the verifier, recording it corrupt", path=key)
         found = discover.identity(job.candidate.path)
         verification = Verification(
-            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime,
+            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime, mtime_ns=found.mtime_ns,
             inode=found.inode, problems=[f"verifying it killed the verifier process {MAX_CRASHES} times"],
         )  # fmt: skip
         self.crashes.pop(key, None)
@@ -377,7 +368,7 @@ class Daemon:
 
     def _update_run(self, watch: WatchConfig, run: str) -> None:
         assert self.catalog is not None
-        entries = [entry_of(r) for r in self.catalog.in_run(run) if r.kind != "link"]
+        entries = [r.entry() for r in self.catalog.in_run(run) if r.kind != "link"]
         newest = selection.latest(entries)
         top = selection.best(entries, watch.metric.name, watch.metric.mode) if watch.metric else None
         value = selection.metric_value(top, watch.metric.name) if top and watch.metric else None

@@ -42,6 +42,7 @@ class Verification:
     sha256: str | None
     mtime: float
     inode: int
+    mtime_ns: int = 0  # the exact mtime: `mtime` as a float cannot round-trip nanoseconds
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unsafe_globals: list[str] = field(default_factory=list)

@@ -128,7 +128,7 @@ def record(
     sidecar.write(candidate.path, sidecar_bytes(verification, engine, now, row.pinned if row else False))
     catalog.record_verified(
         watch=watch, run=str(candidate.run), verification=verification,
-        mtime_ns=round(verification.mtime * 1e9), now=now,
+        mtime_ns=verification.mtime_ns, now=now,
     )  # fmt: skip
 
 

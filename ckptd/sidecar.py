@@ -123,6 +123,14 @@ def write(checkpoint: Path, data: bytes) -> Path:
     return target
 
 
+def set_pinned(checkpoint: Path, pinned: bool) -> None:
+    """Rewrite a sidecar (atomically) with its `pinned` flag set; nothing else changes."""
+    target = sidecar_path(checkpoint)
+    body = json.loads(target.read_bytes())
+    body["pinned"] = pinned
+    atomic_write_bytes(target, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
+
+
 def read(checkpoint: Path) -> Sidecar | None:
     """Return the sidecar of `checkpoint`, or None when it has none or it is unreadable."""
     try:

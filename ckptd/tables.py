@@ -149,3 +149,28 @@ def print_status(report: dict[str, Any]) -> None:
             )
         if watch["runs"]:
             console.print(table)
+
+
+def print_prune(reports: Sequence[Any]) -> None:
+    """A table per run: each checkpoint's action and reasons, and the bytes the plan frees."""
+    console = Console()
+    for report in reports:
+        by_run: dict[str, list[Any]] = {}
+        for decision in report.plan.decisions:
+            by_run.setdefault(decision.run, []).append(decision)
+        skipped = {d.path: why for d, why in report.skipped}
+        for run, decisions in sorted(by_run.items()):
+            table = Table(title=f"{report.watch}: {run}", title_justify="left", show_edge=False, pad_edge=False)
+            for column in ("checkpoint", "action", "size", "reasons"):
+                table.add_column(column, overflow="fold")
+            for d in sorted(decisions, key=lambda d: d.path):
+                action = {"keep": "[green]keep[/]", "delete": "[red]delete[/]"}.get(d.action, f"[yellow]{d.action}[/]")
+                if d.path in skipped:
+                    action += f" [dim](skipped: {skipped[d.path]})[/]"
+                table.add_row(Path(d.path).name, action, human_bytes(d.size), "; ".join(d.reasons))
+            console.print(table)
+        verb = "would free" if report.dry_run else "freed"
+        freed = sum(d.size for d in report.plan.decisions if d.action != "keep" and d.path not in skipped)
+        console.print(f"{report.watch}: {verb} {human_bytes(freed)}", highlight=False)
+        for warning in report.plan.warnings:
+            console.print(f"[yellow]warning[/] {warning}", highlight=False)

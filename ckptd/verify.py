@@ -112,6 +112,7 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
         size_bytes=stat.size,
         sha256=findings.sha256,
         mtime=stat.mtime,
+        mtime_ns=stat.mtime_ns,
         inode=stat.inode,
         problems=findings.problems,
         warnings=findings.warnings,

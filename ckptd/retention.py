@@ -1,0 +1,210 @@
+"""Retention planning. Pure: the checkpoints, the policy and `now` in, a plan with reasons out.
+
+The rules are a union of what to keep; a checkpoint is deleted only when no rule keeps it, or when the
+watch is over `max_size` and it is among the oldest that no invariant protects. Invariants hold whatever
+the policy says: a run's latest ok checkpoint, its best, a pinned one, one not yet verified, one a mirror
+still has to copy, the only ok checkpoint of a run, and the target of a link are never deleted. Corrupt
+checkpoints are never deleted silently: they follow `on_corrupt` with their problem as the reason.
+Applying a plan is `ckptd.prune`'s job; nothing here touches the disk, the clock or the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ckptd import selection
+from ckptd.model import Entry
+
+Action = Literal["keep", "delete", "quarantine"]
+OnCorrupt = Literal["quarantine", "keep", "delete"]
+
+# Reasons that no policy, max_size included, can override.
+LATEST = "latest"
+PINNED = "pinned"
+UNVERIFIED = "not verified yet"
+AWAITING_MIRROR = "awaiting mirror"
+ONLY_OK = "only ok checkpoint of the run"
+_INVARIANT_PREFIXES = (
+    LATEST,
+    "best ",
+    PINNED,
+    UNVERIFIED,
+    AWAITING_MIRROR,
+    ONLY_OK,
+    "target of link",
+    "status ",
+    "corrupt",
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A watch's `[watch.retention]`, with sizes in bytes and durations in seconds."""
+
+    keep_last: int = 3
+    keep_best: int = 1
+    keep_every: int = 0
+    keep_every_steps: int = 0
+    keep_within: float = 0.0
+    min_epoch: int = 0
+    max_size: int | None = None
+    on_corrupt: OnCorrupt = "quarantine"
+    metric: str | None = None
+    mode: selection.Mode = "min"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the plan does with one checkpoint, and every reason why."""
+
+    path: str
+    run: str
+    action: Action
+    reasons: tuple[str, ...]
+    size: int
+    sha256: str | None = None
+
+    @property
+    def protected(self) -> bool:
+        """True when an invariant keeps it, so that even max_size cannot delete it."""
+        return any(r.startswith(_INVARIANT_PREFIXES) for r in self.reasons)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A watch's plan: one decision per checkpoint, and warnings (such as an unmet max_size)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def freed(self) -> int:
+        """Bytes the plan frees in the watched folder."""
+        return sum(d.size for d in self.decisions if d.action != "keep")
+
+
+def plan(
+    entries: Iterable[Entry],
+    policy: Policy,
+    now: float,
+    *,
+    awaiting_mirror: frozenset[str] = frozenset(),
+    link_targets: Mapping[str, str] | None = None,
+) -> Plan:
+    """Plan retention for one watch.
+
+    Given its checkpoints (links excluded), the policy, the current time, the paths a mirror still has to
+    copy, and {target: link} for checkpoints that links point to. Returns a decision for every entry.
+    """
+    targets = link_targets or {}
+    by_run: dict[str, list[Entry]] = {}
+    for entry in entries:
+        by_run.setdefault(entry.run, []).append(entry)
+    decisions: list[Decision] = []
+    for run in sorted(by_run):
+        decisions += _plan_run(by_run[run], policy, now, awaiting_mirror, targets)
+    warnings: list[str] = []
+    if policy.max_size is not None:
+        by_path = {e.path: e for run_entries in by_run.values() for e in run_entries}
+        decisions, warnings = _enforce_max_size(decisions, policy.max_size, by_path)
+    return Plan(decisions=decisions, warnings=warnings)
+
+
+def _plan_run(
+    entries: Sequence[Entry], policy: Policy, now: float, awaiting: frozenset[str], targets: Mapping[str, str]
+) -> list[Decision]:
+    ok = selection.usable(entries)
+    reasons: dict[str, list[str]] = {e.path: [] for e in entries}
+    newest = selection.latest(ok)
+    if newest is not None:
+        reasons[newest.path].append(LATEST)
+    if len(ok) == 1:
+        reasons[ok[0].path].append(ONLY_OK)
+    if policy.metric:
+        ranked = selection.ranked(ok, policy.metric, policy.mode)
+        for rank, entry in enumerate(ranked[: max(policy.keep_best, 1)], start=1):
+            value = selection.metric_value(entry, policy.metric)
+            if rank == 1:
+                reasons[entry.path].append(f"best {policy.metric}={value:.6g}")
+            else:
+                reasons[entry.path].append(f"keep_best {rank}/{policy.keep_best} {policy.metric}={value:.6g}")
+    for rank, entry in enumerate(sorted(ok, key=selection.recency, reverse=True)[: policy.keep_last], start=1):
+        reasons[entry.path].append(f"keep_last {rank}/{policy.keep_last}")
+    for entry in ok:
+        below_min = entry.epoch is not None and entry.epoch < policy.min_epoch
+        if below_min:
+            continue  # below min_epoch only keep_best and keep_last (and the invariants) protect
+        if policy.keep_every and entry.epoch and entry.epoch % policy.keep_every == 0:
+            reasons[entry.path].append(f"milestone epoch {entry.epoch}")
+        if policy.keep_every_steps and entry.step and entry.step % policy.keep_every_steps == 0:
+            reasons[entry.path].append(f"milestone step {entry.step}")
+        if policy.keep_within and now - entry.mtime <= policy.keep_within:
+            reasons[entry.path].append(f"within {_duration(policy.keep_within)}")
+    decisions = []
+    for entry in entries:
+        why = reasons[entry.path]
+        if entry.pinned:
+            why.append(PINNED)
+        if not entry.verified or entry.status is None:
+            why.append(UNVERIFIED)
+        if entry.path in awaiting:
+            why.append(AWAITING_MIRROR)
+        if entry.path in targets:
+            why.append(f"target of link {targets[entry.path]}")
+        action: Action = "keep"
+        if entry.status == "corrupt" and entry.verified and not (entry.pinned or entry.path in awaiting):
+            problem = f"corrupt, on_corrupt={policy.on_corrupt}"
+            action = "keep" if policy.on_corrupt == "keep" else policy.on_corrupt
+            why = [problem] if action != "keep" else [*why, problem]
+        elif entry.status in ("unsafe", "unsupported") and entry.verified:
+            why.append(f"status {entry.status}, kept for review")
+        elif not why:
+            action = "delete"
+            why = ["no keep rule applies"]
+        decisions.append(Decision(entry.path, entry.run, action, tuple(why), entry.size, entry.sha256))
+    return decisions
+
+
+def _enforce_max_size(
+    decisions: list[Decision], max_size: int, by_path: Mapping[str, Entry]
+) -> tuple[list[Decision], list[str]]:
+    """Past max_size, delete the oldest checkpoints that only soft rules keep until the watch fits."""
+    total = sum(d.size for d in decisions if d.action == "keep")
+    if total <= max_size:
+        return decisions, []
+    deletable = sorted(
+        (d for d in decisions if d.action == "keep" and not d.protected),
+        key=lambda d: selection.recency(by_path[d.path]),
+    )
+    chosen: dict[str, Decision] = {}
+    for decision in deletable:
+        if total <= max_size:
+            break
+        reason = f"over max_size {_size(max_size)} ({_size(total)} kept), oldest first"
+        chosen[decision.path] = Decision(
+            decision.path, decision.run, "delete", (reason, *decision.reasons), decision.size, decision.sha256
+        )
+        total -= decision.size
+    warnings = []
+    if total > max_size:
+        warnings.append(
+            f"max_size {_size(max_size)} cannot be met: {_size(total)} remain, all protected"
+            " (latest, best, pinned, unverified or awaiting mirror)"
+        )
+    return [chosen.get(d.path, d) for d in decisions], warnings
+
+
+def _size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return f"{size:.1f}TB"
+
+
+def _duration(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds / length:.0f}{unit}"
+    return f"{seconds:g}s"
