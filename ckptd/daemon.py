@@ -11,6 +11,7 @@ old one stays).
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -31,7 +32,9 @@ from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate, Identity
 from ckptd.errors import ConfigError
 from ckptd.model import CheckpointChanged, Verification
+from ckptd.prune import PruneReport, prune_watch
 from ckptd.scan import record, record_link, survey
+from ckptd.scheduler import Scheduler
 from ckptd.settle import SettleTracker
 from ckptd.state import StateLock, write_status
 from ckptd.systemd import Notifier
@@ -89,6 +92,7 @@ class Daemon:
         self._lock = StateLock(self.config.daemon.state_dir)
         self.catalog: Catalog | None = None
         self.pool: VerifierPool | None = None
+        self.scheduler = Scheduler()
 
     # -------------------------------------------------------------------------------------------- life cycle
 
@@ -105,6 +109,8 @@ class Daemon:
             )  # fmt: skip
             self._start_watchers()
             self._reconcile_all("start-up")
+            self._schedule_jobs()
+            self.scheduler.start()
             self.notifier.ready()
             self._publish()
             self.log.info("daemon ready", queued=len(self.tracker))
@@ -135,6 +141,7 @@ class Daemon:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self.log.info("daemon stopping", abandoned=sorted(self.in_flight))
+        self.scheduler.shutdown()
         for watcher in self.watchers.values():
             watcher.stop()
         if self.pool is not None:
@@ -339,8 +346,9 @@ class Daemon:
         self.log.error("checkpoint keeps killing the verifier, recording it corrupt", path=key)
         found = discover.identity(job.candidate.path)
         verification = Verification(
-            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime, mtime_ns=found.mtime_ns,
-            inode=found.inode, problems=[f"verifying it killed the verifier process {MAX_CRASHES} times"],
+            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime,
+            mtime_ns=found.mtime_ns, inode=found.inode,
+            problems=[f"verifying it killed the verifier process {MAX_CRASHES} times"],
         )  # fmt: skip
         self.crashes.pop(key, None)
         self._record(watch, job.candidate, verification, {}, 0.0)
@@ -427,9 +435,38 @@ class Daemon:
         if self.pool is not None:
             self.pool.trusted = list(fresh.daemon.trusted_globals)
         self._start_watchers()
+        self.scheduler.clear()
+        self._schedule_jobs()
         self._reconcile_all("reload")
         self.log.info("config reloaded", config=str(self.config_path), watches=[w.name for w in fresh.watch])
         self.notifier.ready()
+
+    # ------------------------------------------------------------------------------------------- retention
+
+    def _schedule_jobs(self) -> None:
+        """Register each watch's retention job; a job opens its own catalog connection on its own thread."""
+        for watch in self.config.watch:
+            if watch.retention is not None:
+                self.scheduler.add(
+                    f"retention:{watch.name}", functools.partial(self.prune_job, watch.name),
+                    every=watch.retention.every, cron=watch.retention.cron,
+                )  # fmt: skip
+
+    def prune_job(self, watch_name: str) -> PruneReport | None:
+        """One scheduled retention pass over a watch, with the config in force when it runs."""
+        watch = self.config.watch_named(watch_name)
+        if watch is None or watch.retention is None:
+            return None
+        with Catalog(self.config.daemon.state_dir) as catalog:
+            report = prune_watch(
+                watch, watch.retention, catalog=catalog, state_dir=self.config.daemon.state_dir, dry_run=False,
+                awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
+            )  # fmt: skip
+        self.log.info(
+            "retention done", watch=watch.name, deleted=len(report.done), skipped=len(report.skipped),
+            dry_run=report.dry_run, bytes_freed=sum(d.size for d in report.done),
+        )  # fmt: skip
+        return report
 
     # ---------------------------------------------------------------------------------------------- status
 
