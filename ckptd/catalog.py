@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS mirror_queue (
     run         TEXT NOT NULL,
     role        TEXT NOT NULL,            -- best, latest, milestone or all (comma-joined when several)
     sha256      TEXT NOT NULL,
-    state       TEXT NOT NULL,            -- pending, done, failed (retried with backoff)
+    state       TEXT NOT NULL,            -- pending, failed (retried with backoff), done, dropped
+    copied      INTEGER NOT NULL DEFAULT 0, -- 1 once proved on the target (a role change then only rewrites the index)
     attempts    INTEGER NOT NULL DEFAULT 0,
     last_error  TEXT,
     next_try    REAL NOT NULL DEFAULT 0,
@@ -141,6 +142,16 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a catalog made by an older ckptd up to this schema: new columns only, never a data loss."""
+        added = {"mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"}}
+        for table, columns in added.items():
+            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, declaration in columns.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def __enter__(self) -> Catalog:
         return self
@@ -339,6 +350,83 @@ class Catalog:
         """Paths of a watch that a mirror rule still has to copy (kept by retention until copied)."""
         rows = self._db.execute("SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state != 'done'", (watch,))
         return frozenset(r["path"] for r in rows)
+
+    def sync_mirror_queue(
+        self, *, target: str, watch: str, run: str, wanted: dict[str, tuple[list[str], str]], now: float
+    ) -> int:
+        """Make the queue of one run and target match `wanted` ({path: (roles, sha256)}); return rows queued.
+
+        New copies are queued; a copied one whose roles changed is queued again for its index only; queued
+        ones no longer wanted are dropped (so retention may delete them).
+        """
+        queued = 0
+        with self._transaction():
+            rows = self._db.execute(
+                "SELECT * FROM mirror_queue WHERE target = ? AND run = ? AND state != 'dropped'", (target, run)
+            ).fetchall()
+            existing = {(r["path"], r["sha256"]): r for r in rows}
+            keep = {(path, sha) for path, (_roles, sha) in wanted.items()}
+            for row in rows:
+                if (row["path"], row["sha256"]) not in keep and row["state"] in ("pending", "failed"):
+                    self._db.execute(
+                        "UPDATE mirror_queue SET state = 'dropped', done_at = ? WHERE target = ? AND path = ?"
+                        " AND sha256 = ?",
+                        (now, target, row["path"], row["sha256"]),
+                    )
+            for path, (roles, sha) in wanted.items():
+                role = ",".join(sorted(roles))
+                row = existing.get((path, sha))
+                if row is not None and row["role"] == role:
+                    continue
+                self._db.execute(
+                    """
+                    INSERT INTO mirror_queue (target, path, watch, run, role, sha256, state, queued_at)
+                    VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
+                    ON CONFLICT (target, path, sha256) DO UPDATE SET role = excluded.role, state = 'pending',
+                        next_try = 0, queued_at = excluded.queued_at
+                    """,
+                    (target, path, watch, run, role, sha, now),
+                )
+                queued += 1
+        return queued
+
+    def mirror_due(self, now: float | None) -> list[dict[str, Any]]:
+        """Queued copies whose retry time has come (all of them when `now` is None), oldest first."""
+        query = "SELECT * FROM mirror_queue WHERE state IN ('pending', 'failed')"
+        args: list[Any] = []
+        if now is not None:
+            query, args = query + " AND next_try <= ?", [now]
+        return [dict(r) for r in self._db.execute(query + " ORDER BY queued_at", args)]
+
+    def mirror_finish(self, item: dict[str, Any], *, state: str, now: float, error: str | None = None) -> None:
+        """Close a queued copy: done (proved on the target) or dropped."""
+        self._db.execute(
+            "UPDATE mirror_queue SET state = ?, done_at = ?, last_error = ?, copied = copied OR ?"
+            " WHERE target = ? AND path = ? AND sha256 = ?",
+            (state, now, error, int(state == "done"), item["target"], item["path"], item["sha256"]),
+        )
+
+    def mirror_retry(self, item: dict[str, Any], *, error: str, next_try: float) -> None:
+        """Record a failed copy; it is tried again at `next_try`."""
+        self._db.execute(
+            "UPDATE mirror_queue SET state = 'failed', attempts = attempts + 1, last_error = ?, next_try = ?"
+            " WHERE target = ? AND path = ? AND sha256 = ?",
+            (error, next_try, item["target"], item["path"], item["sha256"]),
+        )
+
+    def mirror_backlog(self) -> dict[str, dict[str, Any]]:
+        """Per target: copies waiting, copies failing, the last error."""
+        backlog: dict[str, dict[str, Any]] = {}
+        for row in self._db.execute("SELECT target, state, COUNT(*) AS n FROM mirror_queue GROUP BY target, state"):
+            backlog.setdefault(row["target"], {"pending": 0, "failed": 0, "done": 0, "last_error": None})
+            if row["state"] in ("pending", "failed", "done"):
+                backlog[row["target"]][row["state"]] = row["n"]
+        for row in self._db.execute(
+            "SELECT target, last_error FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
+        ):
+            if backlog[row["target"]]["last_error"] is None:
+                backlog[row["target"]]["last_error"] = row["last_error"]
+        return backlog
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -323,6 +324,8 @@ def status(config_file: Path | None, as_json: bool) -> int:
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
             }
+        report["mirrors"] = {name: catalog.mirror_backlog().get(name, {"pending": 0, "failed": 0, "done": 0,
+                             "last_error": None}) for name in config.mirror}  # fmt: skip
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -397,6 +400,113 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
     if found is not None:
         sidecar.set_pinned(path, pinned)
     click.echo(f"{'pinned' if pinned else 'unpinned'}: {path}")
+    return ExitCode.OK
+
+
+@cli.command()
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print what would be copied; copy nothing.")
+@click.option("--verify", "verify_copies", is_flag=True, help="Read back every copy; repair any that differs.")
+def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
+    """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
+    from ckptd import log
+    from ckptd import mirror as mirroring
+    from ckptd.catalog import Catalog
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    log.configure(config.daemon.log_format, "warning")
+    if not config.mirror:
+        raise UsageError("no [mirror.NAME] section in the config: nothing to mirror to")
+    targets = mirroring.targets_of(config)
+    failed = False
+    with Catalog(config.daemon.state_dir) as catalog:
+        for watch in config.watch:
+            for run in {r.run for r in catalog.present(watch=watch.name)}:
+                mirroring.enqueue_run(catalog, config, watch, run, now=time.time())
+        report = mirroring.mirror_pass(config, catalog, targets, dry_run=dry_run, due_only=False)
+        for line in report.pending:
+            click.echo(f"would copy: {line}")
+        for line in report.copied:
+            click.echo(f"copied: {line}")
+        for line in report.failed:
+            click.echo(f"failed: {line}", err=True)
+        failed |= bool(report.failed)
+        if verify_copies:
+            for target in targets.values():
+                checked = mirroring.verify_target(config, catalog, target, repair=not dry_run)
+                click.echo(f"{target.name}: {checked.checked} copies checked, {len(checked.failed)} bad,"
+                           f" {len(checked.repaired)} repaired")  # fmt: skip
+                failed |= len(checked.failed) > len(checked.repaired)
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+
+
+def _target(config: Config, name: str) -> Any:
+    from ckptd import mirror as mirroring
+
+    if name not in config.mirror:
+        known = ", ".join(sorted(config.mirror)) or "none"
+        raise UsageError(f"unknown mirror target {name!r} (configured: {known})")
+    return mirroring.targets_of(config)[name]
+
+
+@cli.command(name="ls")
+@click.argument("target")
+@click.argument("run", required=False)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the index files as JSON.")
+def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -> int:
+    """What a mirror TARGET holds (optionally for one RUN, as <watch>/<run>), from its index files."""
+    from ckptd import mirror as mirroring
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    found = mirroring.indexes(_target(config, target), run)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return ExitCode.OK
+    if not found:
+        raise NoAnswer(f"{target}: holds no run{' ' + run if run else ''} yet")
+    for prefix, index in sorted(found.items()):
+        click.echo(f"{prefix}:")
+        for name, copy in sorted(index.get("copies", {}).items()):
+            roles = [r for r in ("best", "latest") if (index.get(r) or {}).get("name") == name]
+            label = ",".join(roles) or (
+                "superseded" if name in index.get("superseded", []) else ",".join(copy["roles"])
+            )
+            click.echo(f"  {name}  [{label}]  step={copy.get('step')}  sha256={str(copy.get('sha256'))[:16]}")
+    return ExitCode.OK
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("run")
+@click.option("--best", "role", flag_value="best", help="Restore the run's best checkpoint.")
+@click.option("--latest", "role", flag_value="latest", help="Restore the run's latest checkpoint.")
+@click.option("--to", "destination", required=True, type=click.Path(file_okay=False, path_type=Path))
+@config_option
+def restore(target: str, run: str, role: str | None, destination: Path, config_file: Path | None) -> int:
+    """Download RUN's best or latest from TARGET into --to DIR, prove it, verify it, print its path."""
+    from ckptd import mirror as mirroring
+    from ckptd import sidecar
+    from ckptd.mirrors import MirrorError
+    from ckptd.scan import sidecar_bytes
+    from ckptd.verify import engine_versions
+    from ckptd.verify import verify as engine_verify
+
+    if role is None:
+        raise UsageError("say which checkpoint: --best or --latest")
+    config = _load(config_file, required=True)
+    assert config is not None
+    try:
+        restored, _stored = mirroring.restore(_target(config, target), run, role, destination.absolute())
+    except MirrorError as exc:
+        raise NoAnswer(str(exc)) from exc
+    result = engine_verify(restored, trusted=config.daemon.trusted_globals)
+    sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
+    if result.status != "ok":
+        raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
+    click.echo(str(restored))
     return ExitCode.OK
 
 

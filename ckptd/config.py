@@ -110,6 +110,38 @@ class RetentionConfig(_Model):
         return self.interval if self.interval is not None else 600.0
 
 
+def parse_rate(value: Any) -> int:
+    """Bytes per second from "200MB/s" (or a plain size); "" or 0 means no limit. Raises ValueError."""
+    if value in ("", None, 0):
+        return 0
+    return parse_size(str(value).removesuffix("/s") if isinstance(value, str) else value)
+
+
+class MirrorTargetConfig(_Model):
+    """`[mirror.NAME]`: a backup target. Credentials never go here: S3 uses the standard AWS chain."""
+
+    url: str = Field(min_length=1)
+    keep_superseded: int = Field(default=1, ge=0)
+    max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] = 0
+    endpoint_url: str = ""
+    region: str = ""
+    checksum: Literal["sha256", "off"] = "sha256"
+
+
+MirrorWhat = Literal["best", "latest", "milestones", "all"]
+
+
+def _best_and_latest() -> list[MirrorWhat]:
+    return ["best", "latest"]
+
+
+class WatchMirrorConfig(_Model):
+    """`[watch.mirror]`: which checkpoints of a watch go to which targets."""
+
+    to: list[str] = Field(min_length=1)
+    what: list[MirrorWhat] = Field(default_factory=_best_and_latest, min_length=1)
+
+
 class WatchConfig(_Model):
     """`[[watch]]`: one watched folder."""
 
@@ -121,6 +153,7 @@ class WatchConfig(_Model):
     poll_interval: Duration = 30.0
     metric: MetricConfig | None = None
     retention: RetentionConfig | None = None
+    mirror: WatchMirrorConfig | None = None
 
 
 class Config(_Model):
@@ -128,6 +161,7 @@ class Config(_Model):
 
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     watch: list[WatchConfig] = Field(min_length=1)
+    mirror: dict[str, MirrorTargetConfig] = Field(default_factory=dict)
     source: Path = Path("config.toml")
 
     def watch_named(self, name: str) -> WatchConfig | None:
@@ -148,6 +182,8 @@ def _location(loc: tuple[int | str, ...]) -> str:
 def _message(error: dict[str, Any]) -> str:
     where = _location(error["loc"])
     if error["type"] == "extra_forbidden":
+        if any(word in where.lower() for word in ("secret", "access_key", "password", "token")):
+            return f"at '{where}': credentials never go in the config file; use the AWS chain (env, profile, role)"
         return f"at '{where}': unknown key (remove it, or check its spelling)"
     if error["type"] == "missing":
         return f"at '{where}': required key is missing"
@@ -197,10 +233,16 @@ def _resolved(config: Config, base: Path) -> Config:
     def absolute(path: Path) -> Path:
         return path if path.is_absolute() else (base / path).resolve()
 
+    def target(settings: MirrorTargetConfig) -> MirrorTargetConfig:
+        if "://" in settings.url and not settings.url.startswith("file://"):
+            return settings
+        return settings.model_copy(update={"url": str(absolute(Path(settings.url.removeprefix("file://"))))})
+
     return config.model_copy(
         update={
             "daemon": config.daemon.model_copy(update={"state_dir": absolute(config.daemon.state_dir)}),
             "watch": [w.model_copy(update={"path": absolute(w.path)}) for w in config.watch],
+            "mirror": {name: target(m) for name, m in config.mirror.items()},
         }
     )
 

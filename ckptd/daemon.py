@@ -247,6 +247,12 @@ class Daemon:
         else:
             candidate = discover.candidate_for(change.path, watch.path, watch.patterns)
             if candidate is not None:
+                if change.kind == "created" and candidate.kind == "file" and str(candidate.path) in self.tracker:
+                    # Fix: a file in a new folder, written before the folder's watch was added, is found by
+                    # the new_folder scan (counted closed) and then reported again by watchdog as created,
+                    # with no close to follow. Treated as a write, that made it wait UNCLOSED_GRACE (30 s).
+                    # A real creation is followed by write and close events, which still apply.
+                    return
                 closed = change.kind == "complete" or watch.poll
                 self._track(watch, candidate, closed=_complete(candidate) if candidate.kind == "directory" else closed)
 
@@ -326,6 +332,12 @@ class Daemon:
                 self.log.error("verify failed", path=key, run=str(job.candidate.run), error=repr(exc))
                 continue
             self.crashes.pop(key, None)
+            if not job.candidate.path.exists():
+                # Fix: deleted after the worker finished but before this result was collected (Lightning's
+                # save_top_k removing it). Its "deleted" event may already have been handled, so recording
+                # now would write a sidecar beside nothing and bring the catalog row back to present.
+                self.log.info("checkpoint deleted before it was recorded", path=key, run=str(job.candidate.run))
+                continue
             self._record(watch, job.candidate, verification, engine, time.monotonic() - job.started)
 
     def _on_crash(self, watch: WatchConfig, job: _InFlight) -> None:

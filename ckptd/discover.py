@@ -9,9 +9,10 @@ outside the watched folder is ignored. Hidden folders (such as a `.ckptd` state 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,6 +67,12 @@ def directory_files(folder: Path) -> list[str]:
                 continue
             found.append(full.relative_to(folder).as_posix())
     return sorted(found)
+
+
+def directory_digest(files: Mapping[str, str]) -> str:
+    """The SHA-256 of a directory checkpoint: of `sha256sum`-style lines, one per file, sorted by name."""
+    lines = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def identity(path: Path) -> Identity:

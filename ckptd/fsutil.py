@@ -6,6 +6,7 @@ A reader, or a crash at any moment, sees either the old file or the new one, nev
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -42,3 +43,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             temp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The SHA-256 hex of a file, read in pieces (memory stays flat)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(chunk):
+            digest.update(piece)
+    return digest.hexdigest()

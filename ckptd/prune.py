@@ -174,10 +174,12 @@ def _quarantine(path: Path, watch: WatchConfig, state_dir: Path, decision: Decis
     if found is not None:
         note["problems"] = found.verification.problems
     atomic_write_bytes(target.with_name(target.name + ".quarantine.json"), json.dumps(note, indent=2).encode())
-    shutil.move(path, target)
+    # Fix: the sidecar goes first. Moved second, a kill (or a failed move) between the two left a sidecar
+    # beside nothing; this way round the worst case is a checkpoint without a sidecar, verified again.
     side = sidecar.sidecar_path(path)
     if side.exists():
         shutil.move(side, sidecar.sidecar_path(target))
+    shutil.move(path, target)
     return target
 
 

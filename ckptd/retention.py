@@ -153,7 +153,10 @@ def _plan_run(
         if entry.path in targets:
             why.append(f"target of link {targets[entry.path]}")
         action: Action = "keep"
-        if entry.status == "corrupt" and entry.verified and not (entry.pinned or entry.path in awaiting):
+        # Fix: a link's target is an invariant too (it was missing here, so a corrupt target was quarantined or
+        # deleted under its link); only a corrupt checkpoint no invariant holds follows on_corrupt.
+        held = entry.pinned or entry.path in awaiting or entry.path in targets
+        if entry.status == "corrupt" and entry.verified and not held:
             problem = f"corrupt, on_corrupt={policy.on_corrupt}"
             action = "keep" if policy.on_corrupt == "keep" else policy.on_corrupt
             why = [problem] if action != "keep" else [*why, problem]
@@ -173,9 +176,11 @@ def _enforce_max_size(
     total = sum(d.size for d in decisions if d.action == "keep")
     if total <= max_size:
         return decisions, []
+    # Fix: "oldest" is by mtime (then step, path). It was by step first, which across the runs of one watch
+    # deleted a new run's early checkpoints before an old run's late ones.
     deletable = sorted(
         (d for d in decisions if d.action == "keep" and not d.protected),
-        key=lambda d: selection.recency(by_path[d.path]),
+        key=lambda d: (by_path[d.path].mtime, selection.recency(by_path[d.path])),
     )
     chosen: dict[str, Decision] = {}
     for decision in deletable:
@@ -205,6 +210,7 @@ def _size(size: float) -> str:
 
 def _duration(seconds: float) -> str:
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length and seconds % length == 0:
+        # Fix: one day reads "24h" (the reason users expect for keep_within = "24h"), not "1d"; 2d and up stay days.
+        if seconds >= length and seconds % length == 0 and not (unit == "d" and seconds < 2 * length):
             return f"{seconds / length:.0f}{unit}"
     return f"{seconds:g}s"

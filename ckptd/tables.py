@@ -149,6 +149,14 @@ def print_status(report: dict[str, Any]) -> None:
             )
         if watch["runs"]:
             console.print(table)
+    for name, backlog in report.get("mirrors", {}).items():
+        line = (
+            f"\nmirror [bold]{name}[/]: {backlog['done']} copied, {backlog['pending']} waiting,"
+            f" {backlog['failed']} failing"
+        )
+        if backlog["last_error"]:
+            line += f"; last error: {backlog['last_error']}"
+        console.print(line, highlight=False)
 
 
 def print_prune(reports: Sequence[Any]) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from ckptd import formats
-from ckptd.discover import Identity, directory_files, identity
+from ckptd.discover import Identity, directory_digest, directory_files, identity
 from ckptd.formats import safetensors as st_format
 from ckptd.formats import torch_zip
 from ckptd.formats.buffers import Buffer
@@ -134,12 +134,6 @@ def _identities(path: Path) -> dict[str, Identity]:
     if path.is_dir():
         found |= {rel: identity(path / rel) for rel in directory_files(path)}
     return found
-
-
-def directory_digest(files: Mapping[str, str]) -> str:
-    """The SHA-256 of a directory checkpoint: of `sha256sum`-style lines, one per file, sorted by name."""
-    lines = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- the one read

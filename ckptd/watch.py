@@ -30,7 +30,24 @@ from watchdog.observers.polling import PollingObserver
 
 from ckptd import log
 
-ChangeKind = Literal["written", "complete", "deleted", "new_folder"]
+
+def _native_observer() -> Any:
+    """The platform's observer; on Linux one that reports a file renamed in from outside the watched folder
+    as a move, not as a bare creation.
+
+    Fix: watchdog's default inotify emitter turns an unmatched IN_MOVED_TO into FileCreatedEvent, which
+    reads as "written, wait for a close" -- a close that never comes for a rename, so such checkpoints
+    (every Lightning checkpoint: fsspec writes a temp file in $TMPDIR and moves it in) waited
+    UNCLOSED_GRACE (30 s) instead of settle_seconds. With full events it is FileMovedEvent("", dest).
+    """
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
+
+
+ChangeKind = Literal["created", "written", "complete", "deleted", "new_folder"]
 WATCH_LIMIT_SYSCTL = "fs.inotify.max_user_watches"
 
 
@@ -38,6 +55,7 @@ WATCH_LIMIT_SYSCTL = "fs.inotify.max_user_watches"
 class Change:
     """Something happened at `path` in the watch called `watch`.
 
+    created: a new file (or one that was there before its folder's watch), data may follow;
     written: data went in, more may follow; complete: closed after writing or renamed into place;
     deleted: gone (or renamed away); new_folder: a folder appeared, whose contents may predate its watch.
     """
@@ -57,16 +75,26 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileClosedEvent):
             self._put("complete", event.src_path)
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+        elif isinstance(event, FileCreatedEvent):
+            # Its own kind (it was "written"): watchdog also reports files that predate a new folder's watch
+            # as created, with no close to follow; the daemon must not let that undo a close it knows of.
+            self._put("created", event.src_path)
+        elif isinstance(event, FileModifiedEvent):
             self._put("written", event.src_path)
         elif isinstance(event, FileMovedEvent):
-            self._put("deleted", event.src_path)
-            self._put("complete", event.dest_path)
+            # With full events an unmatched move has an empty side: "" -> dest was renamed in from outside
+            # the watched folder (Lightning/fsspec write to a temp file in /tmp, then move it into place).
+            if event.src_path:
+                self._put("deleted", event.src_path)
+            if event.dest_path:
+                self._put("complete", event.dest_path)
         elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
             self._put("deleted", event.src_path)
         elif isinstance(event, DirMovedEvent):
-            self._put("deleted", event.src_path)
-            self._put("new_folder", event.dest_path)
+            if event.src_path:
+                self._put("deleted", event.src_path)
+            if event.dest_path:
+                self._put("new_folder", event.dest_path)
         elif isinstance(event, DirCreatedEvent):
             self._put("new_folder", event.src_path)
 
@@ -101,7 +129,7 @@ class FolderWatcher:
             self._observer = self._make(True)
 
     def _make(self, poll: bool) -> Any:
-        observer = PollingObserver(timeout=self.poll_interval) if poll else Observer()
+        observer = PollingObserver(timeout=self.poll_interval) if poll else _native_observer()
         observer.schedule(_Handler(self.watch, self._sink), str(self.path), recursive=True)
         observer.daemon = True
         observer.start()
