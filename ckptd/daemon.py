@@ -16,6 +16,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 from ckptd import discover, log, selection, sidecar
+from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate, Identity
@@ -45,6 +47,7 @@ TICK = 0.1  # seconds between looks at the settle tracker and the workers
 STATUS_EVERY = 2.0  # the status file is rewritten at most this often, and only after a change...
 STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes (and fsyncs) next to nothing
 MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
+MIRROR_EVERY = 5.0  # seconds between looks at the mirror queue when nothing wakes the mirror thread
 
 
 def _iso(timestamp: float) -> str:
@@ -54,6 +57,41 @@ def _iso(timestamp: float) -> str:
 def _complete(candidate: Candidate) -> bool:
     """Files found without an event count as closed (settling still applies); directories need their marker."""
     return candidate.kind != "directory" or discover.directory_complete(candidate.path)
+
+
+class MirrorService(threading.Thread):
+    """Copies queued checkpoints to the mirror targets on its own thread and catalog connection.
+
+    Copies can take minutes or fail for hours (the target down); none of that may delay verification.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(name="ckptd-mirror", daemon=True)
+        self.config = config
+        self.wake = threading.Event()
+        self._stop_event = threading.Event()
+        self._log = log.get("ckptd.mirror")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop after the copy in progress (not waited for beyond `timeout`: copies are atomic)."""
+        self._stop_event.set()
+        self.wake.set()
+        self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            targets = mirroring.targets_of(self.config)
+        except Exception as exc:
+            self._log.error("mirror targets unusable", error=str(exc))
+            return
+        with Catalog(self.config.daemon.state_dir) as catalog:
+            while not self._stop_event.is_set():
+                try:
+                    mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set)
+                except Exception:  # a bug here must not end mirroring for good
+                    self._log.exception("mirror pass failed")
+                self.wake.wait(MIRROR_EVERY)
+                self.wake.clear()
 
 
 @dataclass
@@ -93,6 +131,7 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.pool: VerifierPool | None = None
         self.scheduler = Scheduler()
+        self.mirror: MirrorService | None = None
 
     # -------------------------------------------------------------------------------------------- life cycle
 
@@ -111,6 +150,7 @@ class Daemon:
             self._reconcile_all("start-up")
             self._schedule_jobs()
             self.scheduler.start()
+            self._start_mirror()
             self.notifier.ready()
             self._publish()
             self.log.info("daemon ready", queued=len(self.tracker))
@@ -142,6 +182,8 @@ class Daemon:
         self.notifier.stopping()
         self.log.info("daemon stopping", abandoned=sorted(self.in_flight))
         self.scheduler.shutdown()
+        if self.mirror is not None:
+            self.mirror.stop()
         for watcher in self.watchers.values():
             watcher.stop()
         if self.pool is not None:
@@ -400,6 +442,7 @@ class Daemon:
             self.log.info("run latest changed", run=run, path=newest.path, step=newest.step)
         if top and top.path != before_best and watch.metric:
             self.log.info("run best changed", run=run, path=top.path, metric=watch.metric.name, value=value)
+        self._enqueue_mirror(watch, run)
 
     # -------------------------------------------------------------------------------------- reconciliation
 
@@ -449,9 +492,27 @@ class Daemon:
         self._start_watchers()
         self.scheduler.clear()
         self._schedule_jobs()
+        if self.mirror is not None:
+            self.mirror.stop()
+        self._start_mirror()
         self._reconcile_all("reload")
         self.log.info("config reloaded", config=str(self.config_path), watches=[w.name for w in fresh.watch])
         self.notifier.ready()
+
+    # ---------------------------------------------------------------------------------------------- mirror
+
+    def _start_mirror(self) -> None:
+        self.mirror = None
+        if any(w.mirror for w in self.config.watch):
+            self.mirror = MirrorService(self.config)
+            self.mirror.start()
+
+    def _enqueue_mirror(self, watch: WatchConfig, run: str) -> None:
+        assert self.catalog is not None
+        if watch.mirror is None:
+            return
+        if mirroring.enqueue_run(self.catalog, self.config, watch, run, now=time.time()) and self.mirror:
+            self.mirror.wake.set()
 
     # ------------------------------------------------------------------------------------------- retention
 

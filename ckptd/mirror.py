@@ -174,11 +174,17 @@ def _put_with_retries(target: Target, key: str, path: Path, sha256: str) -> None
 
 
 def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, dry_run: bool = False,
-                now: Callable[[], float] = time.time, due_only: bool = True) -> MirrorReport:  # fmt: skip
-    """Copy every queued checkpoint that is due, target by target; a failing target never stops the others."""
+                now: Callable[[], float] = time.time, due_only: bool = True,
+                stop: Callable[[], bool] = lambda: False) -> MirrorReport:  # fmt: skip
+    """Copy every queued checkpoint that is due, target by target; a failing target never stops the others.
+
+    `stop` is asked between copies, so a daemon shutting down does not start another one.
+    """
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
     for item in catalog.mirror_due(now() if due_only else None):
+        if stop():
+            break
         watch = config.watch_named(item["watch"])
         target = targets.get(item["target"])
         path = Path(item["path"])
