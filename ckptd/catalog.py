@@ -71,6 +71,13 @@ CREATE TABLE IF NOT EXISTS mirror_queue (
     done_at     REAL,
     PRIMARY KEY (target, path, sha256)
 );
+CREATE TABLE IF NOT EXISTS scrubs (
+    location    TEXT PRIMARY KEY,         -- "local:<path>" or "<target>:<key>"
+    sha256      TEXT,
+    scrubbed_at REAL NOT NULL,
+    result      TEXT NOT NULL,            -- ok, repaired, quarantined, mismatch, unreadable
+    detail      TEXT
+);
 CREATE TABLE IF NOT EXISTS runs (
     run         TEXT PRIMARY KEY,
     watch       TEXT NOT NULL,
@@ -282,6 +289,15 @@ class Catalog:
         )
         return {r["s"]: r["n"] for r in rows}
 
+    def rename(self, old: str, new: str) -> None:
+        """Follow a checkpoint's rename in every table (its row keeps its history and its pin)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM checkpoints WHERE path = ? AND gone_at IS NOT NULL", (new,))
+            self._db.execute("UPDATE checkpoints SET path = ? WHERE path = ?", (new, old))
+            self._db.execute("UPDATE runs SET latest = ? WHERE latest = ?", (new, old))
+            self._db.execute("UPDATE runs SET best = ? WHERE best = ?", (new, old))
+            self._db.execute("UPDATE OR IGNORE mirror_queue SET path = ? WHERE path = ?", (new, old))
+
     def set_pinned(self, path: str, pinned: bool) -> bool:
         """Pin or unpin a cataloged checkpoint; False when the catalog does not know it."""
         cursor = self._db.execute(
@@ -427,6 +443,45 @@ class Catalog:
             if backlog[row["target"]]["last_error"] is None:
                 backlog[row["target"]]["last_error"] = row["last_error"]
         return backlog
+
+    def scrub_order(self, watch: str) -> list[Row]:
+        """The ok checkpoints of a watch, least recently scrubbed first (never scrubbed before all others)."""
+        rows = self._db.execute(
+            "SELECT c.* FROM checkpoints c LEFT JOIN scrubs s ON s.location = 'local:' || c.path"
+            " WHERE c.watch = ? AND c.gone_at IS NULL AND c.status = 'ok' AND c.sha256 IS NOT NULL"
+            " ORDER BY COALESCE(s.scrubbed_at, 0), c.path",
+            (watch,),
+        )
+        return [_row(r) for r in rows]
+
+    def last_scrubbed(self, location: str) -> float:
+        """When a location was last scrubbed (0 if never)."""
+        found = self._db.execute("SELECT scrubbed_at FROM scrubs WHERE location = ?", (location,)).fetchone()
+        return float(found["scrubbed_at"]) if found else 0.0
+
+    def record_scrub(self, location: str, *, sha256: str | None, result: str, now: float, detail: str = "") -> None:
+        """Record a scrub's result for one location."""
+        self._db.execute(
+            "INSERT INTO scrubs (location, sha256, scrubbed_at, result, detail) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (location) DO UPDATE SET sha256 = excluded.sha256, scrubbed_at = excluded.scrubbed_at,"
+            " result = excluded.result, detail = excluded.detail",
+            (location, sha256, now, result, detail),
+        )
+
+    def scrub_problems(self) -> list[dict[str, Any]]:
+        """Locations whose last scrub found rot it could not repair, or that were quarantined or repaired."""
+        rows = self._db.execute("SELECT * FROM scrubs WHERE result != 'ok' ORDER BY scrubbed_at DESC")
+        return [dict(r) for r in rows]
+
+    def update_identity(self, path: str, *, mtime_ns: int, inode: int) -> None:
+        """Record a checkpoint's new inode after it was replaced by an identical, repaired copy."""
+        self._db.execute("UPDATE checkpoints SET mtime_ns = ?, inode = ? WHERE path = ?", (mtime_ns, inode, path))
+
+    def mark_corrupt(self, path: str, problem: str) -> None:
+        """Record that a verified checkpoint turned out corrupt (bit rot found by a scrub)."""
+        self._db.execute(
+            "UPDATE checkpoints SET status = 'corrupt', problems = ? WHERE path = ?", (json.dumps([problem]), path)
+        )
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""

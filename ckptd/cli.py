@@ -108,7 +108,9 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
         except CheckpointChanged as exc:
             busy.append(f"{exc.path}: changed while being verified (still being written?); try again")
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        from ckptd.sidecar import jsonable
+
+        click.echo(json.dumps([jsonable(r) for r in results], indent=2, allow_nan=False))
     else:
         from ckptd import tables
 
@@ -254,9 +256,11 @@ def list_(folder: Path, as_json: bool) -> int:
     """List the verified checkpoints under a run or a folder of runs, from their sidecars."""
     found = _entries(_existing_folder(folder))
     if as_json:
-        rows = [{**s.verification.to_dict(), "current": e.verified, "verified_at": s.verified_at,
+        from ckptd.sidecar import jsonable
+
+        rows = [{**jsonable(s.verification), "current": e.verified, "verified_at": s.verified_at,
                  "pinned": s.pinned} for s, e in found]  # fmt: skip
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
     else:
         from ckptd import tables
 
@@ -324,6 +328,7 @@ def status(config_file: Path | None, as_json: bool) -> int:
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
             }
+        report["scrub_problems"] = catalog.scrub_problems()
         report["mirrors"] = {name: catalog.mirror_backlog().get(name, {"pending": 0, "failed": 0, "done": 0,
                              "last_error": None}) for name in config.mirror}  # fmt: skip
     if as_json:
@@ -508,6 +513,129 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
         raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
     click.echo(str(restored))
     return ExitCode.OK
+
+
+@cli.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print every rename and deletion; change nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="Also list the names left as they are.")
+@click.option("--delete-old", is_flag=True, help="Also delete checkpoints below --keep-min-epoch.")
+@click.option("--keep-min-epoch", type=click.IntRange(min=0), help="With --delete-old: the first epoch to keep.")
+@config_option
+def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min_epoch: int | None,
+            config_file: Path | None) -> int:  # fmt: skip
+    """Rename checkpoints under ROOT to epoch-NN_step-SSSSSS<ext>; sidecars and the catalog follow."""
+    from ckptd import migrate as migration
+    from ckptd.catalog import Catalog
+    from ckptd.config import DEFAULT_PATTERNS
+
+    if delete_old and keep_min_epoch is None:
+        raise UsageError("--delete-old needs --keep-min-epoch N")
+    config = _load(config_file, required=False)
+    watch = _watch_of(config, root)
+    patterns = watch.patterns if watch else DEFAULT_PATTERNS
+    from ckptd import discover
+
+    paths = [c.path for c in discover.discover(root.absolute(), patterns) if c.kind != "link"]
+    entries = migration.sidecar_entries(paths)
+    result = migration.plan_renames(paths, migration.steps_from_sidecars(entries))
+    if delete_old:
+        assert keep_min_epoch is not None
+        metric = watch.metric if watch else None
+        doomed = migration.plan_deletions(
+            entries.values(), keep_min_epoch, metric.name if metric else None, metric.mode if metric else "min"
+        )
+        result.deletions = [(Path(p), why) for p, why in doomed]
+    doomed_paths = {path for path, _why in result.deletions}
+    result.renames = [(source, target) for source, target in result.renames if source not in doomed_paths]
+    catalog = Catalog(config.daemon.state_dir) if config is not None and not dry_run else None
+    failed = False
+    try:
+        for path, why in result.deletions:  # first, so that nothing is renamed only to be deleted
+            if not dry_run:
+                from ckptd.prune import delete_checkpoint
+
+                delete_checkpoint(path)
+                if catalog is not None:
+                    catalog.mark_gone(str(path), time.time())
+            click.echo(f"deleted: {path} ({why})")
+        for source, target in result.renames:
+            if not dry_run:
+                try:
+                    migration.apply_rename(source, target, catalog)
+                except OSError as exc:
+                    click.echo(f"failed: {source} -> {target.name}: {exc}", err=True)
+                    failed = True
+                    continue
+            click.echo(f"renamed: {source} -> {target.name}")
+    finally:
+        if catalog is not None:
+            catalog.close()
+    for sources, target in result.collisions:
+        click.echo(f"collision: {', '.join(p.name for p in sources)} -> {target.name} (left alone)")
+    for path, why in result.unparsable:
+        click.echo(f"unparsable: {path} ({why})")
+    if verbose:
+        for path in result.untouched:
+            click.echo(f"unchanged: {path}")
+    if dry_run:
+        click.echo("dry run: nothing was changed")
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "destination", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True)
+@click.option("--key", help="Where the weights are, when not model_state_dict, state_dict or model.")
+@click.option("--trust", multiple=True, metavar="MODULE.NAME", help="Admit a pickle global (repeatable).")
+def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust: tuple[str, ...]) -> int:
+    """Write CHECKPOINT's model weights (no optimizer state) as an inference-only file, and verify it."""
+    from ckptd import export as exporting
+    from ckptd import tables
+
+    try:
+        result = exporting.export(checkpoint, destination, fmt=fmt, key=key, trusted=list(trust))
+    except exporting.ExportError as exc:
+        raise NoAnswer(str(exc)) from exc
+    after = result.verification.size_bytes
+    click.echo(
+        f"exported {result.tensors} tensors to {destination}: {tables.human_bytes(result.source_bytes)} ->"
+        f" {tables.human_bytes(after)} ({after / max(result.source_bytes, 1):.0%}), sha256 {result.verification.sha256}"
+    )
+    return ExitCode.OK
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def scrub(config_file: Path | None, as_json: bool) -> int:
+    """Re-read every checkpoint and mirror copy at a limited rate; repair or quarantine what rotted."""
+    from ckptd import log
+    from ckptd import mirror as mirroring
+    from ckptd import scrub as scrubbing
+    from ckptd.catalog import Catalog
+
+    config = _load(config_file, required=True)
+    assert config is not None
+    log.configure(config.daemon.log_format, "warning")
+    with Catalog(config.daemon.state_dir) as catalog:
+        report = scrubbing.scrub(config, catalog, mirroring.targets_of(config))
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=2))
+    else:
+        click.echo(
+            f"scrubbed {report.checked}: {report.ok} ok, {len(report.repaired)} repaired,"
+            f" {len(report.quarantined)} quarantined, {len(report.mismatched)} bad and not repaired,"
+            f" {len(report.skipped)} skipped (changed since verified)"
+        )
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
+        for line in report.quarantined:
+            click.echo(f"quarantined: {line}")
+        for line in report.mismatched:
+            click.echo(f"bad: {line}", err=True)
+    return ExitCode.CHECK_FAILED if report.quarantined or report.mismatched else ExitCode.OK
 
 
 @cli.command(name="check-config")

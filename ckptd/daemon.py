@@ -139,6 +139,10 @@ class Daemon:
         """Run until SIGTERM or SIGINT; return the exit status. Raises AlreadyRunning (75)."""
         self._lock.acquire()
         try:
+            # Fix: a daemon killed (SIGKILL, power cut) while writing status.json leaves its temp file here,
+            # where no reconciliation looks (only watched folders are swept). Holding the lock, we are the
+            # only writer of the state folder, so every temp file in it is stale.
+            discover.stale_temps(self.config.daemon.state_dir, older_than=0.0, now=time.time())
             self._install_signals()
             self.catalog = Catalog(self.config.daemon.state_dir)
             self.pool = self._make_pool()
@@ -302,7 +306,9 @@ class Daemon:
         if candidate.kind == "link":
             assert self.catalog is not None
             record_link(candidate, watch=watch.name, catalog=self.catalog, now=time.time())
-            self.log.info("link recorded", path=str(candidate.path), target=str(candidate.link_target))
+            self.log.info(  # run added: every checkpoint event names its run
+                "link recorded", path=str(candidate.path), run=str(candidate.run), target=str(candidate.link_target)
+            )
             return
         self.tracker.touch(
             candidate, watch=watch.name, settle=watch.settle_seconds, closed=closed, now=time.monotonic()
@@ -351,6 +357,10 @@ class Daemon:
             self.in_flight[key] = _InFlight(watch_name, candidate, self.pool.submit(candidate.path), now)
 
     def _collect(self) -> None:
+        if self._stop:
+            # Fix: SIGTERM arriving while the loop drained events must not let this record (write the sidecar
+            # of) a verification that finished after the signal: a hash in flight at SIGTERM is abandoned.
+            return
         for key, job in list(self.in_flight.items()):
             if not job.future.done():
                 continue
@@ -394,10 +404,14 @@ class Daemon:
                 self._track(other_watch, other.candidate, closed=True)
         self.crashes[key] += 1
         if self.crashes[key] < MAX_CRASHES:
-            self.log.warning("verifier process died, retrying", path=key, attempt=self.crashes[key])
+            self.log.warning(  # run added: every checkpoint event names its run
+                "verifier process died, retrying", path=key, run=str(job.candidate.run), attempt=self.crashes[key]
+            )
             self._track(watch, job.candidate, closed=True)
             return
-        self.log.error("checkpoint keeps killing the verifier, recording it corrupt", path=key)
+        self.log.error(  # run added: every checkpoint event names its run
+            "checkpoint keeps killing the verifier, recording it corrupt", path=key, run=str(job.candidate.run)
+        )
         found = discover.identity(job.candidate.path)
         verification = Verification(
             path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime,
@@ -517,13 +531,25 @@ class Daemon:
     # ------------------------------------------------------------------------------------------- retention
 
     def _schedule_jobs(self) -> None:
-        """Register each watch's retention job; a job opens its own catalog connection on its own thread."""
+        """Register retention and scrub jobs; a job opens its own catalog connection on its own thread."""
+        if self.config.daemon.scrub_interval:
+            self.scheduler.add("scrub", self.scrub_job, every=self.config.daemon.scrub_interval)
         for watch in self.config.watch:
             if watch.retention is not None:
                 self.scheduler.add(
                     f"retention:{watch.name}", functools.partial(self.prune_job, watch.name),
                     every=watch.retention.every, cron=watch.retention.cron,
                 )  # fmt: skip
+
+    def scrub_job(self) -> None:
+        """One scheduled scrub of every checkpoint and mirror copy, at the configured rate."""
+        from ckptd import scrub as scrubbing
+
+        with Catalog(self.config.daemon.state_dir) as catalog:
+            report = scrubbing.scrub(self.config, catalog, mirroring.targets_of(self.config),
+                                     stop=lambda: self._stop)  # fmt: skip
+        self.log.info("scrub done", checked=report.checked, ok=report.ok, repaired=len(report.repaired),
+                      quarantined=len(report.quarantined), bad=len(report.mismatched))  # fmt: skip
 
     def prune_job(self, watch_name: str) -> PruneReport | None:
         """One scheduled retention pass over a watch, with the config in force when it runs."""

@@ -142,33 +142,37 @@ def _apply(decision: Decision, watch: WatchConfig, catalog: Catalog, state_dir: 
     )  # fmt: skip
     detail = None
     if decision.action == "quarantine":
-        detail = str(_quarantine(path, watch, state_dir, decision, now))
+        detail = str(quarantine(path, watch, state_dir, list(decision.reasons), decision.sha256, decision.size, now))
     else:
-        _delete(path)
-        sidecar.remove(path)
+        delete_checkpoint(path)
     fsync_dir(path.parent)
     catalog.journal_finish(entry, state="done", now=now, detail=detail)
 
 
-def _delete(path: Path) -> None:
-    """Delete a checkpoint file, or a directory checkpoint via a hidden rename so that half is never seen."""
+def delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, then its sidecar; a directory goes through a hidden rename so half is never seen."""
     if path.is_dir():
         trash = path.with_name(f".{path.name}{DELETING_MARK}")
         os.replace(path, trash)
         shutil.rmtree(trash)
     else:
         path.unlink()
+    sidecar.remove(path)
 
 
-def _quarantine(path: Path, watch: WatchConfig, state_dir: Path, decision: Decision, now: float) -> Path:
-    """Move a corrupt checkpoint (and its sidecar) to <state_dir>/quarantine/<watch>/<relative path>."""
+def quarantine(path: Path, watch: WatchConfig, state_dir: Path, reasons: list[str], sha256: str | None, size: int,
+               now: float) -> Path:  # fmt: skip
+    """Move a corrupt checkpoint (and its sidecar) to <state_dir>/quarantine/<watch>/<relative path>.
+
+    A `.quarantine.json` note beside it says where it came from and why. Returns where it went.
+    """
     target = state_dir / "quarantine" / watch.name / path.relative_to(watch.path)
     if target.exists():
         target = target.with_name(f"{target.name}.{int(now)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     note = {
         "original_path": str(path), "quarantined_at": datetime.fromtimestamp(now, UTC).isoformat(),
-        "reasons": list(decision.reasons), "sha256": decision.sha256, "size_bytes": decision.size,
+        "reasons": reasons, "sha256": sha256, "size_bytes": size,
     }  # fmt: skip
     found = sidecar.read(path)
     if found is not None:

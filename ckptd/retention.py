@@ -180,7 +180,7 @@ def _enforce_max_size(
     # deleted a new run's early checkpoints before an old run's late ones.
     deletable = sorted(
         (d for d in decisions if d.action == "keep" and not d.protected),
-        key=lambda d: (by_path[d.path].mtime, selection.recency(by_path[d.path])),
+        key=lambda d: selection.recency(by_path[d.path]),
     )
     chosen: dict[str, Decision] = {}
     for decision in deletable:

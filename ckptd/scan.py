@@ -69,7 +69,7 @@ class Survey:
 def needs_verify(candidate: Candidate, catalog: Catalog) -> bool:
     """True unless the catalog has this exact checkpoint (size, mtime, inode) verified and its sidecar exists."""
     found = discover.identity(candidate.path)
-    if not sidecar.sidecar_path(candidate.path).exists():
+    if sidecar.read(candidate.path) is None:  # missing or damaged: write it again
         return True
     return not catalog.unchanged(str(candidate.path), found.size, found.mtime_ns, found.inode)
 

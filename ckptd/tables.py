@@ -149,6 +149,10 @@ def print_status(report: dict[str, Any]) -> None:
             )
         if watch["runs"]:
             console.print(table)
+    for problem in report.get("scrub_problems", [])[:20]:
+        console.print(
+            f"[red]scrub[/] {problem['location']}: {problem['result']} {problem['detail'] or ''}", highlight=False
+        )
     for name, backlog in report.get("mirrors", {}).items():
         line = (
             f"\nmirror [bold]{name}[/]: {backlog['done']} copied, {backlog['pending']} waiting,"

@@ -702,3 +702,44 @@ def _merge_stats(parts: Sequence[TensorStats]) -> TensorStats:
         dtypes=dict(dtypes),
         nonfinite=sum(p.nonfinite for p in parts),
     )
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def load_checkpoint(path: Path, trusted: Sequence[str] = ()) -> Any:
+    """Load a checkpoint file for `ckptd export`, the same safe way `verify` loads it (weights_only, mmap).
+
+    safetensors files come back as {name: tensor}. Raises ValueError when it cannot be loaded safely.
+    """
+    size = path.stat().st_size
+    kind = formats.detect_file(_head(path), size)
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    findings = _Findings()
+    obj = _torch_load(path, trusted, findings, mmap_mode=kind == "torch_zip")
+    if obj is None:
+        raise ValueError("; ".join(findings.problems + findings.unsafe_globals) or f"{path}: cannot be loaded")
+    return obj
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(64)
+
+
+def save_weights(tensors: Mapping[str, Any], destination: Path, fmt: str, metadata: Mapping[str, str]) -> None:
+    """Write an inference-only file: safetensors with `metadata`, or a weights-only torch file.
+
+    The torch file holds {"state_dict": tensors, "metadata": metadata}, loadable with weights_only=True.
+    """
+    import torch
+
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(dict(tensors), str(destination), metadata=dict(metadata))
+    else:
+        torch.save({"state_dict": dict(tensors), "metadata": dict(metadata)}, destination)

@@ -8,8 +8,10 @@ processes run torch with one thread, and they are killed, not waited for, on shu
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -20,8 +22,30 @@ from ckptd.model import Verification
 Result = tuple[Verification, dict[str, str]]
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with_daemon() -> None:
+    """Have the kernel SIGKILL this worker when the daemon dies.
+
+    Fix: a daemon killed with SIGKILL (or by the OOM killer) outside systemd's cgroup clean-up left its
+    workers behind for good: each blocks on the call queue, whose write end it holds itself, so it never
+    sees EOF, and keeps torch and any mapped checkpoint in memory. Every restart added more.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: no prctl
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the daemon died before prctl took effect
+        os._exit(1)
+
+
 def _warm() -> None:
-    """Worker start-up: import torch once, and keep it to one thread so training keeps the cores."""
+    """Worker start-up: die with the daemon, import torch once, and keep it to one thread so training keeps
+    the cores."""
+    _die_with_daemon()
     import torch
 
     torch.set_num_threads(1)

@@ -1,0 +1,161 @@
+"""`ckptd migrate`: rename checkpoints from the naming schemes of old training scripts to one canonical scheme.
+
+Canonical: `epoch-NN_step-SSSSSS<ext>`. `parse_name` and `plan_renames` are pure; `migrate` applies a plan.
+Names it cannot parse are listed, never guessed; `last.*`, `best*` and canonical names are never touched;
+two files that would get the same name are both left alone and reported. Sidecars and catalog rows follow
+the rename. `--delete-old` removes checkpoints below an epoch through the retention invariants (never the
+latest, the best, a pinned one or the only one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd import retention, selection, sidecar
+from ckptd.catalog import Catalog
+from ckptd.fsutil import atomic_write_bytes, fsync_dir
+from ckptd.model import Entry
+
+CANONICAL = re.compile(r"^epoch-(\d+)_step-(\d+)(\.[A-Za-z0-9]+)$")
+_SCHEMES = [
+    re.compile(r"^epoch_epoch_(?P<epoch>\d+)_step_step_(?P<step>\d+)_(?P<stamp>[0-9T:._-]+)(?P<ext>\.[A-Za-z0-9]+)$"),
+    re.compile(r"^epoch_(?P<epoch>\d+)_step_(?P<step>\d+)(?P<ext>\.[A-Za-z0-9]+)$"),
+    re.compile(r"^epoch=(?P<epoch>\d+)-step=(?P<step>\d+)(?P<ext>\.[A-Za-z0-9]+)$"),
+    re.compile(r"^epoch_(?P<epoch>\d+)_checkpoint(?P<ext>\.[A-Za-z0-9]+)$"),
+]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a legacy name says: the epoch, the step (None when only the contents know it), the extension."""
+
+    epoch: int
+    step: int | None
+    ext: str
+
+
+def untouchable(name: str) -> bool:
+    """`last.*`, `best*` and names already canonical are never renamed."""
+    return name.startswith(("last.", "best")) or CANONICAL.match(name) is not None
+
+
+def parse_name(name: str) -> Parsed | None:
+    """Parse a legacy checkpoint name, or return None when no known scheme matches."""
+    for scheme in _SCHEMES:
+        match = scheme.match(name)
+        if match:
+            step = match.groupdict().get("step")
+            return Parsed(int(match["epoch"]), int(step) if step is not None else None, match["ext"])
+    return None
+
+
+def canonical(epoch: int, step: int, ext: str) -> str:
+    """The canonical name."""
+    return f"epoch-{epoch:02d}_step-{step:06d}{ext}"
+
+
+@dataclass
+class MigrationPlan:
+    """Renames to do, and what is left alone with why."""
+
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
+    collisions: list[tuple[list[Path], Path]] = field(default_factory=list)
+    unparsable: list[tuple[Path, str]] = field(default_factory=list)
+    untouched: list[Path] = field(default_factory=list)
+    deletions: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -> MigrationPlan:
+    """Plan the renames of checkpoints in their folders.
+
+    `step_of` gives the step from a checkpoint's contents, for names that carry none. A target name that
+    two sources would share, or that another file already has, leaves every source alone.
+    """
+    result = MigrationPlan()
+    wanted: dict[Path, list[Path]] = {}
+    existing = set()
+    for path in sorted(paths):
+        existing.add(path)
+        if untouchable(path.name):
+            result.untouched.append(path)
+            continue
+        parsed = parse_name(path.name)
+        if parsed is None:
+            result.unparsable.append((path, "no known naming scheme"))
+            continue
+        step = parsed.step if parsed.step is not None else step_of(path)
+        if step is None:
+            result.unparsable.append((path, "no step in its name or its contents"))
+            continue
+        wanted.setdefault(path.with_name(canonical(parsed.epoch, step, parsed.ext)), []).append(path)
+    for target, sources in sorted(wanted.items()):
+        if len(sources) > 1 or (target in existing and target not in sources) or target.exists():
+            result.collisions.append((sources, target))
+        else:
+            result.renames.append((sources[0], target))
+    return result
+
+
+def plan_deletions(entries: Iterable[Entry], min_epoch: int, metric: str | None, mode: selection.Mode) -> list[
+    tuple[str, str]
+]:  # fmt: skip
+    """Checkpoints below `min_epoch` that the retention invariants allow to delete, with the reason."""
+    policy = retention.Policy(keep_last=0, keep_best=1 if metric else 0, min_epoch=min_epoch, metric=metric,
+                              mode=mode, on_corrupt="keep")  # fmt: skip
+    by_path = {e.path: e for e in entries}
+    found = retention.plan(by_path.values(), policy, now=0.0)
+    return [
+        (d.path, f"epoch < {min_epoch}")
+        for d in found.decisions
+        if d.action == "delete" and (epoch := by_path[d.path].epoch) is not None and epoch < min_epoch
+    ]
+
+
+def apply_rename(source: Path, target: Path, catalog: Catalog | None) -> None:
+    """Rename a checkpoint without ever replacing a file, then its sidecar and its catalog row."""
+    if source.is_dir():
+        if target.exists():
+            raise FileExistsError(target)
+        source.rename(target)
+    else:
+        os.link(source, target)  # fails if the target exists: no checkpoint is ever overwritten
+        source.unlink()
+    old_sidecar = sidecar.sidecar_path(source)
+    if old_sidecar.exists():
+        body = json.loads(old_sidecar.read_bytes())
+        body["path"] = str(target)
+        atomic_write_bytes(sidecar.sidecar_path(target), (json.dumps(body, indent=2) + "\n").encode())
+        old_sidecar.unlink()
+    fsync_dir(target.parent)
+    if catalog is not None:
+        catalog.rename(str(source), str(target))
+
+
+def sidecar_entries(paths: Iterable[Path]) -> dict[str, Entry]:
+    """Entries of the checkpoints whose sidecar is current, for the retention invariants."""
+    found: dict[str, Entry] = {}
+    for path in paths:
+        parsed = sidecar.read(path)
+        if parsed is None:
+            continue
+        current = parsed.verification.mtime_ns == path.stat().st_mtime_ns or (
+            parsed.verification.mtime == path.stat().st_mtime_ns / 1e9
+        )
+        entry = Entry.of(parsed.verification, run=str(path.parent), pinned=parsed.pinned)
+        found[str(path)] = entry if current else Entry(**{**entry.__dict__, "verified": False})
+    return found
+
+
+def steps_from_sidecars(entries: Mapping[str, Entry]) -> Callable[[Path], int | None]:
+    """A `step_of` that reads the step recorded in a checkpoint's current sidecar."""
+
+    def step_of(path: Path) -> int | None:
+        entry = entries.get(str(path))
+        return entry.step if entry is not None and entry.verified else None
+
+    return step_of

@@ -1,0 +1,176 @@
+"""`ckptd scrub` and `[daemon] scrub_interval`: find bit rot, locally and on every mirror target.
+
+Each stored checkpoint is read again at a limited rate (`scrub_bandwidth`) and compared with the SHA-256 in
+its sidecar. A local mismatch is repaired from a good mirror copy when there is one (proved, then put in
+place with the checkpoint's recorded mtime), else quarantined. A mismatch on a target is repaired from the
+local checkpoint when that still matches. Progress is recorded per location in the catalog and the
+least recently scrubbed go first, so a scrub stopped by a restart resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd import discover, log, sidecar
+from ckptd import mirror as mirroring
+from ckptd.catalog import Catalog, Row
+from ckptd.config import Config, WatchConfig
+from ckptd.fsutil import fsync_dir, temp_path_for
+from ckptd.mirrors import MirrorError, NotFound, Target
+from ckptd.prune import quarantine
+from ckptd.throttle import Throttle
+
+_PIECE = 4 << 20
+
+
+@dataclass
+class ScrubReport:
+    """What one scrub found."""
+
+    checked: int = 0
+    ok: int = 0
+    repaired: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # found bad and not repaired (mirror copies)
+    skipped: list[str] = field(default_factory=list)
+
+
+def hash_throttled(path: Path, throttle: Throttle) -> str:
+    """SHA-256 of a file, or of a directory checkpoint (its digest), read at the throttle's rate."""
+    if path.is_dir():
+        files = {rel: hash_throttled(path / rel, throttle) for rel in discover.directory_files(path)}
+        return discover.directory_digest(files)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(_PIECE):
+            digest.update(piece)
+            throttle(len(piece))
+    return digest.hexdigest()
+
+
+def scrub(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, now: Callable[[], float] = time.time,
+          stop: Callable[[], bool] = lambda: False) -> ScrubReport:  # fmt: skip
+    """One full scrub: every ok checkpoint of every watch, then every copy on every target."""
+    throttle = Throttle(config.daemon.scrub_bandwidth)
+    report = ScrubReport()
+    for watch in config.watch:
+        for row in catalog.scrub_order(watch.name):
+            if stop():
+                return report
+            _scrub_local(row, watch, config, catalog, targets, throttle, report, now())
+    for target in targets.values():
+        copies = [(prefix, name, copy) for prefix, index in mirroring.indexes(target).items()
+                  for name, copy in index.get("copies", {}).items()]  # fmt: skip
+        copies.sort(key=lambda c: catalog.last_scrubbed(f"{target.name}:{c[0]}/{c[1]}"))  # resume: oldest first
+        for prefix, name, copy in copies:
+            if stop():
+                return report
+            _scrub_copy(target, prefix, name, copy, config, catalog, report, now())
+    return report
+
+
+def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog, targets: Mapping[str, Target],
+                 throttle: Throttle, report: ScrubReport, now: float) -> None:  # fmt: skip
+    logger = log.get("ckptd.scrub")
+    path = Path(row.path)
+    location = f"local:{row.path}"
+    try:
+        found = discover.identity(path)
+    except FileNotFoundError:
+        return
+    if (found.size, found.mtime_ns, found.inode) != (row.size, row.mtime_ns, row.inode):
+        report.skipped.append(row.path)  # rewritten since verified: the daemon verifies it again, not rot
+        return
+    report.checked += 1
+    actual = hash_throttled(path, throttle)
+    if discover.identity(path) != found:
+        report.skipped.append(row.path)
+        return
+    if actual == row.sha256:
+        report.ok += 1
+        catalog.record_scrub(location, sha256=actual, result="ok", now=now)
+        return
+    logger.error("checkpoint rotted on disk", path=row.path, run=row.run, expected=row.sha256, actual=actual)
+    source = _repair_from_mirror(path, row, watch, targets)
+    if source is not None:
+        repaired = discover.identity(path)
+        catalog.update_identity(row.path, mtime_ns=repaired.mtime_ns, inode=repaired.inode)
+        catalog.record_scrub(location, sha256=row.sha256, result="repaired", now=now, detail=f"from {source}")
+        report.repaired.append(row.path)
+        logger.info("checkpoint repaired from a mirror copy", path=row.path, run=row.run, target=source)
+        return
+    problem = f"bit rot: sha256 is {actual}, the sidecar says {row.sha256}"
+    catalog.mark_corrupt(row.path, problem)
+    moved = quarantine(path, watch, config.daemon.state_dir, [problem], row.sha256, row.size, now)
+    catalog.mark_gone(row.path, now)
+    catalog.record_scrub(location, sha256=actual, result="quarantined", now=now, detail=str(moved))
+    report.quarantined.append(row.path)
+    logger.error("rotted checkpoint quarantined, no good mirror copy", path=row.path, run=row.run, to=str(moved))
+
+
+def _repair_from_mirror(path: Path, row: Row, watch: WatchConfig, targets: Mapping[str, Target]) -> str | None:
+    """Replace a rotted file with a mirror copy proved to have the right SHA-256; return the target's name."""
+    if path.is_dir():
+        return None  # directory checkpoints are quarantined whole; their copies stay restorable
+    prefix = mirroring.run_key(watch, row.run)
+    for target in targets.values():
+        try:
+            index = json.loads(target.get_bytes(f"{prefix}/{mirroring.INDEX}"))
+            if index.get("copies", {}).get(path.name, {}).get("sha256") != row.sha256:
+                continue
+            temp = temp_path_for(path)
+            try:
+                target.get_file(f"{prefix}/{path.name}", temp)
+                if hash_throttled(temp, Throttle(0)) != row.sha256:
+                    continue
+                os.utime(temp, ns=(row.mtime_ns, row.mtime_ns))  # the same bytes, the same recorded mtime
+                temp.replace(path)
+                fsync_dir(path.parent)
+            finally:
+                temp.unlink(missing_ok=True)
+        except (MirrorError, ValueError, OSError):
+            continue
+        return target.name
+    return None
+
+
+def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, object], config: Config,
+                catalog: Catalog, report: ScrubReport, now: float) -> None:  # fmt: skip
+    logger = log.get("ckptd.scrub")
+    location = f"{target.name}:{prefix}/{name}"
+    try:
+        stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
+        keys = mirroring.copy_keys(target, prefix, name)
+        record = stored.verification
+        bad = [k for k in keys if target.sha256(k) != mirroring._expected(stored, prefix, name, k)] if keys else [name]
+    except (MirrorError, sidecar.SidecarError, NotFound) as exc:
+        catalog.record_scrub(location, sha256=None, result="unreadable", now=now, detail=str(exc))
+        report.mismatched.append(location)
+        logger.error("mirror copy unreadable", target=target.name, key=f"{prefix}/{name}", error=str(exc))
+        return
+    report.checked += 1
+    if not bad:
+        report.ok += 1
+        catalog.record_scrub(location, sha256=record.sha256, result="ok", now=now)
+        return
+    logger.error("mirror copy rotted", target=target.name, key=f"{prefix}/{name}", expected=record.sha256)
+    local = next((r for r in catalog.present() if r.sha256 == record.sha256 and r.status == "ok"), None)
+    found = sidecar.read(Path(local.path)) if local else None
+    if local is not None and found is not None and found.verification.sha256 == record.sha256:
+        try:
+            mirroring.copy_checkpoint(target, prefix, Path(local.path), found)
+        except MirrorError as exc:
+            logger.error("mirror copy repair failed", target=target.name, key=f"{prefix}/{name}", error=str(exc))
+        else:
+            catalog.record_scrub(location, sha256=record.sha256, result="repaired", now=now, detail=local.path)
+            report.repaired.append(location)
+            logger.info("mirror copy repaired", target=target.name, key=f"{prefix}/{name}", source=local.path)
+            return
+    catalog.record_scrub(location, sha256=None, result="mismatch", now=now, detail="no good copy to repair from")
+    report.mismatched.append(location)
