@@ -7,6 +7,7 @@ ConfigError, each naming the key and its value: `at 'watch[0].settle_seconds': .
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -193,8 +194,10 @@ def _message(error: dict[str, Any]) -> str:
     return f"at '{where}': {message[0].lower() + message[1:]}, got {error['input']!r}"
 
 
-def parse_config(text: str, source: Path) -> Config:
+def parse_config(text: str, source: Path, default_state_dir: Path | None = None) -> Config:
     """Parse config text; resolve relative paths against the folder of `source`.
+
+    `default_state_dir` is the state folder when the text sets none (systemd's $STATE_DIRECTORY).
 
     Returns the validated Config. Raises ConfigError listing every problem: TOML syntax, unknown keys,
     wrong types or values, duplicate watch names.
@@ -208,6 +211,8 @@ def parse_config(text: str, source: Path) -> Config:
         problems.append("at 'source': unknown key (remove it, or check its spelling)")
     config: Config | None = None
     try:
+        if default_state_dir is not None and isinstance(raw.get("daemon", {}), dict):
+            raw.setdefault("daemon", {}).setdefault("state_dir", str(default_state_dir))
         config = Config.model_validate({**raw, "source": source})
     except ValidationError as exc:
         problems += [_message(dict(e)) for e in exc.errors()]
@@ -260,7 +265,10 @@ def load_config(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(source), [f"cannot read the config file: {exc}"]) from exc
     try:
-        config = parse_config(text, source)
+        # Under systemd, StateDirectory= names the state folder in $STATE_DIRECTORY: the default when the
+        # config sets none (a state folder beside /etc/ckptd/config.toml would be read-only there).
+        state_env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        config = parse_config(text, source, Path(state_env) if state_env else None)
     except ConfigError as exc:
         raise ConfigError(str(source), exc.problems + _missing_folders_raw(text, source.parent)) from None
     problems = [

@@ -13,6 +13,8 @@ with backoff and never blocks verification; retention keeps a checkpoint while i
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from ckptd import log, selection, sidecar
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import directory_digest
-from ckptd.fsutil import sha256_file
+from ckptd.fsutil import fsync_dir, sha256_file, temp_path_for
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Target, make_target
 from ckptd.model import Entry
 
@@ -257,7 +259,9 @@ def _delete_copy(target: Target, prefix: str, name: str) -> None:
 def indexes(target: Target, run: str | None = None) -> dict[str, dict[str, Any]]:
     """Every run's index.json on a target (or the one under `run`), keyed by run folder."""
     found = {}
-    for key in target.list(run or ""):
+    # Fix: list under "<run>/", not the bare string "<run>": S3-style prefixes are plain string matches, so
+    # `ckptd ls TARGET runs/exp1` also showed runs/exp10's index.
+    for key in target.list(run.strip("/") + "/" if run else ""):
         if key.endswith(f"/{INDEX}") or key == INDEX:
             try:
                 found[key.removesuffix(INDEX).rstrip("/")] = json.loads(target.get_bytes(key))
@@ -318,21 +322,37 @@ def restore(target: Target, run: str, role: str, destination: Path) -> tuple[Pat
     stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
     if stored.verification.sha256 != chosen["sha256"]:
         raise IntegrityError(f"{target.name}:{prefix}/{name}: sidecar and index disagree on the sha256")
-    destination.mkdir(parents=True, exist_ok=True)
-    restored = destination / name
     keys = copy_keys(target, prefix, name)
     if not keys:
         raise NotFound(f"{target.name}:{prefix}/{name}: the index names it but the target does not hold it")
-    for key in keys:
-        local = destination / key.removeprefix(f"{prefix}/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        target.get_file(key, local)
-    record = stored.verification
-    if record.is_directory:
-        files = {p.relative_to(restored).as_posix(): sha256_file(p) for p in sorted(restored.rglob("*")) if p.is_file()}
-        actual = directory_digest(files)
-    else:
-        actual = sha256_file(restored)
-    if actual != record.sha256:
-        raise IntegrityError(f"{restored}: sha256 {actual} does not match the mirrored sidecar's {record.sha256}")
+    destination.mkdir(parents=True, exist_ok=True)
+    restored = destination / name
+    # Fix: download into a temp name beside the final one and move it into place only once its sha256 matches
+    # the mirrored sidecar. Downloading straight to `restored` left a corrupted copy behind after the
+    # IntegrityError (and could replace a good file already there with it).
+    staging = temp_path_for(restored)
+    try:
+        for key in keys:
+            local = staging if key == f"{prefix}/{name}" else staging / key.removeprefix(f"{prefix}/{name}/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            target.get_file(key, local)
+        record = stored.verification
+        if record.is_directory:
+            files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*"))
+                     if p.is_file()}  # fmt: skip
+            actual = directory_digest(files)
+        else:
+            actual = sha256_file(staging)
+        if actual != record.sha256:
+            raise IntegrityError(f"{restored}: sha256 {actual} does not match the mirrored sidecar's {record.sha256}")
+        try:
+            os.replace(staging, restored)
+        except OSError as exc:
+            raise MirrorError(f"{restored}: cannot move the restored copy into place: {exc}") from exc
+        fsync_dir(destination)
+    finally:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
     return restored, stored

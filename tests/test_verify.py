@@ -522,9 +522,7 @@ def _replace(path: Path) -> None:
 
 
 @pytest.mark.parametrize("change", [_rewrite_in_place, _append, _replace], ids=lambda c: c.__name__.strip("_"))
-def test_verify_file_changed_mid_hash_raises_checkpoint_changed(
-    tmp_path: Path, big_zip: Path, change: object
-) -> None:
+def test_verify_file_changed_mid_hash_raises_checkpoint_changed(tmp_path: Path, big_zip: Path, change: object) -> None:
     """A file rewritten, appended to or replaced while it is being hashed raises CheckpointChanged, not corrupt."""
     assert callable(change)
     path = tmp_path / "big.pt"

@@ -1,0 +1,178 @@
+"""The SQLite catalog, on a real database file in tmp_path."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptd.catalog import CATALOG_NAME, Catalog
+from ckptd.model import Verification
+
+MTIME_NS = 1_700_000_000_123_456_789
+
+
+def _verification(path: str, **changes: Any) -> Verification:
+    """A verification record of `path`, with fields overridden by `changes`."""
+    fields: dict[str, Any] = {
+        "path": path, "status": "ok", "format": "torch_zip", "size_bytes": 1000, "sha256": "a" * 64,
+        "mtime": MTIME_NS / 1e9, "inode": 42, "epoch": 1, "global_step": 100, "metrics": {"val_loss": 0.5},
+    }  # fmt: skip
+    return Verification(**(fields | changes))
+
+
+def _record(catalog: Catalog, path: str, *, now: float = 100.0, watch: str = "w", **changes: Any) -> None:
+    """record_verified with the usual identity (size 1000, MTIME_NS, inode 42) unless changed."""
+    mtime_ns = changes.pop("mtime_ns", MTIME_NS)
+    v = _verification(path, **changes)
+    catalog.record_verified(watch=watch, run=str(Path(path).parent), verification=v, mtime_ns=mtime_ns, now=now)
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    """A catalog in a fresh state folder."""
+    with Catalog(tmp_path / "state") as opened:
+        yield opened
+
+
+def test_catalog_creates_its_state_folder_and_uses_wal(tmp_path: Path) -> None:
+    """Opening creates the state folder and a database in WAL mode, as another connection sees it."""
+    with Catalog(tmp_path / "deep" / "state") as catalog:
+        assert catalog.path == tmp_path / "deep" / "state" / CATALOG_NAME
+        _record(catalog, "/r/a.pt")
+    other = sqlite3.connect(tmp_path / "deep" / "state" / CATALOG_NAME)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_a_reader_sees_committed_rows_while_the_catalog_is_open(tmp_path: Path) -> None:
+    """Rows are committed at once: a second connection reads them while the first stays open."""
+    with Catalog(tmp_path) as catalog:
+        _record(catalog, "/r/a.pt")
+        reader = sqlite3.connect(tmp_path / CATALOG_NAME)
+        try:
+            assert reader.execute("SELECT path, status FROM checkpoints").fetchall() == [("/r/a.pt", "ok")]
+        finally:
+            reader.close()
+
+
+def test_unchanged_is_true_only_for_identical_size_mtime_and_inode(catalog: Catalog) -> None:
+    """unchanged() holds for the exact recorded size, mtime_ns and inode, and for nothing else."""
+    _record(catalog, "/r/a.pt")
+    assert catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+    assert not catalog.unchanged("/r/a.pt", 1001, MTIME_NS, 42)
+    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS + 1, 42)
+    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 43)
+    assert not catalog.unchanged("/r/b.pt", 1000, MTIME_NS, 42)
+
+
+def test_record_verified_stores_the_record(catalog: Catalog) -> None:
+    """A verified row keeps kind, format, status, identity, hash, epoch, step, metrics and problems."""
+    _record(catalog, "/r/a.pt", status="corrupt", problems=["a.pt: truncated"], metrics={"l": 0.25, "n": math.inf})
+    _record(catalog, "/r/dcp", format="dcp", files={".metadata": "b" * 64})
+    row = catalog.get("/r/a.pt")
+    assert row is not None
+    assert (row.kind, row.format, row.status, row.size, row.mtime_ns, row.inode) == (
+        "file", "torch_zip", "corrupt", 1000, MTIME_NS, 42
+    )  # fmt: skip
+    assert (row.sha256, row.epoch, row.step, row.problems) == ("a" * 64, 1, 100, ["a.pt: truncated"])
+    assert row.metrics == {"l": 0.25, "n": math.inf}
+    assert row.mtime == MTIME_NS / 1e9
+    assert (row.watch, row.run, row.link_target, row.gone_at, row.pinned) == ("w", "/r", None, None, False)
+    directory = catalog.get("/r/dcp")
+    assert directory is not None and directory.kind == "directory"
+    assert catalog.get("/r/none.pt") is None
+
+
+def test_first_seen_is_kept_when_a_checkpoint_is_verified_again(catalog: Catalog) -> None:
+    """Re-verifying updates the row and verified_at but keeps first_seen."""
+    _record(catalog, "/r/a.pt", now=100.0)
+    _record(catalog, "/r/a.pt", now=250.0, size_bytes=2000, sha256="c" * 64, status="corrupt", mtime_ns=MTIME_NS + 7)
+    row = catalog.get("/r/a.pt")
+    assert row is not None
+    assert (row.first_seen, row.verified_at) == (100.0, 250.0)
+    assert (row.size, row.sha256, row.status, row.mtime_ns) == (2000, "c" * 64, "corrupt", MTIME_NS + 7)
+    assert catalog.unchanged("/r/a.pt", 2000, MTIME_NS + 7, 42)
+    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+
+
+def test_mark_gone_hides_the_row_from_present_but_keeps_its_history(catalog: Catalog) -> None:
+    """A checkpoint marked gone leaves present(), in_run() and unchanged(); get() still has it."""
+    _record(catalog, "/r/a.pt")
+    _record(catalog, "/r/b.pt")
+    catalog.mark_gone("/r/a.pt", 300.0)
+    assert [r.path for r in catalog.present()] == ["/r/b.pt"]
+    assert [r.path for r in catalog.in_run("/r")] == ["/r/b.pt"]
+    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+    row = catalog.get("/r/a.pt")
+    assert row is not None and row.gone_at == 300.0
+    catalog.mark_gone("/r/a.pt", 400.0)  # already gone: the first time is kept
+    again = catalog.get("/r/a.pt")
+    assert again is not None and again.gone_at == 300.0
+
+
+def test_a_gone_checkpoint_that_reappears_is_present_again(catalog: Catalog) -> None:
+    """Verifying a path marked gone clears gone_at and keeps its first_seen."""
+    _record(catalog, "/r/a.pt", now=100.0)
+    catalog.mark_gone("/r/a.pt", 200.0)
+    _record(catalog, "/r/a.pt", now=300.0)
+    row = catalog.get("/r/a.pt")
+    assert row is not None and (row.gone_at, row.first_seen) == (None, 100.0)
+    assert [r.path for r in catalog.present()] == ["/r/a.pt"]
+
+
+def test_present_filters_by_watch_and_by_folder(catalog: Catalog) -> None:
+    """present(under=F) holds F and what lies below it, not siblings sharing a name prefix; watch= filters."""
+    _record(catalog, "/data/run", watch="a", format="dcp", files={})
+    _record(catalog, "/data/run/x.pt", watch="a")
+    _record(catalog, "/data/run/sub/y.pt", watch="b")
+    _record(catalog, "/data/run2/z.pt", watch="a")
+    assert [r.path for r in catalog.present(under="/data/run")] == ["/data/run", "/data/run/sub/y.pt",
+                                                                    "/data/run/x.pt"]  # fmt: skip
+    assert [r.path for r in catalog.present(watch="a")] == ["/data/run", "/data/run/x.pt", "/data/run2/z.pt"]
+    assert [r.path for r in catalog.present(watch="b", under="/data")] == ["/data/run/sub/y.pt"]
+
+
+def test_record_link_stores_a_pointer_that_is_never_unchanged(catalog: Catalog) -> None:
+    """A link row has kind 'link', its target and no status, so it never counts as verified."""
+    catalog.record_link(
+        watch="w", run="/r", path="/r/last.pt", target="/r/a.pt", size=7, mtime_ns=MTIME_NS, inode=9, now=50.0
+    )
+    row = catalog.get("/r/last.pt")
+    assert row is not None
+    assert (row.kind, row.link_target, row.status, row.sha256) == ("link", "/r/a.pt", None, None)
+    assert (row.size, row.mtime_ns, row.inode, row.first_seen) == (7, MTIME_NS, 9, 50.0)
+    assert not catalog.unchanged("/r/last.pt", 7, MTIME_NS, 9)
+    assert [r.path for r in catalog.present()] == ["/r/last.pt"]
+
+    catalog.record_link(
+        watch="w", run="/r", path="/r/last.pt", target="/r/b.pt", size=7, mtime_ns=MTIME_NS + 1, inode=9, now=60.0
+    )
+    moved = catalog.get("/r/last.pt")
+    assert moved is not None and (moved.link_target, moved.first_seen, moved.verified_at) == ("/r/b.pt", 50.0, 60.0)
+
+
+def test_a_file_replaced_by_a_link_loses_its_verdict(catalog: Catalog) -> None:
+    """When a verified file's path becomes a link, the row turns into a link without status or hash."""
+    _record(catalog, "/r/last.pt")
+    catalog.record_link(
+        watch="w", run="/r", path="/r/last.pt", target="/r/a.pt", size=7, mtime_ns=MTIME_NS, inode=9, now=50.0
+    )
+    row = catalog.get("/r/last.pt")
+    assert row is not None and (row.kind, row.status, row.sha256, row.link_target) == ("link", None, None, "/r/a.pt")
+
+
+def test_rows_survive_reopening(tmp_path: Path) -> None:
+    """What one Catalog recorded, the next one opened on the same folder finds."""
+    with Catalog(tmp_path) as first:
+        _record(first, "/r/a.pt", now=100.0)
+    with Catalog(tmp_path) as second:
+        assert second.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+        row = second.get("/r/a.pt")
+        assert row is not None and row.first_seen == 100.0

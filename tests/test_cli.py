@@ -1,0 +1,381 @@
+"""The `ckptd` command line, run as a subprocess over real checkpoints in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import checkpoints
+import pytest
+
+from ckptd import __version__, sidecar
+from ckptd.verify import engine_versions, verify
+
+CKPTD = Path(sys.executable).parent / "ckptd"
+T0 = 1_700_000_000  # a fixed mtime base (seconds), so "newer" never depends on the clock
+REQUIRED_KEYS = {"path", "status", "format", "size_bytes", "sha256", "problems", "warnings", "unsafe_globals",
+                 "epoch", "global_step", "metrics", "tensors"}  # fmt: skip
+TENSOR_KEYS = {"count", "parameters", "bytes", "dtypes"}
+
+# Runs `ckptd.cli.main(argv)` and reports, when the process exits, whether torch was ever imported.
+NO_TORCH_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules))
+from ckptd.cli import main
+main(sys.argv[1:])
+"""
+
+
+def ckptd(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `ckptd` with args; return the finished process (stdout and stderr as text)."""
+    return subprocess.run([CKPTD, *map(str, args)], capture_output=True, text=True, timeout=240, cwd=cwd)
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as jq, JavaScript and Go do."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _touch(path: Path, seconds: float) -> None:
+    """Set the mtime of path to T0 + seconds."""
+    os.utime(path, ns=(T0 * 10**9, round((T0 + seconds) * 10**9)))
+
+
+def verified(checkpoint: Path, at: float | None = None) -> Path:
+    """Optionally set the checkpoint's mtime to T0 + at, then verify it for real and write its sidecar."""
+    if at is not None:
+        _touch(checkpoint, at)
+    data = sidecar.render(verify(checkpoint), verified_at=datetime.now(UTC), host="test-host",
+                          ckptd_version=__version__, engine=engine_versions())  # fmt: skip
+    sidecar.write(checkpoint, data)
+    return checkpoint
+
+
+def rewrite(checkpoint: Path) -> None:
+    """Rewrite a verified torch checkpoint in place (same size, new bytes, newer mtime): its sidecar is stale."""
+    before = checkpoint.stat().st_mtime_ns
+    checkpoints.torch_zip(checkpoint, global_step=999)
+    os.utime(checkpoint, ns=(before, before + 10**9))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A run folder with three verified ok checkpoints: steps 100, 200, 300 with val_loss 0.7, 0.4, 0.55."""
+    folder = tmp_path / "runs" / "exp1"
+    for step, loss in ((100, 0.7), (200, 0.4), (300, 0.55)):
+        path = folder / f"epoch={step // 100}-step={step}.pt"
+        checkpoints.torch_zip(path, epoch=step // 100, global_step=step, metrics={"val_loss": loss})
+        verified(path, at=step)
+    return folder
+
+
+def _scan_config(tmp_path: Path) -> Path:
+    """A config watching tmp_path/runs, with its state folder in tmp_path/state."""
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n\n[[watch]]\nname = "runs"\npath = "runs"\n')
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def test_verify_json_prints_every_required_key_and_exits_0_when_all_ok(tmp_path: Path) -> None:
+    """`verify --json` prints one object per path with the documented keys; exit 0 when every path is ok."""
+    zipped = checkpoints.torch_zip(tmp_path / "epoch=3-step=300.pt")
+    single = checkpoints.safetensors_file(tmp_path / "model.safetensors")
+    sharded = checkpoints.safetensors_sharded(tmp_path / "hf").parent
+    done = ckptd("verify", "--json", zipped, single, sharded)
+    assert done.returncode == 0, done.stderr
+    results = _strict_json(done.stdout)
+    assert [r["path"] for r in results] == [str(zipped), str(single), str(sharded)]
+    for result in results:
+        assert result.keys() >= REQUIRED_KEYS
+        assert result["tensors"].keys() >= TENSOR_KEYS
+        assert result["status"] == "ok" and result["problems"] == [] and len(result["sha256"]) == 64
+    first = results[0]
+    assert (first["format"], first["epoch"], first["global_step"], first["metrics"]) == (
+        "torch_zip", 3, 300, {"val_loss": 0.5}
+    )  # fmt: skip
+    assert first["size_bytes"] == zipped.stat().st_size
+    assert first["tensors"]["count"] > 0 and first["tensors"]["dtypes"]["float32"] > 0
+    assert [r["format"] for r in results[1:]] == ["safetensors", "safetensors_sharded"]
+
+
+def test_verify_exits_1_when_any_path_is_corrupt(tmp_path: Path) -> None:
+    """One corrupt checkpoint among ok ones makes `verify` exit 1 and report it corrupt with a problem."""
+    good = checkpoints.torch_zip(tmp_path / "good.pt")
+    bad = checkpoints.torch_zip(tmp_path / "bad.pt")
+    checkpoints.truncate(bad)
+    done = ckptd("verify", "--json", good, bad)
+    assert done.returncode == 1
+    results = {r["path"]: r for r in _strict_json(done.stdout)}
+    assert results[str(good)]["status"] == "ok"
+    assert results[str(bad)]["status"] == "corrupt" and results[str(bad)]["problems"]
+
+
+def test_verify_exits_2_for_a_missing_path(tmp_path: Path) -> None:
+    """A path that does not exist is a usage error: exit 2, the path named on stderr."""
+    done = ckptd("verify", "--json", tmp_path / "absent.pt")
+    assert done.returncode == 2
+    assert "absent.pt" in done.stderr and done.stdout == ""
+
+
+def test_verify_exits_2_for_an_unknown_option(tmp_path: Path) -> None:
+    """An unknown option is a usage error: exit 2."""
+    checkpoint = checkpoints.safetensors_file(tmp_path / "m.safetensors")
+    done = ckptd("verify", "--no-such-option", checkpoint)
+    assert done.returncode == 2
+    assert "--no-such-option" in done.stderr
+
+
+def test_verify_json_is_strict_json_when_a_metric_is_nan(tmp_path: Path) -> None:
+    """`verify --json` stays parseable by strict JSON parsers when a checkpoint's metric is NaN."""
+    diverged = checkpoints.torch_zip(tmp_path / "diverged.pt", metrics={"val_loss": float("nan")})
+    done = ckptd("verify", "--json", diverged)
+    assert done.returncode == 0, done.stderr
+    (result,) = _strict_json(done.stdout)
+    assert result["metrics"] == {"val_loss": "NaN"}
+
+
+# -------------------------------------------------------------------------------------------------- scan
+
+
+def test_scan_writes_sidecars_and_a_second_scan_hashes_nothing(tmp_path: Path) -> None:
+    """`scan PATH --config` verifies and writes a sidecar per checkpoint; scanning again finds all unchanged."""
+    config = _scan_config(tmp_path)
+    root = tmp_path / "runs"
+    made = [
+        checkpoints.torch_zip(root / "exp1" / "epoch=1-step=100.pt"),
+        checkpoints.torch_legacy(root / "exp1" / "legacy.pth"),
+        checkpoints.safetensors_file(root / "exp2" / "model.safetensors"),
+        checkpoints.safetensors_sharded(root / "exp2" / "hf").parent,
+    ]
+    first = ckptd("scan", root, "--config", config, "--json")
+    assert first.returncode == 0, first.stderr
+    summary = _strict_json(first.stdout)[str(root)]
+    assert summary["verified"] == {"ok": 4} and summary["unchanged"] == 0
+    written = {path: sidecar.sidecar_path(path).read_bytes() for path in made}
+    assert all(sidecar.parse(data).verification.status == "ok" for data in written.values())
+    assert (tmp_path / "state" / "catalog.sqlite3").is_file()
+
+    second = ckptd("scan", root, "--config", config, "--json")
+    assert second.returncode == 0, second.stderr
+    summary = _strict_json(second.stdout)[str(root)]
+    assert (summary["verified"], summary["unchanged"]) == ({}, 4)
+    assert {path: sidecar.sidecar_path(path).read_bytes() for path in made} == written  # nothing rewritten
+
+
+def test_scan_removes_the_sidecar_of_a_deleted_checkpoint(tmp_path: Path) -> None:
+    """A corrupt checkpoint makes `scan` exit 1; once it is deleted, the next scan removes its sidecar."""
+    config = _scan_config(tmp_path)
+    root = tmp_path / "runs"
+    good = checkpoints.safetensors_file(root / "exp1" / "good.safetensors")
+    bad = checkpoints.torch_zip(root / "exp1" / "bad.pt")
+    checkpoints.truncate(bad)
+    first = ckptd("scan", root, "--config", config, "--json")
+    assert first.returncode == 1
+    summary = _strict_json(first.stdout)[str(root)]
+    assert [item["path"] for item in summary["not_ok"]] == [str(bad)]
+    assert sidecar.sidecar_path(bad).is_file() and sidecar.sidecar_path(good).is_file()
+
+    bad.unlink()
+    second = ckptd("scan", root, "--config", config, "--json")
+    assert second.returncode == 0, second.stderr
+    summary = _strict_json(second.stdout)[str(root)]
+    assert summary["gone"] == [str(bad)]
+    assert summary["removed_sidecars"] == [str(sidecar.sidecar_path(bad))]
+    assert not sidecar.sidecar_path(bad).exists() and sidecar.sidecar_path(good).is_file()
+
+
+def test_scan_rewrites_a_damaged_sidecar_of_an_unchanged_checkpoint(tmp_path: Path) -> None:
+    """A sidecar that no longer parses is rewritten by the next scan, even though the checkpoint is unchanged."""
+    config = _scan_config(tmp_path)
+    root = tmp_path / "runs"
+    checkpoint = checkpoints.safetensors_file(root / "exp1" / "model.safetensors")
+    assert ckptd("scan", root, "--config", config).returncode == 0
+    sidecar.sidecar_path(checkpoint).write_text("{damaged")
+    assert ckptd("latest", root / "exp1").returncode == 1  # readers ignore it, so the checkpoint is invisible
+
+    done = ckptd("scan", root, "--config", config, "--json")
+    assert done.returncode == 0, done.stderr
+    assert _strict_json(done.stdout)[str(root)]["verified"] == {"ok": 1}
+    assert ckptd("latest", root / "exp1").stdout == f"{checkpoint}\n"
+
+
+# ------------------------------------------------------------------------------------------------ latest
+
+
+def test_latest_prints_the_ok_checkpoint_with_the_highest_step(run: Path) -> None:
+    """`latest RUN` prints the ok checkpoint with the highest step, even when another is modified later."""
+    _touch(run / "epoch=1-step=100.pt", 1000)
+    verified(run / "epoch=1-step=100.pt")
+    done = ckptd("latest", run)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{run / 'epoch=3-step=300.pt'}\n"
+
+
+def test_latest_breaks_equal_steps_by_mtime(run: Path) -> None:
+    """Among ok checkpoints of the same step, `latest` prints the most recently modified."""
+    last = checkpoints.torch_zip(run / "last.pt", epoch=3, global_step=300)
+    verified(last, at=301)
+    assert ckptd("latest", run).stdout == f"{last}\n"
+    verified(last, at=299)
+    assert ckptd("latest", run).stdout == f"{run / 'epoch=3-step=300.pt'}\n"
+
+
+def test_latest_skips_a_newer_corrupt_checkpoint(run: Path) -> None:
+    """A newer checkpoint whose sidecar says corrupt is never printed by `latest`."""
+    broken = checkpoints.torch_zip(run / "epoch=4-step=400.pt", epoch=4, global_step=400)
+    checkpoints.flip_tensor_byte(broken)
+    verified(broken, at=400)
+    assert sidecar.read(broken).verification.status == "corrupt"  # type: ignore[union-attr]
+    done = ckptd("latest", run)
+    assert done.returncode == 0 and done.stdout == f"{run / 'epoch=3-step=300.pt'}\n"
+
+
+def test_latest_skips_a_checkpoint_rewritten_since_its_sidecar(run: Path) -> None:
+    """A checkpoint whose size or mtime changed since it was verified is not trusted by `latest`."""
+    rewrite(run / "epoch=3-step=300.pt")
+    done = ckptd("latest", run)
+    assert done.returncode == 0 and done.stdout == f"{run / 'epoch=2-step=200.pt'}\n"
+
+
+def test_latest_exits_1_with_a_message_when_there_is_none(tmp_path: Path) -> None:
+    """With no ok, current checkpoint, `latest` prints nothing on stdout, a hint on stderr, and exits 1."""
+    folder = tmp_path / "run"
+    bad = checkpoints.torch_zip(folder / "bad.pt")
+    checkpoints.truncate(bad)
+    verified(bad)
+    checkpoints.torch_zip(folder / "unverified.pt")
+    done = ckptd("latest", folder)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "no verified ok checkpoint" in done.stderr and "ckptd scan" in done.stderr
+
+
+def test_latest_exits_2_for_a_missing_folder(tmp_path: Path) -> None:
+    """`latest` on a folder that does not exist is a usage error."""
+    done = ckptd("latest", tmp_path / "absent")
+    assert done.returncode == 2 and "not a folder" in done.stderr
+
+
+# -------------------------------------------------------------------------------------------------- best
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("min", "epoch=2-step=200.pt"), ("max", "epoch=1-step=100.pt")])
+def test_best_prints_the_best_ok_checkpoint_by_metric_and_mode(run: Path, mode: str, expected: str) -> None:
+    """`best RUN --metric val_loss --mode min|max` prints the checkpoint with the lowest/highest value."""
+    done = ckptd("best", run, "--metric", "val_loss", "--mode", mode)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{run / expected}\n"
+
+
+def test_best_defaults_to_min_and_skips_a_rewritten_checkpoint(run: Path) -> None:
+    """Without --mode, `best` minimises; a checkpoint changed since its sidecar never wins."""
+    assert ckptd("best", run, "--metric", "val_loss").stdout == f"{run / 'epoch=2-step=200.pt'}\n"
+    rewrite(run / "epoch=2-step=200.pt")
+    assert ckptd("best", run, "--metric", "val_loss").stdout == f"{run / 'epoch=3-step=300.pt'}\n"
+
+
+def test_best_exits_1_when_no_checkpoint_has_the_metric(run: Path) -> None:
+    """`best` with a metric no checkpoint logged exits 1 and names the metric."""
+    done = ckptd("best", run, "--metric", "accuracy")
+    assert done.returncode == 1 and done.stdout == "" and "'accuracy'" in done.stderr
+
+
+def test_best_exits_2_for_a_bad_mode(run: Path) -> None:
+    """An unknown --mode is a usage error."""
+    assert ckptd("best", run, "--metric", "val_loss", "--mode", "median").returncode == 2
+
+
+# ------------------------------------------------------------------------------------------- list and show
+
+
+def test_list_json_prints_every_sidecar_with_its_currency(run: Path) -> None:
+    """`list RUN --json` prints one object per sidecar: the record, current, verified_at and pinned."""
+    rewrite(run / "epoch=1-step=100.pt")
+    done = ckptd("list", run, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {Path(r["path"]).name: r for r in _strict_json(done.stdout)}
+    assert sorted(rows) == ["epoch=1-step=100.pt", "epoch=2-step=200.pt", "epoch=3-step=300.pt"]
+    for row in rows.values():
+        assert REQUIRED_KEYS | {"current", "verified_at", "pinned"} <= row.keys()
+        assert row["status"] == "ok" and row["pinned"] is False
+    assert {name: row["current"] for name, row in rows.items()} == {
+        "epoch=1-step=100.pt": False, "epoch=2-step=200.pt": True, "epoch=3-step=300.pt": True
+    }  # fmt: skip
+    assert rows["epoch=2-step=200.pt"]["metrics"] == {"val_loss": 0.4}
+
+
+def test_list_json_is_strict_json_when_a_metric_is_nan(run: Path) -> None:
+    """`list --json` stays parseable by strict JSON parsers when a sidecar holds a NaN metric."""
+    verified(checkpoints.torch_zip(run / "diverged.pt", metrics={"val_loss": float("nan")}), at=500)
+    done = ckptd("list", run, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {Path(r["path"]).name: r for r in _strict_json(done.stdout)}
+    assert rows["diverged.pt"]["metrics"] == {"val_loss": "NaN"}
+
+
+def test_list_without_sidecars_says_so(tmp_path: Path) -> None:
+    """`list` of a folder without sidecars exits 0 and says there is nothing verified; --json prints []."""
+    assert ckptd("list", tmp_path).returncode == 0
+    assert _strict_json(ckptd("list", tmp_path, "--json").stdout) == []
+
+
+def test_show_json_prints_the_sidecar_and_exits_0_for_an_ok_current_checkpoint(run: Path) -> None:
+    """`show CKPT --json` prints the sidecar file itself; exit 0 when ok and unchanged."""
+    checkpoint = run / "epoch=2-step=200.pt"
+    done = ckptd("show", checkpoint, "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == sidecar.sidecar_path(checkpoint).read_text()
+    assert _strict_json(done.stdout)["global_step"] == 200
+
+
+def test_show_exits_1_for_a_corrupt_or_changed_checkpoint(run: Path) -> None:
+    """`show` exits 1 when the sidecar says not ok, or when the checkpoint changed since."""
+    bad = checkpoints.torch_zip(run / "bad.pt")
+    checkpoints.truncate(bad)
+    verified(bad)
+    assert ckptd("show", bad).returncode == 1
+    rewrite(run / "epoch=2-step=200.pt")
+    changed = ckptd("show", run / "epoch=2-step=200.pt")
+    assert changed.returncode == 1 and "changed since" in changed.stdout
+
+
+def test_show_exits_1_for_a_checkpoint_without_sidecar(tmp_path: Path) -> None:
+    """`show` of a checkpoint never verified exits 1 and says how to verify it."""
+    checkpoint = checkpoints.safetensors_file(tmp_path / "m.safetensors")
+    done = ckptd("show", checkpoint)
+    assert done.returncode == 1 and "not verified yet" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ never torch
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["latest", "{run}"],
+        ["best", "{run}", "--metric", "val_loss"],
+        ["list", "{run}"],
+        ["list", "{run}", "--json"],
+        ["show", "{run}/epoch=2-step=200.pt"],
+        ["show", "{run}/epoch=2-step=200.pt", "--json"],
+    ],
+)
+def test_read_only_commands_never_import_torch(run: Path, argv: list[str]) -> None:
+    """latest, best, list and show answer from sidecars without ever importing torch."""
+    args = [a.format(run=run) for a in argv]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "torch imported: False"

@@ -1,0 +1,225 @@
+"""config.toml: parsing, path resolution, durations, and every problem reported at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptd.config import DEFAULT_PATTERNS, load_config, parse_config, parse_duration
+from ckptd.errors import ConfigError, ExitCode
+
+CKPTD = Path(sys.executable).parent / "ckptd"
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write dedented TOML at path (creating its folder); return path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _problems(path: Path) -> list[str]:
+    """The problems load_config reports for the file at path."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.exit_code == ExitCode.CONFIG
+    return caught.value.problems
+
+
+BAD = """\
+    [daemon]
+    state_dir = "state"
+    workers = "many"
+    colour = "blue"
+
+    [[watch]]
+    name = "a"
+    path = "runs/a"
+    settle_seconds = "slow"
+    poll_interval = "5x"
+
+    [[watch]]
+    name = "a"
+    path = "runs/missing"
+    """
+
+# (key path, a piece of the message: the bad value or what is wrong)
+BAD_EXPECTED = [
+    ("daemon.workers", "'many'"),
+    ("daemon.colour", "unknown key"),
+    ("watch[0].settle_seconds", "'slow'"),
+    ("watch[0].poll_interval", "'5x'"),
+    ("watch[1].name", "'a'"),
+    ("watch[1].path", "runs/missing does not exist"),
+]
+
+
+def test_valid_config_parses_with_paths_resolved_against_its_folder(tmp_path: Path) -> None:
+    """Relative paths are resolved against the config file's folder; absolute ones are kept; durations parse."""
+    (tmp_path / "runs" / "exp").mkdir(parents=True)
+    (tmp_path / "abs").mkdir()
+    config_file = _write(
+        tmp_path / "etc" / "config.toml",
+        f"""\
+        [daemon]
+        state_dir = "state"
+        log_format = "json"
+        trusted_globals = ["numpy.dtype"]
+        workers = 4
+        rescan_interval = "10m"
+
+        [[watch]]
+        name = "exp"
+        path = "../runs/exp"
+        settle_seconds = 0.5
+        poll = true
+        poll_interval = "30s"
+        metric = {{ name = "val_loss", mode = "max" }}
+
+        [[watch]]
+        name = "abs.1"
+        path = "{tmp_path / "abs"}"
+        patterns = ["*.pt"]
+        """,
+    )
+    config = load_config(config_file)
+    assert config.source == config_file
+    assert config.daemon.state_dir == tmp_path / "etc" / "state"
+    assert (config.daemon.log_format, config.daemon.workers, config.daemon.rescan_interval) == ("json", 4, 600.0)
+    assert config.daemon.trusted_globals == ["numpy.dtype"]
+    exp, absolute = config.watch
+    assert exp.path == tmp_path / "runs" / "exp"
+    assert (exp.settle_seconds, exp.poll, exp.poll_interval, exp.patterns) == (0.5, True, 30.0, DEFAULT_PATTERNS)
+    assert exp.metric is not None and (exp.metric.name, exp.metric.mode) == ("val_loss", "max")
+    assert absolute.path == tmp_path / "abs" and absolute.patterns == ["*.pt"] and absolute.metric is None
+    assert config.watch_named("abs.1") is absolute and config.watch_named("nope") is None
+
+
+def test_defaults_fill_a_minimal_config(tmp_path: Path) -> None:
+    """A config with one watch gets the documented defaults, the state folder beside the config file."""
+    (tmp_path / "runs").mkdir()
+    config = load_config(_write(tmp_path / "config.toml", '[[watch]]\nname = "r"\npath = "runs"\n'))
+    assert config.daemon.state_dir == tmp_path / ".ckptd"
+    assert (config.daemon.workers, config.daemon.rescan_interval, config.daemon.log_level) == (1, 600.0, "info")
+    assert (config.watch[0].settle_seconds, config.watch[0].poll, config.watch[0].poll_interval) == (2.0, False, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30s", 30.0), ("10m", 600.0), ("24h", 86400.0), (5, 5.0), (2.5, 2.5), ("45", 45.0), ("500ms", 0.5),
+     ("10min", 600.0), ("1.5h", 5400.0), ("7d", 604800.0), ("2w", 1209600.0), (" 3 s ", 3.0), (0, 0.0)],
+)  # fmt: skip
+def test_durations_parse(value: Any, seconds: float) -> None:
+    """Durations are numbers of seconds or strings with a unit: ms, s, m/min, h, d, w."""
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5x", "-5s", -1, True, "", "s", "1e3s", "10 minutes"])
+def test_bad_durations_are_refused(value: Any) -> None:
+    """Anything else, negatives and booleans included, raises ValueError."""
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_bad_config_lists_every_problem_at_once(tmp_path: Path) -> None:
+    """Unknown key, wrong type, bad duration, missing folder and duplicate name come in one ConfigError."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    problems = _problems(_write(tmp_path / "config.toml", BAD))
+    assert len(problems) == len(BAD_EXPECTED), problems
+    for key, detail in BAD_EXPECTED:
+        assert any(p.startswith(f"at '{key}': ") and detail in p for p in problems), (key, problems)
+
+
+def test_duplicate_watch_names_are_reported_alone(tmp_path: Path) -> None:
+    """A config valid but for a reused watch name names the second watch and the name."""
+    (tmp_path / "runs").mkdir()
+    text = '[[watch]]\nname = "x"\npath = "runs"\n\n[[watch]]\nname = "x"\npath = "runs"\n'
+    assert _problems(_write(tmp_path / "config.toml", text)) == [
+        "at 'watch[1].name': the name 'x' is used by an earlier watch; names must be unique"
+    ]
+
+
+def test_missing_watched_folder_is_reported_with_its_path(tmp_path: Path) -> None:
+    """A watched folder that does not exist is a config problem naming the absolute folder."""
+    problems = _problems(_write(tmp_path / "config.toml", '[[watch]]\nname = "x"\npath = "nowhere"\n'))
+    assert problems == [f"at 'watch[0].path': folder {tmp_path / 'nowhere'} does not exist; create it or fix the path"]
+
+
+def test_parse_config_is_pure_and_does_not_check_folders(tmp_path: Path) -> None:
+    """parse_config validates the text only; a missing folder is load_config's concern."""
+    config = parse_config('[[watch]]\nname = "x"\npath = "nowhere"\n', tmp_path / "config.toml")
+    assert config.watch[0].path == tmp_path / "nowhere"
+
+
+def test_a_config_without_watches_is_refused(tmp_path: Path) -> None:
+    """At least one [[watch]] is required."""
+    assert _problems(_write(tmp_path / "config.toml", "[daemon]\nworkers = 2\n")) == [
+        "at 'watch': required key is missing"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        ('[[watch]]\nname = "bad name"\npath = "r"\n', "watch[0].name", "'bad name'"),
+        ('[[watch]]\nname = "r"\npath = "r"\npatterns = []\n', "watch[0].patterns", "[]"),
+        ('[[watch]]\nname = "r"\npath = "r"\nsettle_seconds = -1\n', "watch[0].settle_seconds", "-1"),
+        ('[[watch]]\nname = "r"\npath = "r"\nmetric = { name = "l", mode = "median" }\n', "watch[0].metric.mode",
+         "'median'"),
+        ('[daemon]\nrescan_interval = "soon"\n[[watch]]\nname = "r"\npath = "r"\n', "daemon.rescan_interval",
+         "'soon'"),
+        ('[daemon]\nlog_level = "loud"\n[[watch]]\nname = "r"\npath = "r"\n', "daemon.log_level", "'loud'"),
+        ('[daemon]\ntrusted_globals = ["os"]\n[[watch]]\nname = "r"\npath = "r"\n', "daemon.trusted_globals[0]",
+         "'os'"),
+        ('source = "elsewhere.toml"\n[[watch]]\nname = "r"\npath = "r"\n', "source", "unknown key"),
+    ],
+)  # fmt: skip
+def test_each_bad_value_names_its_key_and_value(tmp_path: Path, text: str, key: str, detail: str) -> None:
+    """Each invalid value is reported at its key path, quoting the value."""
+    (tmp_path / "r").mkdir()
+    problems = _problems(_write(tmp_path / "config.toml", text))
+    assert len(problems) == 1 and problems[0].startswith(f"at '{key}': ") and detail in problems[0], problems
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    """TOML that does not parse is one problem naming the line."""
+    problems = _problems(_write(tmp_path / "config.toml", '[[watch]\nname = "x"\n'))
+    assert len(problems) == 1 and problems[0].startswith("not valid TOML: ") and "line 1" in problems[0]
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """A config file that does not exist gives ConfigError, not a traceback."""
+    problems = _problems(tmp_path / "absent.toml")
+    assert len(problems) == 1 and problems[0].startswith("cannot read the config file")
+
+
+def test_config_error_message_lists_every_problem() -> None:
+    """ConfigError's message names the file, the count and one line per problem."""
+    error = ConfigError("/etc/ckptd/config.toml", ["at 'a': x", "at 'b': y"])
+    assert str(error) == "/etc/ckptd/config.toml: 2 problems in the config:\n  - at 'a': x\n  - at 'b': y"
+
+
+def test_check_config_exits_78_with_every_problem_on_stderr(tmp_path: Path) -> None:
+    """`ckptd check-config BAD` exits 78 and prints every problem on stderr, nothing on stdout."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    config_file = _write(tmp_path / "config.toml", BAD)
+    done = subprocess.run([CKPTD, "check-config", config_file], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78
+    assert done.stdout == ""
+    assert f"{len(BAD_EXPECTED)} problems" in done.stderr
+    for key, detail in BAD_EXPECTED:
+        assert any(f"at '{key}': " in line and detail in line for line in done.stderr.splitlines()), key
+
+
+def test_check_config_exits_0_and_prints_ok(tmp_path: Path) -> None:
+    """`ckptd check-config GOOD` exits 0 and says ok."""
+    (tmp_path / "runs").mkdir()
+    config_file = _write(tmp_path / "config.toml", '[[watch]]\nname = "r"\npath = "runs"\n')
+    done = subprocess.run([CKPTD, "check-config", config_file], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{config_file}: ok")
