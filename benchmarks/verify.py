@@ -13,9 +13,11 @@ warm-up round:
 
 Each run's wall time is measured from start to exit, and a sampling thread reads RssAnon and RssFile from
 /proc/<pid>/status for the process and all its descendants every ~5 ms. The table reports the median wall
-time, its ratio to the floor's median measured in the same run, the peak anonymous memory (the target) and
-the peak total resident memory (anonymous + file-backed pages, which include mmap'd checkpoint pages that
-live in the page cache anyway).
+time and its ratio to the floor's median measured in the same run, the median CPU time (user + system, from
+getrusage of the waited-for children) and its ratio, the highest peak anonymous memory over the runs (the
+target) and the highest peak total resident memory (anonymous + file-backed pages, which include mmap'd
+checkpoint pages that live in the page cache anyway). The load average before and after each size is printed
+too: on a shared machine it says how much the other tenants took.
 
 The parent process never imports torch: the checkpoint is created in a subprocess too.
 """
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -181,8 +184,14 @@ class Sampler:
 @dataclass
 class Run:
     seconds: float
+    cpu_seconds: float
     peak_anon_mb: float
     peak_total_mb: float
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def commands(path: Path) -> dict[str, list[str]]:
@@ -194,12 +203,14 @@ def commands(path: Path) -> dict[str, list[str]]:
 
 
 def run_once(name: str, argv: list[str]) -> Run:
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = Sampler(proc.pid)
     sampler.start()
     out, err = proc.communicate()
     seconds = time.perf_counter() - started
+    cpu_seconds = _children_cpu() - cpu_before
     sampler.stop()
     if name == "ckptd":
         try:
@@ -210,7 +221,7 @@ def run_once(name: str, argv: list[str]) -> Run:
             raise SystemExit(f"ckptd verify did not report ok (rc={proc.returncode}, {statuses}):\n{err}")
     elif proc.returncode != 0:
         raise SystemExit(f"{name} failed (rc={proc.returncode}):\n{err}")
-    return Run(seconds, sampler.peak_anon_kib * 1024 / 1e6, sampler.peak_total_kib * 1024 / 1e6)
+    return Run(seconds, cpu_seconds, sampler.peak_anon_kib * 1024 / 1e6, sampler.peak_total_kib * 1024 / 1e6)
 
 
 def bench(path: Path, repeats: int) -> dict[str, list[Run]]:
@@ -226,8 +237,8 @@ def bench(path: Path, repeats: int) -> dict[str, list[Run]]:
             r = run_once(name, cmds[name])
             runs[name].append(r)
             print(
-                f"  [{i + 1}/{repeats}] {name:5s} {r.seconds:6.2f} s  anon {r.peak_anon_mb:7.0f} MB"
-                f"  rss {r.peak_total_mb:7.0f} MB",
+                f"  [{i + 1}/{repeats}] {name:5s} {r.seconds:6.2f} s  cpu {r.cpu_seconds:6.2f} s"
+                f"  anon {r.peak_anon_mb:7.0f} MB  rss {r.peak_total_mb:7.0f} MB",
                 flush=True,
             )
     return runs
@@ -249,20 +260,31 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
-def table(size_label: str, size_bytes: int, runs: dict[str, list[Run]]) -> str:
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def table(size_label: str, size_bytes: int, runs: dict[str, list[Run]], load: str) -> str:
     floor = statistics.median(r.seconds for r in runs["floor"])
+    floor_cpu = statistics.median(r.cpu_seconds for r in runs["floor"])
     lines = [
         f"Checkpoint: {size_label} ({size_bytes / (1 << 30):.2f} GiB, {size_bytes:,} bytes), "
-        f"{len(runs['floor'])} timed runs each",
+        f"{len(runs['floor'])} timed runs each; load average (1, 5, 15 min) {load}",
         "",
-        "| command | median s | min–max s | × floor | peak anon MB (max) | peak RSS MB (max) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| command | median wall s | min–max s | × floor | median CPU s | × floor | peak anon MB | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rs in runs.items():
         secs = [r.seconds for r in rs]
         med = statistics.median(secs)
+        cpu = statistics.median(r.cpu_seconds for r in rs)
         lines.append(
             f"| {name} | {med:.2f} | {min(secs):.2f}–{max(secs):.2f} | {med / floor:.2f} | "
+            f"{cpu:.2f} | {cpu / floor_cpu:.2f} | "
             f"{max(r.peak_anon_mb for r in rs):.0f} | {max(r.peak_total_mb for r in rs):.0f} |"
         )
     ckptd_med = statistics.median(r.seconds for r in runs["ckptd"])
@@ -295,8 +317,10 @@ def main() -> int:
     reports = []
     for size in sizes:
         path = ensure_checkpoint(size)
+        load_before = loadavg()
         runs = bench(path, args.repeats)
-        reports.append(table(f"{size:g} GiB target", path.stat().st_size, runs))
+        load = f"{load_before} before, {loadavg()} after"
+        reports.append(table(f"{size:g} GiB target", path.stat().st_size, runs, load))
 
     print()
     print(f"Machine: {machine()}")
