@@ -56,14 +56,23 @@ def _config_path(option: Path | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
 
 
-def _load(option: Path | None, *, required: bool) -> Config | None:
-    from ckptd.config import load_config
+def _load(option: Path | None, *, required: bool, folders: bool = True) -> Config | None:
+    """The config, or None. folders=False skips the check that watched folders exist: `ls` and `restore` must
+    work on a fresh machine that has only config.toml."""
+    from ckptd.config import load_config, parse_config
 
     path = _config_path(option)
     if path is None:
         if required:
             raise UsageError("no config file: pass --config FILE (or set CKPTD_CONFIG, or add ./config.toml)")
         return None
+    if not folders:
+        source = path.absolute()
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(source), [f"cannot read the config file: {exc}"]) from exc
+        return parse_config(text, source)
     return load_config(path)
 
 
@@ -464,7 +473,7 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
     """What a mirror TARGET holds (optionally for one RUN, as <watch>/<run>), from its index files."""
     from ckptd import mirror as mirroring
 
-    config = _load(config_file, required=True)
+    config = _load(config_file, required=True, folders=False)
     assert config is not None
     found = mirroring.indexes(_target(config, target), run)
     if as_json:
@@ -501,7 +510,7 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
 
     if role is None:
         raise UsageError("say which checkpoint: --best or --latest")
-    config = _load(config_file, required=True)
+    config = _load(config_file, required=True, folders=False)
     assert config is not None
     try:
         restored, _stored = mirroring.restore(_target(config, target), run, role, destination.absolute())
@@ -536,14 +545,29 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
     patterns = watch.patterns if watch else DEFAULT_PATTERNS
     from ckptd import discover
 
-    paths = [c.path for c in discover.discover(root.absolute(), patterns) if c.kind != "link"]
+    found = list(discover.discover(root.absolute(), patterns))
+    paths = [c.path for c in found if c.kind != "link"]
     entries = migration.sidecar_entries(paths)
-    result = migration.plan_renames(paths, migration.steps_from_sidecars(entries))
+    trusted = config.daemon.trusted_globals if config else []
+
+    def verifier(path: Path) -> Verification:  # torch is imported only when a name has no step
+        from ckptd.verify import verify as engine_verify
+
+        return engine_verify(path, trusted=trusted)
+
+    # Fix: a name without a step and without a current sidecar has its step read from its contents.
+    result = migration.plan_renames(paths, migration.steps_from_sidecars(entries, verifier))
     if delete_old:
         assert keep_min_epoch is not None
         metric = watch.metric if watch else None
+        # Fix: the target of a link (last.ckpt -> epoch_...) is a retention invariant; it was deleted here.
+        links = {str(c.link_target): str(c.path) for c in found if c.kind == "link" and c.link_target is not None}
         doomed = migration.plan_deletions(
-            entries.values(), keep_min_epoch, metric.name if metric else None, metric.mode if metric else "min"
+            entries.values(),
+            keep_min_epoch,
+            metric.name if metric else None,
+            metric.mode if metric else "min",
+            links,
         )
         result.deletions = [(Path(p), why) for p, why in doomed]
     doomed_paths = {path for path, _why in result.deletions}

@@ -98,7 +98,9 @@ def export(source: Path, destination: Path, *, fmt: str = "safetensors", key: st
     checked = engine.verify(source, trusted=trusted or [])
     if checked.status != "ok":
         raise ExportError(f"{source} is {checked.status}: {'; '.join(checked.problems or checked.unsafe_globals)}")
-    weights = untie(find_weights(engine.load_checkpoint(source, trusted or []), key))
+    weights = find_weights(engine.load_checkpoint(source, trusted or []), key)
+    if fmt == "safetensors":
+        weights = untie(weights)  # safetensors refuses shared storage; torch.save keeps ties as they are
     metadata = {
         "ckptd_source_sha256": str(checked.sha256), "ckptd_source": source.name, "ckptd_version": __version__,
         "epoch": "" if checked.epoch is None else str(checked.epoch),

@@ -19,7 +19,7 @@ from pathlib import Path
 from ckptd import retention, selection, sidecar
 from ckptd.catalog import Catalog
 from ckptd.fsutil import atomic_write_bytes, fsync_dir
-from ckptd.model import Entry
+from ckptd.model import CheckpointChanged, Entry, Verification
 
 CANONICAL = re.compile(r"^epoch-(\d+)_step-(\d+)(\.[A-Za-z0-9]+)$")
 _SCHEMES = [
@@ -101,18 +101,25 @@ def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -
     return result
 
 
-def plan_deletions(entries: Iterable[Entry], min_epoch: int, metric: str | None, mode: selection.Mode) -> list[
-    tuple[str, str]
-]:  # fmt: skip
-    """Checkpoints below `min_epoch` that the retention invariants allow to delete, with the reason."""
+def plan_deletions(entries: Iterable[Entry], min_epoch: int, metric: str | None, mode: selection.Mode,
+                   link_targets: Mapping[str, str] | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """Checkpoints below `min_epoch` that the retention invariants allow to delete, with the reason.
+
+    `link_targets` ({target: link}) are kept, as retention keeps them: deleting one would leave a dangling link.
+    """
     policy = retention.Policy(keep_last=0, keep_best=1 if metric else 0, min_epoch=min_epoch, metric=metric,
                               mode=mode, on_corrupt="keep")  # fmt: skip
     by_path = {e.path: e for e in entries}
-    found = retention.plan(by_path.values(), policy, now=0.0)
+    found = retention.plan(by_path.values(), policy, now=0.0, link_targets=link_targets)
+    # Fix: a `last.*` or `best*` file is the run's latest or best by name. Without a configured metric the
+    # planner knew no best, so `best.ckpt` below min_epoch was deleted; names migrate never touches stay.
     return [
         (d.path, f"epoch < {min_epoch}")
         for d in found.decisions
-        if d.action == "delete" and (epoch := by_path[d.path].epoch) is not None and epoch < min_epoch
+        if d.action == "delete"
+        and (epoch := by_path[d.path].epoch) is not None
+        and epoch < min_epoch
+        and not Path(d.path).name.startswith(("last.", "best"))
     ]
 
 
@@ -151,11 +158,25 @@ def sidecar_entries(paths: Iterable[Path]) -> dict[str, Entry]:
     return found
 
 
-def steps_from_sidecars(entries: Mapping[str, Entry]) -> Callable[[Path], int | None]:
-    """A `step_of` that reads the step recorded in a checkpoint's current sidecar."""
+def steps_from_sidecars(entries: Mapping[str, Entry], verifier: Callable[[Path], Verification] | None = None
+                        ) -> Callable[[Path], int | None]:  # fmt: skip
+    """A `step_of` that reads the step recorded in a checkpoint's current sidecar.
+
+    Without a current sidecar, `verifier` (ckptd.verify.verify) reads the step from the checkpoint itself.
+    """
 
     def step_of(path: Path) -> int | None:
         entry = entries.get(str(path))
-        return entry.step if entry is not None and entry.verified else None
+        if entry is not None and entry.verified:
+            return entry.step
+        # Fix: the step comes from the checkpoint's contents. A folder never scanned (no sidecar) had every
+        # `epoch_NNN_checkpoint.pt` listed as "no step in its contents" without its contents being read.
+        if verifier is None:
+            return None
+        try:
+            found = verifier(path)
+        except (CheckpointChanged, OSError):
+            return None
+        return found.global_step if found.status == "ok" else None
 
     return step_of

@@ -290,6 +290,8 @@ def verify_target(config: Config, catalog: Catalog, target: Target, *, repair: b
             report.failed.append(f"{target.name}:{prefix}/{name}")
             logger.error("mirror copy does not match its sidecar", target=target.name, key=f"{prefix}/{name}")
             row = local.get(copy.get("sha256"))
+            if row is not None and Path(row.path).name != name:
+                row = None  # renamed since (ckptd migrate): uploading it would not replace this copy
             if repair and row is not None and stored is not None:
                 found = sidecar.read(Path(row.path))
                 if found is not None and found.verification.sha256 == copy.get("sha256"):

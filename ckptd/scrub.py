@@ -71,7 +71,7 @@ def scrub(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, no
         for prefix, name, copy in copies:
             if stop():
                 return report
-            _scrub_copy(target, prefix, name, copy, config, catalog, report, now())
+            _scrub_copy(target, prefix, name, copy, config, catalog, report, now(), throttle)
     return report
 
 
@@ -141,14 +141,15 @@ def _repair_from_mirror(path: Path, row: Row, watch: WatchConfig, targets: Mappi
 
 
 def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, object], config: Config,
-                catalog: Catalog, report: ScrubReport, now: float) -> None:  # fmt: skip
+                catalog: Catalog, report: ScrubReport, now: float, throttle: Throttle) -> None:  # fmt: skip
     logger = log.get("ckptd.scrub")
     location = f"{target.name}:{prefix}/{name}"
     try:
         stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
         keys = mirroring.copy_keys(target, prefix, name)
         record = stored.verification
-        bad = [k for k in keys if target.sha256(k) != mirroring._expected(stored, prefix, name, k)] if keys else [name]
+        bad = [k for k in keys if _read_back(target, k, throttle) != mirroring._expected(stored, prefix, name, k)]
+        bad = bad if keys else [name]
     except (MirrorError, sidecar.SidecarError, NotFound) as exc:
         catalog.record_scrub(location, sha256=None, result="unreadable", now=now, detail=str(exc))
         report.mismatched.append(location)
@@ -160,7 +161,10 @@ def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, objec
         catalog.record_scrub(location, sha256=record.sha256, result="ok", now=now)
         return
     logger.error("mirror copy rotted", target=target.name, key=f"{prefix}/{name}", expected=record.sha256)
-    local = next((r for r in catalog.present() if r.sha256 == record.sha256 and r.status == "ok"), None)
+    # Fix: only a local checkpoint of the copy's own name repairs it: copy_checkpoint writes under the local
+    # name, so one renamed since (ckptd migrate) left the bad copy in place and was reported "repaired".
+    local = next((r for r in catalog.present() if r.sha256 == record.sha256 and r.status == "ok"
+                  and Path(r.path).name == name), None)  # fmt: skip
     found = sidecar.read(Path(local.path)) if local else None
     if local is not None and found is not None and found.verification.sha256 == record.sha256:
         try:
@@ -174,3 +178,15 @@ def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, objec
             return
     catalog.record_scrub(location, sha256=None, result="mismatch", now=now, detail="no good copy to repair from")
     report.mismatched.append(location)
+
+
+def _read_back(target: Target, key: str, throttle: Throttle) -> str:
+    """The SHA-256 of a copy on a target, its bytes counted against `scrub_bandwidth`.
+
+    Fix: mirror copies were read at full speed (only the target's own max_bandwidth applied); the bytes are
+    charged to the scrub's throttle after each read, so the average rate stays within scrub_bandwidth.
+    """
+    digest = target.sha256(key)
+    found = target.stat(key)
+    throttle(found.size if found is not None else 0)
+    return digest
