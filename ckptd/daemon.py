@@ -474,6 +474,11 @@ class Daemon:
             self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=str(exc))
             return
         for candidate in found.to_verify:
+            key = str(candidate.path)
+            if key in self.in_flight or key in self.tracker:
+                # Fix: already on its way. Tracked again, a checkpoint being hashed when a rescan came was
+                # hashed a second time once that finished (a change meanwhile still raises CheckpointChanged).
+                continue
             self._track(watch, candidate, closed=_complete(candidate))
         for run in {str(Path(p).parent) for p in found.gone}:
             self._update_run(watch, run)
