@@ -364,7 +364,11 @@ class Catalog:
 
     def awaiting_mirror(self, watch: str) -> frozenset[str]:
         """Paths of a watch that a mirror rule still has to copy (kept by retention until copied)."""
-        rows = self._db.execute("SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state != 'done'", (watch,))
+        # Fix: only pending and failed copies are still to be made. `state != 'done'` also counted dropped
+        # rows (superseded before they were copied, or gone), so retention kept those checkpoints forever.
+        rows = self._db.execute(
+            "SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state IN ('pending', 'failed')", (watch,)
+        )
         return frozenset(r["path"] for r in rows)
 
     def sync_mirror_queue(
@@ -424,9 +428,11 @@ class Catalog:
 
     def mirror_retry(self, item: dict[str, Any], *, error: str, next_try: float) -> None:
         """Record a failed copy; it is tried again at `next_try`."""
+        # Fix: a copy dropped while it was being made (its checkpoint superseded or deleted meanwhile) stays
+        # dropped; this brought it back as failed, shown in `ckptd status` and kept by retention until retried.
         self._db.execute(
             "UPDATE mirror_queue SET state = 'failed', attempts = attempts + 1, last_error = ?, next_try = ?"
-            " WHERE target = ? AND path = ? AND sha256 = ?",
+            " WHERE target = ? AND path = ? AND sha256 = ? AND state != 'dropped'",
             (error, next_try, item["target"], item["path"], item["sha256"]),
         )
 

@@ -154,14 +154,22 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
     Raises IntegrityError (a copy did not match, or the local file changed) or MirrorError.
     """
     record = found.verification
-    for name, path in _files_of(checkpoint):
+    # Fix: read the sidecar before the upload, and a missing one is a failed copy: read after it, a sidecar
+    # removed meanwhile (the checkpoint deleted by save_top_k) raised FileNotFoundError out of mirror_pass and
+    # left the uploaded checkpoint on the target without sidecar or index entry.
+    try:
+        sidecar_data = sidecar.sidecar_path(checkpoint).read_bytes()
+        files = _files_of(checkpoint)
+    except OSError as exc:
+        raise MirrorError(f"{checkpoint}: {exc}") from exc
+    if not files:  # a directory checkpoint removed meanwhile: never a sidecar without its checkpoint
+        raise MirrorError(f"{checkpoint}: no files to copy (deleted?)")
+    for name, path in files:
         expected = record.sha256 if not record.is_directory else (record.files or {}).get(name.split("/", 1)[1])
         if expected is None:
             raise IntegrityError(f"{path}: not in its sidecar; it changed since it was verified")
         _put_with_retries(target, f"{key_prefix}/{name}", path, expected)
-    target.put_bytes(
-        f"{key_prefix}/{checkpoint.name}{sidecar.SIDECAR_SUFFIX}", sidecar.sidecar_path(checkpoint).read_bytes()
-    )
+    target.put_bytes(f"{key_prefix}/{checkpoint.name}{sidecar.SIDECAR_SUFFIX}", sidecar_data)
 
 
 @retry(
@@ -295,7 +303,15 @@ def verify_target(config: Config, catalog: Catalog, target: Target, *, repair: b
             if repair and row is not None and stored is not None:
                 found = sidecar.read(Path(row.path))
                 if found is not None and found.verification.sha256 == copy.get("sha256"):
-                    copy_checkpoint(target, prefix, Path(row.path), found)
+                    # Fix: a repair that fails (the local file deleted by hand under its sidecar, the target
+                    # going down) is reported as not repaired; it raised out of verify_target and ended
+                    # `ckptd mirror --verify` with a traceback before the other copies were checked.
+                    try:
+                        copy_checkpoint(target, prefix, Path(row.path), found)
+                    except (MirrorError, OSError) as exc:
+                        logger.error("mirror copy repair failed", target=target.name, key=f"{prefix}/{name}",
+                                     source=row.path, error=str(exc))  # fmt: skip
+                        continue
                     report.repaired.append(f"{target.name}:{prefix}/{name}")
                     logger.info("mirror copy repaired", target=target.name, key=f"{prefix}/{name}", source=row.path)
     return report

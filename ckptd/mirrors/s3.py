@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -95,7 +96,10 @@ class S3Target:
 
     def put_file(self, key: str, source: Path, *, sha256: str, progress: Progress | None = None) -> None:
         """Upload, then prove the object against `sha256` (see the protocol in ckptd.mirrors)."""
-        size = source.stat().st_size
+        try:  # Fix: a checkpoint deleted before its copy (save_top_k) fails the copy; FileNotFoundError escaped
+            size = source.stat().st_size
+        except OSError as exc:
+            raise MirrorError(f"{self.name}:{key}: {exc}") from exc
         multipart = size >= self.transfer.multipart_threshold
         parts: list[bytes] = []
         whole = hashlib.sha256()
@@ -113,7 +117,10 @@ class S3Target:
             self.client.upload_file(
                 str(source), self.bucket, self._key(key), ExtraArgs=extra, Config=self.transfer, Callback=callback
             )
-        except (BotoCoreError, ClientError, OSError) as exc:
+        # Fix: upload_file wraps the store's refusals (wrong credentials, no such bucket, access denied) in
+        # boto3's S3UploadFailedError, which is no ClientError: it escaped mirror_pass, so the copy was never
+        # marked failed (no backoff, no last_error in `ckptd status`) and `ckptd mirror` crashed.
+        except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise self._fail(key, exc) from exc
         finally:
             if hasher.is_alive():
@@ -176,7 +183,7 @@ class S3Target:
                 os.fsync(handle.fileno())
             os.replace(temp, destination)
             fsync_dir(destination.parent)
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:  # Fix: download_file may raise boto3's own errors too
             raise self._fail(key, exc) from exc
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc

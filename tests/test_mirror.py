@@ -1,0 +1,632 @@
+"""Mirroring: the pure planning (roles_for, render_index), then mirror passes over a real catalog of real,
+verified checkpoints into a local folder and into S3 (moto's server), and the `mirror`, `ls`, `restore` and
+`status` commands.
+
+The watched folder `runs` holds two runs: `exp1` (val_loss 0.7, 0.4, 0.55 at steps 100, 200, 300: best is
+step 200, latest step 300) and the nested `exp10/seed0` (one checkpoint; its name also shares a prefix with
+exp1, which `ls` must not confuse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import checkpoints
+import pytest
+
+from ckptd import sidecar
+from ckptd.catalog import Catalog
+from ckptd.cli import main
+from ckptd.config import Config, load_config
+from ckptd.mirror import enqueue_run, mirror_pass, render_index, roles_for, targets_of
+from ckptd.mirrors import Target
+from ckptd.model import Entry
+from ckptd.prune import prune_watch
+from ckptd.scan import reconcile
+from ckptd.verify import engine_versions, verify
+
+if TYPE_CHECKING:
+    from mirror_fixtures import Bucket, MotoS3
+
+pytest_plugins = ["mirror_fixtures"]  # moto's S3 server (session), a fresh bucket per test
+
+CKPTD = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "ckptd")
+EXP1 = {100: 0.7, 200: 0.4, 300: 0.55}  # step -> val_loss
+
+
+# ------------------------------------------------------------------------------------------ pure planning
+
+
+def _entry(step: int, loss: float | None = None, status: str | None = "ok", verified: bool = True) -> Entry:
+    return Entry(
+        path=f"/r/step={step}.pt", run="/r", status=status, size=1, mtime=float(step), sha256=f"{step:064d}",
+        epoch=step // 100, step=step, metrics={} if loss is None else {"val_loss": loss}, verified=verified,
+    )  # fmt: skip
+
+
+def test_roles_for_names_the_best_and_latest_ok_checkpoints() -> None:
+    """best and latest come from the usable (verified, ok) entries only; one checkpoint can hold both roles."""
+    entries = [_entry(100, 0.7), _entry(200, 0.4), _entry(300, 0.55), _entry(400, 0.1, status="corrupt"),
+               _entry(500, 0.05, verified=False)]  # fmt: skip
+    assert roles_for(entries, ["best", "latest"], "val_loss", "min") == {
+        "/r/step=300.pt": ["latest"], "/r/step=200.pt": ["best"],
+    }  # fmt: skip
+    assert roles_for(entries, ["best", "latest"], "val_loss", "max") == {"/r/step=300.pt": ["latest"],
+                                                                         "/r/step=100.pt": ["best"]}  # fmt: skip
+    only = [_entry(100, 0.7)]
+    assert roles_for(only, ["best", "latest"], "val_loss", "min") == {"/r/step=100.pt": ["latest", "best"]}
+
+
+def test_roles_for_without_a_metric_copies_latest_only_and_knows_milestones_and_all() -> None:
+    """No metric means no best; milestones follow keep_every epochs; "all" takes every usable checkpoint."""
+    entries = [_entry(100), _entry(200), _entry(300), _entry(400, status="corrupt")]
+    assert roles_for(entries, ["best", "latest"], None, "min") == {"/r/step=300.pt": ["latest"]}
+    assert roles_for(entries, ["milestones"], None, "min", milestone_every=2) == {"/r/step=200.pt": ["milestone"]}
+    assert roles_for(entries, ["milestones"], None, "min", milestone_every=0) == {}
+    assert sorted(roles_for(entries, ["all"], None, "min")) == ["/r/step=100.pt", "/r/step=200.pt", "/r/step=300.pt"]
+    assert roles_for([], ["best", "latest", "all"], "val_loss", "min") == {}
+
+
+def _copy(name: str) -> dict[str, Any]:
+    return {"name": name, "sha256": hashlib.sha256(name.encode()).hexdigest(), "step": 1, "metrics": {}}
+
+
+def test_render_index_names_best_and_latest_and_records_each_copy() -> None:
+    """The first copy of a run becomes both best and latest; the index carries its sha256 and the run."""
+    index, doomed = render_index(None, run="runs/exp1", copy=_copy("a.pt"), roles=["best", "latest"],
+                                 keep_superseded=1, now=0.0)  # fmt: skip
+    assert doomed == []
+    assert index["run"] == "runs/exp1" and index["schema_version"] == 1
+    assert index["best"]["name"] == index["latest"]["name"] == "a.pt"
+    assert index["best"]["sha256"] == _copy("a.pt")["sha256"]
+    assert index["copies"]["a.pt"]["roles"] == ["best", "latest"]
+    assert index["superseded"] == [] and index["updated_at"] == "1970-01-01T00:00:00Z"
+
+
+def test_render_index_keeps_keep_superseded_older_copies_and_drops_the_oldest() -> None:
+    """Superseded copies stay up to keep_superseded, newest kept; older ones are named for deletion."""
+    index, doomed = render_index(None, run="r", copy=_copy("a"), roles=["best", "latest"], keep_superseded=1, now=1)
+    index, doomed = render_index(index, run="r", copy=_copy("b"), roles=["best", "latest"], keep_superseded=1, now=2)
+    assert (doomed, index["superseded"]) == ([], ["a"])
+    assert sorted(index["copies"]) == ["a", "b"]
+    index, doomed = render_index(index, run="r", copy=_copy("c"), roles=["best", "latest"], keep_superseded=1, now=3)
+    assert (doomed, index["superseded"]) == (["a"], ["b"])
+    assert sorted(index["copies"]) == ["b", "c"]
+    index, doomed = render_index(index, run="r", copy=_copy("d"), roles=["latest", "best"], keep_superseded=0, now=4)
+    assert (sorted(doomed), index["superseded"]) == (["b", "c"], [])
+    assert sorted(index["copies"]) == ["d"]
+
+
+def test_render_index_never_deletes_a_copy_that_is_still_best_or_latest() -> None:
+    """A copy that loses one role but keeps the other is not superseded, even with keep_superseded = 0."""
+    index, _ = render_index(None, run="r", copy=_copy("a"), roles=["best", "latest"], keep_superseded=0, now=1)
+    index, doomed = render_index(index, run="r", copy=_copy("b"), roles=["latest"], keep_superseded=0, now=2)
+    assert doomed == [] and index["best"]["name"] == "a" and index["latest"]["name"] == "b"
+    index, doomed = render_index(index, run="r", copy=_copy("c"), roles=["latest"], keep_superseded=0, now=3)
+    assert doomed == ["b"] and index["best"]["name"] == "a"
+    index, doomed = render_index(index, run="r", copy=_copy("d"), roles=["best"], keep_superseded=0, now=4)
+    assert doomed == ["a"] and {index["best"]["name"], index["latest"]["name"]} == {"d", "c"}
+
+
+def test_render_index_rewriting_the_same_name_supersedes_nothing() -> None:
+    """A new version of last.ckpt replaces the entry of the same name; nothing is named for deletion."""
+    index, _ = render_index(None, run="r", copy=_copy("last.ckpt"), roles=["latest"], keep_superseded=0, now=1)
+    newer = {**_copy("last.ckpt"), "sha256": "f" * 64}
+    index, doomed = render_index(index, run="r", copy=newer, roles=["latest"], keep_superseded=0, now=2)
+    assert doomed == [] and index["latest"]["sha256"] == "f" * 64 and list(index["copies"]) == ["last.ckpt"]
+
+
+def test_render_index_brings_a_superseded_copy_back_when_it_regains_a_role() -> None:
+    """A superseded copy that becomes best again leaves the superseded list instead of being deleted later."""
+    index, _ = render_index(None, run="r", copy=_copy("a"), roles=["best", "latest"], keep_superseded=2, now=1)
+    index, _ = render_index(index, run="r", copy=_copy("b"), roles=["best", "latest"], keep_superseded=2, now=2)
+    assert index["superseded"] == ["a"]
+    index, doomed = render_index(index, run="r", copy=_copy("a"), roles=["best"], keep_superseded=2, now=3)
+    assert doomed == [] and index["superseded"] == [] and index["best"]["name"] == "a"
+
+
+# ---------------------------------------------------------------------------------------- real checkpoints
+
+
+def _checkpoint(path: Path, step: int, loss: float) -> Path:
+    checkpoints.torch_zip(path, epoch=step // 100, global_step=step, metrics={"val_loss": loss})
+    os.utime(path, (1_700_000_000 + step, 1_700_000_000 + step))
+    return path
+
+
+def _write_config(root: Path, targets: dict[str, dict[str, Any]], *, what: str = '["best", "latest"]',
+                  retention: str = "") -> Path:  # fmt: skip
+    lines = ['[daemon]\nstate_dir = "state"\n', '[[watch]]\nname = "runs"\npath = "runs"\nsettle_seconds = 0.3\n',
+             '[watch.metric]\nname = "val_loss"\nmode = "min"\n',
+             f"[watch.mirror]\nto = {json.dumps(sorted(targets))}\nwhat = {what}\n", retention]  # fmt: skip
+    for name, settings in targets.items():
+        lines.append(f"[mirror.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    path = root / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _scan(config: Config) -> None:
+    with Catalog(config.daemon.state_dir) as catalog:
+        for watch in config.watch:
+            reconcile(watch.path, watch=watch.name, patterns=watch.patterns, catalog=catalog,
+                      verifier=verify, engine=engine_versions)  # fmt: skip
+
+
+def _enqueue(catalog: Catalog, config: Config, now: float | None = None) -> None:
+    for watch in config.watch:
+        for run in sorted({r.run for r in catalog.present(watch=watch.name)}):
+            enqueue_run(catalog, config, watch, run, now=time.time() if now is None else now)
+
+
+class Site:
+    """A watched folder with real verified checkpoints, a config naming the targets, and its catalog."""
+
+    def __init__(self, root: Path, targets: dict[str, dict[str, Any]], **options: str) -> None:
+        self.root = root
+        self.exp1 = root / "runs" / "exp1"
+        self.seed0 = root / "runs" / "exp10" / "seed0"
+        for step, loss in EXP1.items():
+            _checkpoint(self.exp1 / f"epoch={step // 100}-step={step}.pt", step, loss)
+        _checkpoint(self.seed0 / "epoch=1-step=50.pt", 50, 0.9)
+        self.config_path = _write_config(root, targets, **options)
+        self.config = load_config(self.config_path)
+        _scan(self.config)
+
+    @property
+    def best(self) -> Path:
+        return self.exp1 / "epoch=2-step=200.pt"
+
+    @property
+    def latest(self) -> Path:
+        return self.exp1 / "epoch=3-step=300.pt"
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.config.daemon.state_dir)
+
+    def add(self, step: int, loss: float) -> Path:
+        """A new checkpoint in exp1, verified and cataloged."""
+        path = _checkpoint(self.exp1 / f"epoch={step // 100}-step={step}.pt", step, loss)
+        _scan(self.config)
+        return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _local(root: Path) -> dict[str, Any]:
+    return {"url": str(root.relative_to(root.parent)), "keep_superseded": 0}
+
+
+def _s3(bucket: Bucket) -> dict[str, Any]:
+    return {"url": f"s3://{bucket.name}/ckpts", "endpoint_url": bucket.endpoint, "region": "us-east-1",
+            "keep_superseded": 0}  # fmt: skip
+
+
+@pytest.fixture
+def site(tmp_path: Path, s3_bucket: Bucket) -> Site:
+    """exp1 and exp10/seed0, verified, mirrored by rule to a local folder `backup` and to S3 (keep_superseded 0)."""
+    return Site(tmp_path, {"local": _local(tmp_path / "backup"), "s3": _s3(s3_bucket)})
+
+
+@pytest.fixture
+def local_site(tmp_path: Path) -> Site:
+    """The same runs, mirrored to the local folder `backup` only."""
+    return Site(tmp_path, {"local": _local(tmp_path / "backup")})
+
+
+def ckptd(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """Run the ckptd command line in this process; return (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+class Recording:
+    """A Target that records each write and delete (in order) and passes it on to the real target."""
+
+    def __init__(self, real: Target) -> None:
+        self.real = real
+        self.name, self.url = real.name, real.url
+        self.ops: list[tuple[str, str]] = []
+
+    def put_file(self, key: str, source: Path, *, sha256: str, progress: Any = None) -> None:
+        self.real.put_file(key, source, sha256=sha256, progress=progress)
+        self.ops.append(("put_file", key))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.real.put_bytes(key, data)
+        self.ops.append(("put_bytes", key))
+
+    def delete(self, key: str) -> None:
+        self.real.delete(key)
+        self.ops.append(("delete", key))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+EXPECTED_KEYS = [
+    "runs/exp1/epoch=2-step=200.pt", "runs/exp1/epoch=2-step=200.pt.ckptd.json",
+    "runs/exp1/epoch=3-step=300.pt", "runs/exp1/epoch=3-step=300.pt.ckptd.json", "runs/exp1/index.json",
+    "runs/exp10/seed0/epoch=1-step=50.pt", "runs/exp10/seed0/epoch=1-step=50.pt.ckptd.json",
+    "runs/exp10/seed0/index.json",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_mirror_pass_copies_best_and_latest_with_sidecars_and_index_in_order(site: Site, backend: str) -> None:
+    """Each run's best and latest land at <watch>/<run>/<name> with their sidecars, then index.json, in that order."""
+    targets = targets_of(site.config)
+    recording = Recording(targets[backend])
+    with site.catalog() as catalog:
+        _enqueue(catalog, site.config)
+        report = mirror_pass(site.config, catalog, {backend: recording})
+        assert report.failed == [] and len(report.copied) == 3
+        # the other target has not been copied to yet: retention must still keep all three
+        assert catalog.awaiting_mirror("runs") == {
+            str(site.best),
+            str(site.latest),
+            str(site.seed0 / "epoch=1-step=50.pt"),
+        }
+    target = targets[backend]
+    assert list(target.list()) == EXPECTED_KEYS
+    # every write of a checkpoint is followed by its sidecar, then the run's index.json
+    writes = recording.ops
+    assert len(writes) == 9 and all(op != "delete" for op, _key in writes)
+    for i in range(0, 9, 3):
+        (op1, ckpt), (op2, side), (op3, index) = writes[i : i + 3]
+        assert (op1, op2, op3) == ("put_file", "put_bytes", "put_bytes")
+        assert side == ckpt + ".ckptd.json" and index == ckpt.rsplit("/", 1)[0] + "/index.json"
+    for local in (site.best, site.latest, site.seed0 / "epoch=1-step=50.pt"):
+        key = local.relative_to(site.root).as_posix()
+        assert target.sha256(key) == _sha(local)
+        assert target.get_bytes(key + ".ckptd.json") == sidecar.sidecar_path(local).read_bytes()
+    index = json.loads(target.get_bytes("runs/exp1/index.json"))
+    assert index["run"] == "runs/exp1"
+    assert (index["best"]["name"], index["best"]["sha256"]) == (site.best.name, _sha(site.best))
+    assert (index["latest"]["name"], index["latest"]["sha256"]) == (site.latest.name, _sha(site.latest))
+    assert index["best"]["metrics"] == {"val_loss": 0.4} and index["latest"]["step"] == 300
+    seed0 = json.loads(target.get_bytes("runs/exp10/seed0/index.json"))
+    assert seed0["best"]["name"] == seed0["latest"]["name"] == "epoch=1-step=50.pt"
+
+
+def test_a_superseded_copy_leaves_only_after_its_successor_is_proved(local_site: Site, tmp_path: Path) -> None:
+    """A new best and latest are copied and indexed first; only then are the old copies deleted (keep_superseded=1)."""
+    config = load_config(_write_config(tmp_path, {"local": {"url": "backup", "keep_superseded": 1}}))
+    target = targets_of(config)["local"]
+    with local_site.catalog() as catalog:
+        _enqueue(catalog, config)
+        mirror_pass(config, catalog, {"local": target})
+        newest = local_site.add(400, 0.1)
+        _enqueue(catalog, config)
+        recording = Recording(target)
+        report = mirror_pass(config, catalog, {"local": recording})
+    assert report.copied == [f"{newest} -> local"]
+    ops = [(op, key.rsplit("/", 1)[1]) for op, key in recording.ops]
+    assert ops == [("put_file", newest.name), ("put_bytes", newest.name + ".ckptd.json"), ("put_bytes", "index.json"),
+                   ("delete", local_site.best.name), ("delete", local_site.best.name + ".ckptd.json")]  # fmt: skip
+    assert [k.rsplit("/", 1)[1] for k in target.list("runs/exp1/")] == [
+        local_site.latest.name, local_site.latest.name + ".ckptd.json", newest.name, newest.name + ".ckptd.json",
+        "index.json",
+    ]  # fmt: skip
+    index = json.loads(target.get_bytes("runs/exp1/index.json"))
+    assert index["best"]["name"] == index["latest"]["name"] == newest.name
+    assert index["superseded"] == [local_site.latest.name]
+
+
+@pytest.mark.parametrize("broken", ["local root is a file", "s3 bucket refused"])
+def test_a_failing_target_keeps_the_copy_queued_with_backoff_and_status_shows_it(
+    tmp_path: Path, moto_s3: MotoS3, broken: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing target leaves every copy queued with growing backoff and its error in `ckptd status`; it drains later.
+
+    Two real failures: a local target whose root is a file, and an S3 store that refuses the bucket (NoSuchBucket,
+    what S3 answers like wrong credentials: a refusal, not an outage).
+    """
+    bucket = f"ckptd-test-later-{os.getpid()}-{len(broken)}"
+    if broken.startswith("local"):
+        name, settings, clue = "local", _local(tmp_path / "backup"), "backup"
+        (tmp_path / "backup").write_text("not a folder")
+    else:
+        name, clue = "s3", "NoSuchBucket"
+        settings = {"url": f"s3://{bucket}/ckpts", "endpoint_url": moto_s3.endpoint, "region": "us-east-1"}
+    site = Site(tmp_path, {name: settings})
+    config = site.config
+    clock = [1_000_000.0]
+    with site.catalog() as catalog:
+        _enqueue(catalog, config, now=clock[0])
+        report = mirror_pass(config, catalog, targets_of(config), now=lambda: clock[0])
+        assert report.copied == [] and len(report.failed) == 3
+        queued = catalog.mirror_due(None)
+        assert {q["state"] for q in queued} == {"failed"} and {q["attempts"] for q in queued} == {1}
+        assert {q["next_try"] for q in queued} == {clock[0] + 5.0}
+        assert all(clue in q["last_error"] for q in queued)
+        assert catalog.awaiting_mirror("runs") == {q["path"] for q in queued}  # retention keeps them
+        assert mirror_pass(config, catalog, targets_of(config), now=lambda: clock[0] + 4).failed == []  # not due yet
+        clock[0] += 5
+        mirror_pass(config, catalog, targets_of(config), now=lambda: clock[0])
+        assert {q["next_try"] for q in catalog.mirror_due(None)} == {clock[0] + 10.0}  # backoff doubles
+    code, out, _err = ckptd(capsys, "status", "--config", site.config_path, "--json")
+    assert code == 0
+    backlog = json.loads(out)["mirrors"][name]
+    assert backlog["failed"] == 3 and backlog["pending"] == 0 and backlog["done"] == 0 and clue in backlog["last_error"]
+    if broken.startswith("local"):  # the target comes back: the queue drains once the backoff has passed
+        (tmp_path / "backup").unlink()
+    else:
+        moto_s3.client().create_bucket(Bucket=bucket)
+    with site.catalog() as catalog:
+        report = mirror_pass(config, catalog, targets_of(config), now=lambda: clock[0] + 10)
+        assert len(report.copied) == 3 and catalog.mirror_due(None) == []
+    code, out, _err = ckptd(capsys, "status", "--config", site.config_path, "--json")
+    assert json.loads(out)["mirrors"][name] == {"pending": 0, "failed": 0, "done": 3, "last_error": None}
+    assert targets_of(config)[name].stat(f"runs/exp1/{site.best.name}") is not None
+
+
+def test_retention_keeps_a_checkpoint_until_its_copy_is_done(tmp_path: Path) -> None:
+    """With what = ["all"] and keep_last = 1, prune keeps every checkpoint while its copy is pending, then deletes."""
+    retention = "[watch.retention]\nkeep_last = 1\nkeep_best = 0\n"
+    site = Site(tmp_path, {"local": _local(tmp_path / "backup")}, what='["all"]', retention=retention)
+    watch = site.config.watch[0]
+    assert watch.retention is not None
+    with site.catalog() as catalog:
+        _enqueue(catalog, site.config)
+
+        def prune() -> list[str]:
+            report = prune_watch(watch, watch.retention, catalog=catalog, state_dir=site.config.daemon.state_dir,
+                                 dry_run=False, awaiting_mirror=lambda: catalog.awaiting_mirror("runs"))  # fmt: skip
+            return sorted(Path(d.path).name for d in report.done)
+
+        assert prune() == []
+        assert all(p.exists() for p in site.exp1.glob("*.pt")) and len(list(site.exp1.glob("*.pt"))) == 3
+        assert len(mirror_pass(site.config, catalog, targets_of(site.config)).copied) == 4
+        assert prune() == ["epoch=1-step=100.pt"]  # copied now; step 200 stays as the best, 300 as the latest
+    assert sorted(p.name for p in site.exp1.glob("*.pt")) == ["epoch=2-step=200.pt", "epoch=3-step=300.pt"]
+    assert targets_of(site.config)["local"].stat("runs/exp1/epoch=1-step=100.pt") is not None
+
+
+class DeletesTheSource(Recording):
+    """A target during whose put_file of `victim` the trainer deletes it (save_top_k) and ckptd its sidecar."""
+
+    def __init__(self, real: Target, victim: Path) -> None:
+        super().__init__(real)
+        self.victim = victim
+
+    def put_file(self, key: str, source: Path, *, sha256: str, progress: Any = None) -> None:
+        if source == self.victim:
+            source.unlink()
+            sidecar.remove(source)
+        super().put_file(key, source, sha256=sha256, progress=progress)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_checkpoint_deleted_while_it_is_copied_fails_that_copy_only(site: Site, backend: str) -> None:
+    """A checkpoint deleted mid-copy fails that copy (no object left), the pass goes on, and the next pass drops it."""
+    with site.catalog() as catalog:
+        _enqueue(catalog, site.config)
+        victim = Path(next(q for q in catalog.mirror_due(None) if q["target"] == backend)["path"])
+        target = DeletesTheSource(targets_of(site.config)[backend], victim)
+        report = mirror_pass(site.config, catalog, {backend: target})
+        assert [line.split(":")[0] for line in report.failed] == [f"{victim} -> {backend}"]
+        assert len(report.copied) == 2
+        report = mirror_pass(site.config, catalog, {backend: target}, due_only=False)
+        assert report.dropped == [str(victim)] and report.failed == []
+        assert [q for q in catalog.mirror_due(None) if q["target"] == backend] == []
+    real = targets_of(site.config)[backend]
+    run_key = victim.parent.relative_to(site.root).as_posix()
+    assert real.stat(f"{run_key}/{victim.name}") is None
+    assert real.stat(f"{run_key}/{victim.name}.ckptd.json") is None
+
+
+def test_a_copy_dropped_while_it_was_being_made_stays_dropped_when_it_fails(tmp_path: Path) -> None:
+    """A copy that fails after its checkpoint was superseded stays dropped: no failure in status, nothing held back."""
+    with Catalog(tmp_path) as catalog:
+        old = {"/w/r/last.ckpt": (["latest"], "a" * 64)}
+        catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=old, now=1.0)
+        (item,) = catalog.mirror_due(None)  # the mirror thread starts copying it...
+        new = {"/w/r/last.ckpt": (["latest"], "b" * 64)}
+        catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=new, now=2.0)  # ...a new one lands
+        catalog.mirror_retry(item, error="changed while being copied", next_try=10.0)  # ...and the copy fails
+        assert [(q["sha256"], q["state"]) for q in catalog.mirror_due(None)] == [("b" * 64, "pending")]
+        assert catalog.mirror_backlog()["t"] == {"pending": 1, "failed": 0, "done": 0, "last_error": None}
+        assert catalog.awaiting_mirror("w") == {"/w/r/last.ckpt"}
+        catalog.mirror_finish(catalog.mirror_due(None)[0], state="done", now=3.0)
+        assert catalog.awaiting_mirror("w") == frozenset()
+
+
+def test_a_copy_superseded_before_it_was_made_no_longer_holds_back_retention(tmp_path: Path) -> None:
+    """Queued copies a newer best and latest replace before they are made are dropped; prune may then delete them."""
+    retention = "[watch.retention]\nkeep_last = 1\nkeep_best = 0\n"
+    site = Site(tmp_path, {"local": _local(tmp_path / "backup")}, retention=retention)
+    watch = site.config.watch[0]
+    assert watch.retention is not None
+    with site.catalog() as catalog:
+        _enqueue(catalog, site.config)
+        assert {site.best.name, site.latest.name} <= {Path(p).name for p in catalog.awaiting_mirror("runs")}
+        newest = site.add(400, 0.1)  # the new best and latest, before any copy was made
+        _enqueue(catalog, site.config)
+        assert {Path(p).name for p in catalog.awaiting_mirror("runs")} == {newest.name, "epoch=1-step=50.pt"}
+        report = prune_watch(watch, watch.retention, catalog=catalog, state_dir=site.config.daemon.state_dir,
+                             dry_run=False, awaiting_mirror=lambda: catalog.awaiting_mirror("runs"))  # fmt: skip
+    assert sorted(Path(d.path).name for d in report.done) == sorted(
+        ["epoch=1-step=100.pt", site.best.name, site.latest.name]
+    )
+    assert sorted(p.name for p in site.exp1.glob("*.pt")) == [newest.name]
+
+
+def test_mirror_verify_finds_corrupted_copies_and_repairs_them(site: Site, s3_bucket: Bucket,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`ckptd mirror --verify` reads every copy back; a flipped byte (local) or a replaced S3 object is repaired."""
+    code, out, err = ckptd(capsys, "mirror", "--config", site.config_path)
+    assert code == 0, err
+    assert out.count("copied: ") == 6
+    copy = site.root / "backup" / "runs" / "exp1" / site.best.name
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    s3_key = f"ckpts/runs/exp1/{site.latest.name}"
+    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key=s3_key, Body=b"not the checkpoint")
+    s3_bucket.server.client().delete_object(Bucket=s3_bucket.name, Key="ckpts/runs/exp10/seed0/epoch=1-step=50.pt")
+    code, out, err = ckptd(capsys, "mirror", "--config", site.config_path, "--verify")
+    assert code == 0, err
+    assert "local: 3 copies checked, 1 bad, 1 repaired" in out and "s3: 3 copies checked, 2 bad, 2 repaired" in out
+    targets = targets_of(site.config)
+    assert targets["local"].sha256(f"runs/exp1/{site.best.name}") == _sha(site.best)
+    assert targets["s3"].sha256(f"runs/exp1/{site.latest.name}") == _sha(site.latest)
+    assert targets["s3"].sha256("runs/exp10/seed0/epoch=1-step=50.pt") == _sha(site.seed0 / "epoch=1-step=50.pt")
+    code, out, _err = ckptd(capsys, "mirror", "--config", site.config_path, "--verify")
+    assert code == 0 and "local: 3 copies checked, 0 bad, 0 repaired" in out and "s3: 3 copies checked, 0 bad" in out
+    copy.write_bytes(bytes(data))  # bad again, and this time no good local original is left to repair it from
+    site.best.unlink()
+    code, out, _err = ckptd(capsys, "mirror", "--config", site.config_path, "--verify")
+    assert code == 1 and "local: 3 copies checked, 1 bad, 0 repaired" in out
+
+
+def test_a_checkpoint_deleted_before_its_copy_is_dropped_not_copied(local_site: Site) -> None:
+    """A queued checkpoint deleted (with its sidecar) before the mirror gets to it is dropped, not retried forever."""
+    with local_site.catalog() as catalog:
+        _enqueue(catalog, local_site.config)
+        local_site.best.unlink()
+        sidecar.remove(local_site.best)
+        report = mirror_pass(local_site.config, catalog, targets_of(local_site.config))
+        assert report.dropped == [str(local_site.best)] and len(report.copied) == 2
+        assert catalog.mirror_due(None) == [] and str(local_site.best) not in catalog.awaiting_mirror("runs")
+    assert targets_of(local_site.config)["local"].stat(f"runs/exp1/{local_site.best.name}") is None
+
+
+def test_mirror_dry_run_copies_nothing(local_site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ckptd mirror --dry-run` prints what it would copy and leaves the target empty and the queue pending."""
+    code, out, _err = ckptd(capsys, "mirror", "--config", local_site.config_path, "--dry-run")
+    assert code == 0 and out.count("would copy: ") == 3 and f"{local_site.best} -> local" in out
+    assert not (local_site.root / "backup").exists()
+    with local_site.catalog() as catalog:
+        assert len(catalog.mirror_due(None)) == 3
+
+
+def test_ls_lists_runs_and_their_best_and_latest(local_site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ckptd ls TARGET` shows each run's copies with roles; `ls TARGET RUN` only that run (not runs/exp10)."""
+    assert ckptd(capsys, "mirror", "--config", local_site.config_path)[0] == 0
+    code, out, _err = ckptd(capsys, "ls", "local", "--config", local_site.config_path)
+    assert code == 0
+    assert "runs/exp1:" in out and "runs/exp10/seed0:" in out
+    assert f"{local_site.best.name}  [best]" in out and f"{local_site.latest.name}  [latest]" in out
+    assert "epoch=1-step=50.pt  [best,latest]" in out or "epoch=1-step=50.pt  [latest,best]" in out
+    code, out, _err = ckptd(capsys, "ls", "local", "runs/exp1", "--config", local_site.config_path, "--json")
+    assert code == 0 and list(json.loads(out)) == ["runs/exp1"]
+    code, _out, err = ckptd(capsys, "ls", "local", "runs/nothing", "--config", local_site.config_path)
+    assert code == 1 and "holds no run" in err
+    code, _out, err = ckptd(capsys, "ls", "nowhere", "--config", local_site.config_path)
+    assert code == 2 and "unknown mirror target" in err
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_restore_brings_best_and_latest_back_byte_for_byte(site: Site, backend: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`ckptd restore TARGET RUN --best|--latest --to DIR` prints the restored path; bytes match; it verifies ok."""
+    assert ckptd(capsys, "mirror", "--config", site.config_path)[0] == 0
+    for flag, original in (("--best", site.best), ("--latest", site.latest)):
+        out_dir = tmp_path / f"restored-{backend}{flag}"
+        code, out, err = ckptd(capsys, "restore", backend, "runs/exp1", flag, "--to", out_dir, "--config",
+                               site.config_path)  # fmt: skip
+        assert code == 0, err
+        restored = Path(out.strip())
+        assert restored == out_dir / original.name
+        assert restored.read_bytes() == original.read_bytes()
+        fresh = sidecar.read(restored)
+        assert fresh is not None and fresh.verification.status == "ok"
+        assert fresh.verification.sha256 == _sha(original)
+        assert sorted(p.name for p in out_dir.iterdir()) == [original.name, original.name + ".ckptd.json"]
+
+
+def test_restore_works_on_a_fresh_machine_with_only_config_toml(site: Site, tmp_path: Path) -> None:
+    """In an empty folder holding only config.toml (no watched folder, no state), `ckptd restore` from S3 works."""
+    assert subprocess.run([CKPTD, "mirror", "--config", site.config_path], capture_output=True).returncode == 0
+    fresh = tmp_path / "fresh-machine"
+    fresh.mkdir()
+    shutil.copy(site.config_path, fresh / "config.toml")
+    done = subprocess.run([CKPTD, "restore", "s3", "runs/exp1", "--latest", "--to", "ckpt"], cwd=fresh,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    restored = Path(done.stdout.strip())
+    assert restored == fresh / "ckpt" / site.latest.name
+    assert restored.read_bytes() == site.latest.read_bytes()
+    assert sorted(p.name for p in fresh.iterdir()) == ["ckpt", "config.toml"]
+
+
+def test_restore_of_a_corrupted_copy_fails_and_leaves_no_file(local_site: Site, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A copy whose bytes do not match the mirrored sidecar is not restored: exit 1, nothing left in --to."""
+    assert ckptd(capsys, "mirror", "--config", local_site.config_path)[0] == 0
+    copy = local_site.root / "backup" / "runs" / "exp1" / local_site.best.name
+    data = bytearray(copy.read_bytes())
+    data[100] ^= 0x01
+    copy.write_bytes(bytes(data))
+    out_dir = tmp_path / "restored"
+    code, out, err = ckptd(capsys, "restore", "local", "runs/exp1", "--best", "--to", out_dir, "--config",
+                           local_site.config_path)  # fmt: skip
+    assert code == 1 and out == ""
+    assert "does not match" in err
+    assert not out_dir.exists() or [p for p in out_dir.rglob("*")] == []
+    code, _out, err = ckptd(capsys, "restore", "local", "runs/nothing", "--best", "--to", out_dir, "--config",
+                            local_site.config_path)  # fmt: skip
+    assert code == 1 and "no run" in err
+
+
+def test_a_checkpoint_changed_after_verification_is_retried_then_reported_never_mirrored(local_site: Site) -> None:
+    """A checkpoint rewritten under a stale sidecar fails its proof: retried, reported, queued, and never indexed."""
+    with local_site.catalog() as catalog:
+        _enqueue(catalog, local_site.config)
+        checkpoints.torch_zip(local_site.best, global_step=999)
+        report = mirror_pass(local_site.config, catalog, targets_of(local_site.config))
+        assert [line.split(":")[0] for line in report.failed] == [f"{local_site.best} -> local"]
+        assert "does not match" in report.failed[0] or "expected" in report.failed[0]
+        failed = [q for q in catalog.mirror_due(None) if q["path"] == str(local_site.best)]
+        assert len(failed) == 1 and failed[0]["state"] == "failed" and failed[0]["copied"] == 0
+    target = targets_of(local_site.config)["local"]
+    assert target.stat(f"runs/exp1/{local_site.best.name}") is None
+    assert target.stat(f"runs/exp1/{local_site.best.name}.ckptd.json") is None
+    index = json.loads(target.get_bytes("runs/exp1/index.json"))
+    assert index["best"] is None and local_site.best.name not in index["copies"]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_directory_checkpoint_is_mirrored_file_by_file_and_restored_whole(
+    tmp_path: Path, s3_bucket: Bucket, backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sharded safetensors folder goes up file by file; restore rebuilds it exactly, and refuses a corrupted one."""
+    folder = tmp_path / "runs" / "hf" / "checkpoint-100"
+    checkpoints.safetensors_sharded(folder, shards=2)
+    settings = _local(tmp_path / "backup") if backend == "local" else _s3(s3_bucket)
+    config_path = _write_config(tmp_path, {backend: settings})
+    _scan(load_config(config_path))
+    assert ckptd(capsys, "mirror", "--config", config_path)[0] == 0
+    target = targets_of(load_config(config_path))[backend]
+    names = sorted(p.name for p in folder.iterdir())
+    assert list(target.list("runs/hf/")) == sorted(
+        [*(f"runs/hf/checkpoint-100/{n}" for n in names), "runs/hf/checkpoint-100.ckptd.json", "runs/hf/index.json"]
+    )
+    code, out, err = ckptd(capsys, "restore", backend, "runs/hf", "--latest", "--to", tmp_path / "back",
+                           "--config", config_path)  # fmt: skip
+    assert code == 0, err
+    restored = Path(out.strip())
+    assert restored == tmp_path / "back" / "checkpoint-100"
+    assert sorted(p.name for p in restored.iterdir()) == names
+    assert all((restored / n).read_bytes() == (folder / n).read_bytes() for n in names)
+    target.put_bytes(f"runs/hf/checkpoint-100/{names[0]}", b"not a shard")
+    code, _out, err = ckptd(capsys, "restore", backend, "runs/hf", "--latest", "--to", tmp_path / "again",
+                            "--config", config_path)  # fmt: skip
+    assert code == 1 and "does not match" in err
+    assert [p for p in (tmp_path / "again").rglob("*")] == []
+    code, _out, err = ckptd(capsys, "restore", backend, "runs/hf", "--best", "--to", tmp_path / "best",
+                            "--config", config_path)  # fmt: skip
+    assert code == 1 and "names no best" in err  # safetensors carry no val_loss: the run has a latest only
