@@ -57,23 +57,28 @@ def _config_path(option: Path | None) -> Path | None:
 
 
 def _load(option: Path | None, *, required: bool, folders: bool = True) -> Config | None:
-    """The config, or None. folders=False skips the check that watched folders exist: `ls` and `restore` must
-    work on a fresh machine that has only config.toml."""
-    from ckptd.config import load_config, parse_config
+    """The config, or None when there is none and it is not `required` (UsageError when it is).
+
+    folders=False skips the check that the watched folders exist (see config.load_config).
+    """
+    from ckptd.config import load_config
 
     path = _config_path(option)
     if path is None:
         if required:
             raise UsageError("no config file: pass --config FILE (or set CKPTD_CONFIG, or add ./config.toml)")
         return None
-    if not folders:
-        source = path.absolute()
-        try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(source), [f"cannot read the config file: {exc}"]) from exc
-        return parse_config(text, source)
-    return load_config(path)
+    return load_config(path, check_folders=folders)
+
+
+def _command_config(option: Path | None, *, folders: bool = True) -> Config:
+    """The config a command needs, with its logs kept to warnings and errors on stderr."""
+    from ckptd import log
+
+    config = _load(option, required=True, folders=folders)
+    assert config is not None
+    log.configure(config.daemon.log_format, "warning")
+    return config
 
 
 config_option = click.option(
@@ -317,8 +322,7 @@ def status(config_file: Path | None, as_json: bool) -> int:
     from ckptd import state
     from ckptd.catalog import Catalog
 
-    config = _load(config_file, required=True)
-    assert config is not None
+    config = _command_config(config_file)
     state_dir = config.daemon.state_dir
     pid = state.holder(state_dir)
     published = state.read_status(state_dir) or {}
@@ -355,13 +359,10 @@ def status(config_file: Path | None, as_json: bool) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as a JSON list.")
 def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
     """Apply each watch's retention policy now (or only print the plan, with --dry-run)."""
-    from ckptd import log
     from ckptd.catalog import Catalog
     from ckptd.prune import prune_watch
 
-    config = _load(config_file, required=True)
-    assert config is not None
-    log.configure(config.daemon.log_format, "warning")
+    config = _command_config(config_file)
     reports = []
     with Catalog(config.daemon.state_dir) as catalog:
         for watch in config.watch:
@@ -404,8 +405,7 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
     from ckptd import sidecar
     from ckptd.catalog import Catalog
 
-    config = _load(config_file, required=True)
-    assert config is not None
+    config = _command_config(config_file)
     path = checkpoint.absolute()
     with Catalog(config.daemon.state_dir) as catalog:
         if not catalog.set_pinned(str(path), pinned):
@@ -423,13 +423,10 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
 @click.option("--verify", "verify_copies", is_flag=True, help="Read back every copy; repair any that differs.")
 def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
     """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
-    from ckptd import log
     from ckptd import mirror as mirroring
     from ckptd.catalog import Catalog
 
-    config = _load(config_file, required=True)
-    assert config is not None
-    log.configure(config.daemon.log_format, "warning")
+    config = _command_config(config_file)
     if not config.mirror:
         raise UsageError("no [mirror.NAME] section in the config: nothing to mirror to")
     targets = mirroring.targets_of(config)
@@ -473,8 +470,7 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
     """What a mirror TARGET holds (optionally for one RUN, as <watch>/<run>), from its index files."""
     from ckptd import mirror as mirroring
 
-    config = _load(config_file, required=True, folders=False)
-    assert config is not None
+    config = _command_config(config_file, folders=False)
     found = mirroring.indexes(_target(config, target), run)
     if as_json:
         click.echo(json.dumps(found, indent=2))
@@ -510,8 +506,7 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
 
     if role is None:
         raise UsageError("say which checkpoint: --best or --latest")
-    config = _load(config_file, required=True, folders=False)
-    assert config is not None
+    config = _command_config(config_file, folders=False)
     try:
         restored, _stored = mirroring.restore(_target(config, target), run, role, destination.absolute())
     except MirrorError as exc:
@@ -635,14 +630,11 @@ def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def scrub(config_file: Path | None, as_json: bool) -> int:
     """Re-read every checkpoint and mirror copy at a limited rate; repair or quarantine what rotted."""
-    from ckptd import log
     from ckptd import mirror as mirroring
     from ckptd import scrub as scrubbing
     from ckptd.catalog import Catalog
 
-    config = _load(config_file, required=True)
-    assert config is not None
-    log.configure(config.daemon.log_format, "warning")
+    config = _command_config(config_file)
     with Catalog(config.daemon.state_dir) as catalog:
         report = scrubbing.scrub(config, catalog, mirroring.targets_of(config))
     if as_json:

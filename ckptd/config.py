@@ -254,8 +254,11 @@ def _resolved(config: Config, base: Path) -> Config:
     )
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, check_folders: bool = True) -> Config:
     """Read and validate the config file at `path`; check that each watched folder exists.
+
+    `check_folders=False` skips that check, for commands that only talk to mirror targets (`ls`, `restore`)
+    and must work on a fresh machine that has nothing but config.toml.
 
     Raises ConfigError with every problem found (exit status 78).
     """
@@ -270,11 +273,12 @@ def load_config(path: Path) -> Config:
         state_env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         config = parse_config(text, source, Path(state_env) if state_env else None)
     except ConfigError as exc:
-        raise ConfigError(str(source), exc.problems + _missing_folders_raw(text, source.parent)) from None
+        missing = _missing_folders_raw(text, source.parent) if check_folders else []
+        raise ConfigError(str(source), exc.problems + missing) from None
     problems = [
         f"at 'watch[{i}].path': folder {w.path} does not exist; create it or fix the path"
         for i, w in enumerate(config.watch)
-        if not w.path.is_dir()
+        if check_folders and not w.path.is_dir()
     ]
     if problems:
         raise ConfigError(str(source), problems)

@@ -327,7 +327,7 @@ class Daemon:
             self.catalog.mark_gone(row.path, time.time())
             removed = sidecar.remove(Path(row.path))
             runs.add(row.run)
-            self.log.info("checkpoint deleted", path=row.path, run=row.run, sidecar_removed=removed)
+            self.log.info("checkpoint gone from disk", path=row.path, run=row.run, sidecar_removed=removed)
         for run in runs:
             self._update_run(watch, run)
         self._dirty = self._dirty or bool(runs)

@@ -84,7 +84,8 @@ def prune_watch(
 ) -> PruneReport:
     """Plan and (unless dry_run or the policy's dry_run) apply retention for one watch."""
     logger = log.get("ckptd.prune")
-    finish_pending(catalog, now=now)
+    if not (dry_run or retention.dry_run):  # a dry run changes nothing, not even an interrupted run's leftovers
+        finish_pending(catalog, now=now)
     current = plan_watch(watch, retention, catalog, now(), awaiting_mirror())
     report = PruneReport(watch=watch.name, plan=current, dry_run=dry_run or retention.dry_run)
     for warning in current.warnings:

@@ -482,7 +482,7 @@ def test_lightning_run_is_tracked_while_it_trains(shared: Shared) -> None:
     for path in gone:
         assert not path.exists()
         assert not sidecar_of(path).exists()
-        daemon.wait_event("checkpoint deleted", path=str(path), run=str(run))
+        daemon.wait_event("checkpoint gone from disk", path=str(path), run=str(run))
     assert {Path(r["path"]) for r in rows if r["gone_at"] is None} == set(survivors)
     assert_consistent(shared.catalog, run)
 
@@ -672,7 +672,7 @@ def test_rewritten_and_deleted_checkpoint(shared: Shared) -> None:
     checkpoint.unlink()
     wait_until(lambda: not sidecar_of(checkpoint).exists(), "the sidecar to be removed")
     wait_until(lambda: (r := shared.catalog.row(checkpoint)) and r["gone_at"] is not None, "the row marked gone")
-    shared.daemon.wait_event("checkpoint deleted", path=str(checkpoint), run=str(run))
+    shared.daemon.wait_event("checkpoint gone from disk", path=str(checkpoint), run=str(run))
 
 
 def test_second_daemon_on_the_same_state_exits_75(shared: Shared) -> None:
