@@ -46,6 +46,9 @@ def _warm() -> None:
     """Worker start-up: die with the daemon, import torch once, and keep it to one thread so training keeps
     the cores."""
     _die_with_daemon()
+    # Ctrl-C on a terminal reaches the whole process group; the daemon decides when workers stop (it kills
+    # them on shutdown), so a worker must not die first with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     torch.set_num_threads(1)
