@@ -74,7 +74,7 @@ class DaemonConfig(_Model):
     trusted_globals: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")]] = []
     workers: int = Field(default=1, ge=1, le=32)
     rescan_interval: Duration = 600.0
-    worker_idle_timeout: Duration = 300.0
+    worker_idle_timeout: Duration = 1800.0
     scrub_interval: Duration | None = None  # e.g. "7d": re-read every checkpoint and mirror copy this often
     scrub_bandwidth: Annotated[int, BeforeValidator(lambda v: parse_rate(v))] = 50_000_000
 

@@ -21,7 +21,6 @@ __all__ = ["Notifier"]
 # A datagram to a local socket either goes through at once or the receiver's queue is full. A full
 # queue means PID 1 is stuck; blocking on it would stall the daemon (and its watchdog thread) with it,
 # so sends give up after this many seconds and report failure instead.
-_SEND_TIMEOUT_S = 2.0
 
 
 def _socket_address(value: str) -> str | None:
@@ -110,7 +109,7 @@ class Notifier:
 
         Given the assignments; they must not contain newlines (the public helpers make sure of it).
         Returns True when the datagram was sent, False when disabled or when the socket is missing,
-        refuses the message or does not take it within a couple of seconds. Raises nothing.
+        refuses the message or its queue is full. Raises nothing.
         """
         if self._address is None or not assignments:
             return False
@@ -118,10 +117,12 @@ class Notifier:
         try:
             # SOCK_CLOEXEC: a checkpoint loader subprocess forked mid-send must not inherit the fd.
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.settimeout(_SEND_TIMEOUT_S)
+                # Non-blocking: with a full receive queue an unconnected datagram socket polls as writable, so
+                # a timeout would spin a core for its whole length; a message systemd is not reading is dropped.
+                sock.setblocking(False)
                 sent = sock.sendto(payload, self._address)
         except (OSError, ValueError):
-            # OSError: no such socket, permission denied, queue full (timeout), address too long.
+            # OSError: no such socket, permission denied, queue full (EAGAIN), address too long.
             # ValueError: an address Python rejects outright (e.g. an embedded NUL in a path).
             return False
         # A datagram goes whole or not at all; anything shorter would be a kernel oddity, not success.

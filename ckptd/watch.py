@@ -65,6 +65,12 @@ class Change:
     path: Path
 
 
+_WANTED = [
+    FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent,
+    DirDeletedEvent, DirMovedEvent, DirCreatedEvent,
+]  # fmt: skip
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watch: str, sink: queue.Queue[Change]) -> None:
         self._watch, self._sink = watch, sink
@@ -130,7 +136,9 @@ class FolderWatcher:
 
     def _make(self, poll: bool) -> Any:
         observer = PollingObserver(timeout=self.poll_interval) if poll else _native_observer()
-        observer.schedule(_Handler(self.watch, self._sink), str(self.path), recursive=True)
+        # Only the events _Handler uses: without a filter every open and read-only close (each sidecar a rescan
+        # reads) also crosses watchdog's threads, which doubled the time of a rescan of 10,000 checkpoints.
+        observer.schedule(_Handler(self.watch, self._sink), str(self.path), recursive=True, event_filter=_WANTED)
         observer.daemon = True
         observer.start()
         return observer

@@ -68,7 +68,7 @@ def _verify(path: str, trusted: list[str]) -> Result:
 class VerifierPool:
     """Worker processes that verify checkpoints; started on demand and stopped after `idle_timeout` idle."""
 
-    def __init__(self, workers: int, trusted: list[str], idle_timeout: float = 300.0) -> None:
+    def __init__(self, workers: int, trusted: list[str], idle_timeout: float = 1800.0) -> None:
         self.workers, self.trusted, self.idle_timeout = workers, list(trusted), idle_timeout
         self._pool: ProcessPoolExecutor | None = None
         self._idle_since = time.monotonic()

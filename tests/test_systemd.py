@@ -179,3 +179,18 @@ def test_watchdog_interval_none_without_usable_watchdog_usec(
         {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "not-a-pid"},
     ):
         assert Notifier.from_env(env).watchdog_interval() is None, env
+
+
+def test_notify_drops_messages_when_the_receiver_queue_is_full_instead_of_spinning(tmp_path: Path) -> None:
+    """A receiver that stops reading makes sends fail at once (EAGAIN), never block or spin the daemon's loop."""
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        notifier = Notifier.from_env({"NOTIFY_SOCKET": str(path)})
+        started = time.monotonic()
+        results = [notifier.status(f"message {i}") for i in range(200)]
+        elapsed = time.monotonic() - started
+    assert results[0] is True
+    assert results[-1] is False  # the queue (net.unix.max_dgram_qlen, 10 by default) filled up
+    # A blocking send with a timeout waited 2 s per dropped message (over 6 minutes here); dropping is instant.
+    assert elapsed < 30
