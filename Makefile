@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ckptd-installed
 CONFIG ?= config.toml
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint tools bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check ckptd tests benchmarks
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# The unit tests run the real systemd-analyze; Debian images have it, and this installs it where missing.
+tools:
+	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
+
+test: $(STAMP) lint tools
 	$(BIN)/pytest
 
 bench: $(STAMP)
