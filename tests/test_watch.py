@@ -220,3 +220,37 @@ def test_each_change_names_its_watch(start_watcher: WatcherFactory, tmp_path: Pa
     (tmp_path / "w" / "a.pt").write_bytes(b"x")
     changes.wait_for("complete", tmp_path / "w" / "a.pt")
     assert {c.watch for c in changes.seen} == {"runs"}
+
+
+def test_start_falls_back_to_polling_when_the_inotify_watch_limit_is_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC from inotify (fs.inotify.max_user_watches used up) switches the folder to polling, with a log line
+    naming the sysctl. The limit is faked: lowering the real sysctl would hit every process on this shared host."""
+    import errno
+
+    from ckptd import log, watch
+
+    def exhausted() -> object:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(watch, "_native_observer", exhausted)
+    log.configure("json", "info")  # to the captured stderr
+    sink: queue.Queue[Change] = queue.Queue()
+    watcher = FolderWatcher("runs", tmp_path, poll=False, poll_interval=0.2, sink=sink)
+    watcher.start()
+    try:
+        assert watcher.polling and watcher.healthy()
+        logged = capsys.readouterr().err
+        assert "inotify limit reached, polling instead" in logged and "fs.inotify.max_user_watches" in logged
+        (tmp_path / "a.pt").write_bytes(b"x")
+        deadline = time.monotonic() + DEADLINE
+        seen: list[Change] = []
+        while not any(c.path == tmp_path / "a.pt" for c in seen):
+            assert time.monotonic() < deadline, f"the polling fallback saw nothing: {seen}"
+            try:
+                seen.append(sink.get(timeout=0.1))
+            except queue.Empty:
+                continue
+    finally:
+        watcher.stop()
