@@ -543,6 +543,13 @@ def _disallowed(names: Sequence[str], trusted: Sequence[str]) -> list[str]:
     return sorted({name for name in names if name not in allowed})
 
 
+def prepare_process(threads: int) -> None:
+    """Import torch now (it takes seconds) and cap its thread pool, so a verifier leaves training its cores."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def engine_versions() -> dict[str, str]:
     """The versions of the libraries that verified a checkpoint, for its sidecar."""
     import safetensors

@@ -49,10 +49,9 @@ def _warm() -> None:
     # Ctrl-C on a terminal reaches the whole process group; the daemon decides when workers stop (it kills
     # them on shutdown), so a worker must not die first with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
+    from ckptd.verify import prepare_process
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    prepare_process(threads=1)
 
 
 def _noop() -> None:
