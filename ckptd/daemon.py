@@ -155,6 +155,10 @@ class Daemon:
             self._schedule_jobs()
             self.scheduler.start()
             self._start_mirror()
+            # Start a verifier now: importing torch takes 1-2 s, which the first checkpoint would otherwise wait
+            # for. The worker stops again after worker_idle_timeout without work.
+            if self.pool is not None:
+                self.pool.warm()
             self.notifier.ready()
             self._publish()
             self.log.info("daemon ready", queued=len(self.tracker))
