@@ -1,6 +1,6 @@
 """A real S3 endpoint for the mirror tests: moto's standalone server on a loopback port, in this process.
 
-A test module loads the fixtures with `pytest_plugins = ["mirror_fixtures"]` (registered once for the session,
+conftest.py registers these fixtures as a plugin (once for the session,
 so the server starts once however many modules use it; tests/ must be on sys.path). `MotoS3` wraps
 `moto.server.ThreadedMotoServer` so that `stop()` is a real outage: the listening socket is closed and every
 open (keep-alive) connection is cut, so clients see refused or reset connections until `start()` opens the

@@ -9,55 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import checkpoints
 import pytest
 import torch
+from cli_fixtures import Ckptd
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptd import tables
-from ckptd.cli import main
 from ckptd.export import ExportError, export, find_weights, untie
 from ckptd.verify import verify
 
 FORMATS = ["safetensors", "pt"]
-
-
-@dataclass
-class Done:
-    """A finished command: exit status and output."""
-
-    code: int
-    out: str
-    err: str
-
-
-Ckptd = Callable[..., Done]
-
-
-@pytest.fixture
-def ckptd(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Ckptd]:
-    """Run the ckptd command line in this process, from tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CKPTD_CONFIG", raising=False)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*args: object) -> Done:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Done(int(exited.value.code or 0), captured.out, captured.err)
-
-    yield run
-    root.handlers, root.level = handlers, level
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoints
 import pytest
+from cli_fixtures import Ckptd
 
 from ckptd import sidecar
 from ckptd.catalog import Catalog
-from ckptd.cli import main
 from ckptd.migrate import Parsed, apply_rename, canonical, parse_name, plan_renames, untouchable
 
 T0 = 1_700_000_000  # a fixed mtime base (seconds), so "newer" never depends on the clock
@@ -31,38 +28,6 @@ LEGACY = {  # legacy name -> (epoch, step, canonical name)
     "epoch=5-step=500.ckpt": (5, 500, "epoch-05_step-000500.ckpt"),
     "epoch_006_checkpoint.pt": (6, 600, "epoch-06_step-000600.pt"),
 }
-
-
-@dataclass
-class Done:
-    """A finished command: exit status and output."""
-
-    code: int
-    out: str
-    err: str
-
-
-Ckptd = Callable[..., Done]
-
-
-@pytest.fixture
-def ckptd(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Ckptd]:
-    """Run the ckptd command line in this process, from tmp_path, with no config unless one is passed."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CKPTD_CONFIG", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `scan` without a config keeps its catalog there
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*args: object) -> Done:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Done(int(exited.value.code or 0), captured.out, captured.err)
-
-    yield run
-    root.handlers, root.level = handlers, level  # log.configure bound stderr to this test's capture
 
 
 def make(path: Path, epoch: int, step: int, loss: float = 0.5, at: int | None = None) -> Path:

@@ -35,7 +35,6 @@ from ckptd.verify import engine_versions, verify
 if TYPE_CHECKING:
     from mirror_fixtures import Bucket, MotoS3
 
-pytest_plugins = ["mirror_fixtures"]  # moto's S3 server (session), a fresh bucket per test
 
 CKPTD = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "ckptd")
 EXP1 = {100: 0.7, 200: 0.4, 300: 0.55}  # step -> val_loss

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 BIG = 70 << 20  # above the 64 MiB multipart threshold: two parts
 PART = 64 << 20
 
-pytest_plugins = ["mirror_fixtures"]  # moto's S3 server (session), a fresh bucket per test
-
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import checkpoints
 import pytest
+from cli_fixtures import Ckptd, Done
 
 from ckptd import scrub as scrubbing
 from ckptd import sidecar, throttle
 from ckptd.catalog import Catalog
-from ckptd.cli import main
 from ckptd.config import load_config
 from ckptd.daemon import Daemon
 from ckptd.discover import identity
@@ -37,40 +35,8 @@ from ckptd.verify import verify
 if TYPE_CHECKING:
     from mirror_fixtures import Bucket
 
-pytest_plugins = ["mirror_fixtures"]  # moto's S3 server (session), a fresh bucket per test
 
 T0 = 1_700_000_000
-
-
-@dataclass
-class Done:
-    """A finished command: exit status and output."""
-
-    code: int
-    out: str
-    err: str
-
-
-Ckptd = Callable[..., Done]
-
-
-@pytest.fixture
-def ckptd(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Ckptd]:
-    """Run the ckptd command line in this process, from tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CKPTD_CONFIG", raising=False)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-
-    def run(*args: object) -> Done:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return Done(int(exited.value.code or 0), captured.out, captured.err)
-
-    yield run
-    root.handlers, root.level = handlers, level  # log.configure bound stderr to this test's capture
 
 
 class Site:

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from mirror_fixtures import Bucket, MotoS3
 
 pytestmark = pytest.mark.e2e
-pytest_plugins = ["mirror_fixtures"]  # moto's S3 server (session), a fresh bucket per test
 
 MIRRORED = 90.0  # deadline for the mirror to catch up with the run (copies, retries, backoff)
 SAME = ("sha256", "size_bytes", "status", "format", "epoch", "global_step", "metrics", "tensors")  # sidecar fields
