@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import process_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 CKPTD = str(VENV_BIN / "ckptd")
@@ -106,26 +108,6 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------------------- /proc
 
 
-def tree(pid: int) -> list[int]:
-    """`pid` and all its live descendants."""
-    seen: list[int] = []
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        seen.append(p)
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return seen
-
-
 def _stat_fields(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -138,7 +120,7 @@ def _stat_fields(pid: int) -> list[str]:
 def cpu_seconds(pid: int) -> float:
     """CPU time of `pid`'s tree: utime + stime of every live process, plus cutime + cstime (reaped children)."""
     ticks = 0
-    for p in tree(pid):
+    for p in process_tree(pid):
         fields = _stat_fields(p)
         if fields:
             ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
@@ -189,7 +171,7 @@ class Memory:
 def memory(pid: int) -> Memory:
     main_rss = main_anon = tree_rss = tree_pss = worker_rss = 0.0
     roles = []
-    for p in tree(pid):
+    for p in process_tree(pid):
         status = _kib(f"/proc/{p}/status", ("VmRSS", "RssAnon"))
         pss = _kib(f"/proc/{p}/smaps_rollup", ("Pss",))["Pss"]
         kind = role(p, pid)

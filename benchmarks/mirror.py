@@ -48,6 +48,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from common import CREATE_CODE
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -61,20 +63,6 @@ ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-CREATE_CODE = """
-import os, sys, torch
-path, n_big, big_elements, n_small, small_elements = sys.argv[1], *map(int, sys.argv[2:6])
-torch.manual_seed(0)
-state = {}
-for i in range(n_big):
-    state[f"layers.{i}.weight"] = torch.randn(big_elements, dtype=torch.float32).view(-1, 4096)
-for i in range(n_small):
-    state[f"layers.{i}.bias"] = torch.randn(small_elements, dtype=torch.float32)
-tmp = path + ".partial"
-torch.save({"epoch": 7, "global_step": 12345, "state_dict": state}, tmp)
-os.replace(tmp, path)
-"""
 
 
 def checkpoint(size_gib: float) -> Path:

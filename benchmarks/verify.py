@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import CREATE_CODE, process_tree
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
@@ -63,21 +65,6 @@ NAIVE_CODE = (
     "path = sys.argv[1]\n"
     "obj = torch.load(path, weights_only=True, map_location='cpu')\n" + HASH_SNIPPET
 )
-
-CREATE_CODE = """
-import os, sys, torch
-path, n_big, big_elements, n_small, small_elements = sys.argv[1], *map(int, sys.argv[2:6])
-torch.manual_seed(0)
-state = {}
-for i in range(n_big):
-    state[f"layers.{i}.weight"] = torch.randn(big_elements, dtype=torch.float32).view(-1, 4096)
-for i in range(n_small):
-    state[f"layers.{i}.bias"] = torch.randn(small_elements, dtype=torch.float32)
-tmp = path + ".partial"
-torch.save({"epoch": 7, "global_step": 12345, "state_dict": state}, tmp)
-os.replace(tmp, path)
-"""
-
 
 # ---------------------------------------------------------------------------------------------- checkpoint
 
@@ -108,26 +95,6 @@ def ensure_checkpoint(size_gib: float) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- memory sampling
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, through /proc/<pid>/task/*/children."""
-    seen: list[int] = []
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        seen.append(p)
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return seen
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -168,7 +135,7 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             anon = total = 0
-            for p in _tree(self.pid):
+            for p in process_tree(self.pid):
                 a, f = _rss_kib(p)
                 anon += a
                 total += a + f
