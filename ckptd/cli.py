@@ -217,13 +217,10 @@ def _entries(folder: Path) -> list[tuple[Sidecar, Entry]]:
     from ckptd import sidecar
     from ckptd.model import Entry
 
-    found = []
-    for parsed, current in sidecar.find(folder):
-        entry = Entry.of(parsed.verification, run=str(parsed.checkpoint.parent), pinned=parsed.pinned)
-        if not current:
-            entry = Entry(**{**entry.__dict__, "verified": False})
-        found.append((parsed, entry))
-    return found
+    return [
+        (parsed, Entry.of(parsed.verification, str(parsed.checkpoint.parent), parsed.pinned, verified=current))
+        for parsed, current in sidecar.find(folder)
+    ]
 
 
 def _existing_folder(path: Path) -> Path:

@@ -150,11 +150,8 @@ def sidecar_entries(paths: Iterable[Path]) -> dict[str, Entry]:
         parsed = sidecar.read(path)
         if parsed is None:
             continue
-        current = parsed.verification.mtime_ns == path.stat().st_mtime_ns or (
-            parsed.verification.mtime == path.stat().st_mtime_ns / 1e9
-        )
-        entry = Entry.of(parsed.verification, run=str(path.parent), pinned=parsed.pinned)
-        found[str(path)] = entry if current else Entry(**{**entry.__dict__, "verified": False})
+        current = sidecar.is_current(parsed, path)
+        found[str(path)] = Entry.of(parsed.verification, run=str(path.parent), pinned=parsed.pinned, verified=current)
     return found
 
 

@@ -106,10 +106,11 @@ class Entry:
     verified: bool = True  # False while the checkpoint is not yet verified (or changed since)
 
     @classmethod
-    def of(cls, verification: Verification, run: str, pinned: bool = False) -> Entry:
-        """The entry of a verification record."""
+    def of(cls, verification: Verification, run: str, pinned: bool = False, verified: bool = True) -> Entry:
+        """The entry of a verification record; `verified=False` when its checkpoint changed since."""
         v = verification
         return cls(
             path=v.path, run=run, status=v.status, size=v.size_bytes, mtime=v.mtime, sha256=v.sha256,
             epoch=v.epoch, step=v.global_step, metrics=dict(v.metrics), pinned=pinned, format=v.format,
+            verified=verified,
         )  # fmt: skip

@@ -168,12 +168,15 @@ def find(folder: Path) -> list[tuple[Sidecar, bool]]:
                 continue
             parsed = read(checkpoint)
             if parsed is not None:
-                found.append((parsed, _current(parsed, checkpoint, stat)))
+                found.append((parsed, is_current(parsed, checkpoint, stat)))
     return found
 
 
-def _current(found: Sidecar, checkpoint: Path, stat: os.stat_result) -> bool:
+def is_current(found: Sidecar, checkpoint: Path, stat: os.stat_result | None = None) -> bool:
+    """True when the checkpoint still has the size and mtime it had when verified: a sidecar of a checkpoint
+    rewritten since describes other bytes. Raises OSError when the checkpoint cannot be stat'ed."""
     if not found.verification.is_directory:
+        stat = stat or checkpoint.stat()
         return stat.st_size == found.verification.size_bytes and stat.st_mtime_ns / 1e9 == found.verification.mtime
     from ckptd.discover import identity  # a directory's identity spans the files inside it
 
