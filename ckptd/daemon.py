@@ -242,8 +242,11 @@ class Daemon:
 
     # ----------------------------------------------------------------------------------------------- watching
 
-    def _start_watchers(self) -> None:
+    def _start_watchers(self, names: list[str] | None = None) -> None:
+        """Start an observer for every watch (or for the watches in `names`)."""
         for watch in self.config.watch:
+            if names is not None and watch.name not in names:
+                continue
             watcher = FolderWatcher(
                 watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
             )
@@ -255,20 +258,11 @@ class Daemon:
         for name in names:
             self.log.error("observer stopped, restarting it and rescanning", watch=name)
             self.watchers.pop(name).stop()
-        self._start_watchers_named(names)
+        self._start_watchers(names)
         for name in names:
             watch = self.config.watch_named(name)
             if watch is not None:
                 self._reconcile(watch, "observer error")
-
-    def _start_watchers_named(self, names: list[str]) -> None:
-        for watch in self.config.watch:
-            if watch.name in names:
-                watcher = FolderWatcher(
-                    watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
-                )
-                watcher.start()
-                self.watchers[watch.name] = watcher
 
     def _drain_changes(self, timeout: float) -> None:
         try:
