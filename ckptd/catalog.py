@@ -3,6 +3,11 @@
 The only module that imports sqlite3. One row per checkpoint path; a checkpoint whose size, mtime and inode
 are unchanged is never hashed again. Rows of deleted checkpoints are kept with `gone_at` set, so history
 (and later the retention journal) stays queryable.
+
+Any file name is a valid path, UTF-8 or not: Python hands undecodable bytes over as lone surrogates
+(surrogateescape), which SQLite cannot store as text. Every text value is therefore stored through `encode`,
+a one-to-one mapping that leaves valid UTF-8 without U+10FFFF untouched, and read back through `decode`.
+It maps character by character, so a prefix of a path stays a prefix of its stored form.
 """
 
 from __future__ import annotations
@@ -10,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.model import Entry, Verification
+from ckptd.model import Entry, Identity, Verification
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -91,6 +96,55 @@ CREATE TABLE IF NOT EXISTS runs (
 
 CATALOG_NAME = "catalog.sqlite3"
 
+_ESCAPE = "\U0010ffff"  # a noncharacter: no sane name holds it, and one that does is escaped too
+_SURROGATES = 0xD800
+_PRIVATE = 0xF0000  # surrogate U+D800+n is stored as _ESCAPE followed by U+F0000+n (plane 15, private use)
+
+
+def encode(text: str) -> str:
+    """The stored form of `text`: valid UTF-8 text for any str, lone surrogates included (see the module)."""
+    if text.isascii():
+        return text
+    if _ESCAPE not in text:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char == _ESCAPE:
+            out.append(_ESCAPE + _ESCAPE)
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(_ESCAPE + chr(_PRIVATE + code - _SURROGATES))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def decode(stored: str) -> str:
+    """The inverse of `encode`."""
+    if _ESCAPE not in stored:
+        return stored
+    out, chars = [], iter(stored)
+    for char in chars:
+        if char != _ESCAPE:
+            out.append(char)
+            continue
+        following = next(chars, _ESCAPE)
+        out.append(_ESCAPE if following == _ESCAPE else chr(_SURROGATES + ord(following) - _PRIVATE))
+    return "".join(out)
+
+
+def _text(data: bytes) -> str:
+    return decode(data.decode("utf-8", "surrogateescape"))
+
+
+def _args(args: Sequence[Any]) -> list[Any]:
+    return [encode(a) if isinstance(a, str) else a for a in args]
+
 
 @dataclass(frozen=True)
 class Row:
@@ -115,6 +169,7 @@ class Row:
     verified_at: float | None
     gone_at: float | None
     pinned: bool
+    device: int = 0
 
     @property
     def mtime(self) -> float:
@@ -126,7 +181,7 @@ class Row:
         return Entry(
             path=self.path, run=self.run, status=self.status, size=self.size, mtime=self.mtime, sha256=self.sha256,
             epoch=self.epoch, step=self.step, metrics=self.metrics, pinned=self.pinned, format=self.format,
-            verified=self.status is not None,
+            verified=self.status is not None, mtime_ns=self.mtime_ns, inode=self.inode, device=self.device,
         )  # fmt: skip
 
 
@@ -146,19 +201,31 @@ class Catalog:
         self.path = state_dir / CATALOG_NAME
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.text_factory = _text
+        self._exec("PRAGMA journal_mode=WAL")
+        self._exec("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
 
+    def _exec(self, query: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run one statement with its text arguments in their stored form (see `encode`)."""
+        return self._db.execute(query, _args(args))
+
     def _add_missing_columns(self) -> None:
         """Bring a catalog made by an older ckptd up to this schema: new columns only, never a data loss."""
-        added = {"mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"}}
+        added = {
+            "mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"},
+            "checkpoints": {"device": "INTEGER NOT NULL DEFAULT 0"},
+            "journal": {
+                "device": "INTEGER", "inode": "INTEGER", "mtime_ns": "INTEGER",
+                "folder": "TEXT", "trash": "TEXT",
+            },
+        }  # fmt: skip
         for table, columns in added.items():
-            have = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            have = {row["name"] for row in self._exec(f"PRAGMA table_info({table})")}
             for column, declaration in columns.items():
                 if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    self._exec(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def __enter__(self) -> Catalog:
         return self
@@ -172,12 +239,12 @@ class Catalog:
 
     def get(self, path: str) -> Row | None:
         """The row of `path`, or None."""
-        found = self._db.execute("SELECT * FROM checkpoints WHERE path = ?", (path,)).fetchone()
+        found = self._exec("SELECT * FROM checkpoints WHERE path = ?", (path,)).fetchone()
         return _row(found) if found else None
 
     def unchanged(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
         """True when `path` was verified before with exactly this size, mtime and inode (and is not gone)."""
-        found = self._db.execute(
+        found = self._exec(
             "SELECT 1 FROM checkpoints WHERE path = ? AND size = ? AND mtime_ns = ? AND inode = ?"
             " AND status IS NOT NULL AND gone_at IS NULL",
             (path, size, mtime_ns, inode),
@@ -187,22 +254,23 @@ class Catalog:
     def record_verified(self, *, watch: str, run: str, verification: Verification, mtime_ns: int, now: float) -> None:
         """Insert or update the row of a verified checkpoint (first_seen and pinned are kept)."""
         v = verification
-        self._db.execute(
+        self._exec(
             """
             INSERT INTO checkpoints (path, watch, run, kind, link_target, format, status, size, mtime_ns, inode,
-                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at)
-            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at, device)
+            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)
             ON CONFLICT (path) DO UPDATE SET
                 watch = excluded.watch, run = excluded.run, kind = excluded.kind, link_target = NULL,
                 format = excluded.format, status = excluded.status, size = excluded.size,
-                mtime_ns = excluded.mtime_ns, inode = excluded.inode, sha256 = excluded.sha256,
+                mtime_ns = excluded.mtime_ns, inode = excluded.inode, device = excluded.device,
+                sha256 = excluded.sha256,
                 epoch = excluded.epoch, step = excluded.step, metrics = excluded.metrics,
                 problems = excluded.problems, verified_at = excluded.verified_at, gone_at = NULL
             """,
             (
                 v.path, watch, run, "directory" if v.is_directory else "file", v.format, v.status,
                 v.size_bytes, mtime_ns, v.inode, v.sha256, v.epoch, v.global_step,
-                json.dumps(v.metrics, allow_nan=True), json.dumps(v.problems), now, now,
+                json.dumps(v.metrics, allow_nan=True), json.dumps(v.problems), now, now, v.device,
             ),
         )  # fmt: skip
 
@@ -219,7 +287,7 @@ class Catalog:
         now: float,
     ) -> None:
         """Insert or update a symbolic link that points to another checkpoint; it is never hashed itself."""
-        self._db.execute(
+        self._exec(
             """
             INSERT INTO checkpoints (path, watch, run, kind, link_target, size, mtime_ns, inode, first_seen,
                 verified_at)
@@ -233,7 +301,7 @@ class Catalog:
 
     def mark_gone(self, path: str, now: float) -> None:
         """Record that `path` no longer exists on disk."""
-        self._db.execute("UPDATE checkpoints SET gone_at = ? WHERE path = ? AND gone_at IS NULL", (now, path))
+        self._exec("UPDATE checkpoints SET gone_at = ? WHERE path = ? AND gone_at IS NULL", (now, path))
 
     def present(self, *, watch: str | None = None, under: str | None = None) -> Iterator[Row]:
         """Rows of checkpoints still on disk, for one watch and/or below one folder, by path."""
@@ -244,8 +312,8 @@ class Catalog:
         if under is not None:
             query += " AND (path = ? OR substr(path, 1, ?) = ?)"
             prefix = under.rstrip("/") + "/"
-            args += [under, len(prefix), prefix]
-        for found in self._db.execute(query + " ORDER BY path", args):
+            args += [under, len(encode(prefix)), prefix]  # substr counts characters of the stored form
+        for found in self._exec(query + " ORDER BY path", args):
             yield _row(found)
 
     def set_run(
@@ -260,8 +328,8 @@ class Catalog:
         now: float,
     ) -> tuple[str | None, str | None]:
         """Store a run's latest and best; return the (latest, best) stored before."""
-        before = self._db.execute("SELECT latest, best FROM runs WHERE run = ?", (run,)).fetchone()
-        self._db.execute(
+        before = self._exec("SELECT latest, best FROM runs WHERE run = ?", (run,)).fetchone()
+        self._exec(
             """
             INSERT INTO runs (run, watch, latest, best, best_metric, best_value, updated_at)
             VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -278,11 +346,11 @@ class Catalog:
         query, args = "SELECT * FROM runs", list[Any]()
         if watch is not None:
             query, args = query + " WHERE watch = ?", [watch]
-        return [dict(r) for r in self._db.execute(query + " ORDER BY run", args)]
+        return [dict(r) for r in self._exec(query + " ORDER BY run", args)]
 
     def counts(self, watch: str) -> dict[str, int]:
         """How many present checkpoints of a watch are in each status (`pending` before verification)."""
-        rows = self._db.execute(
+        rows = self._exec(
             "SELECT COALESCE(status, CASE kind WHEN 'link' THEN 'link' ELSE 'pending' END) AS s, COUNT(*) AS n"
             " FROM checkpoints WHERE watch = ? AND gone_at IS NULL GROUP BY s",
             (watch,),
@@ -292,50 +360,60 @@ class Catalog:
     def rename(self, old: str, new: str) -> None:
         """Follow a checkpoint's rename in every table (its row keeps its history and its pin)."""
         with self._transaction():
-            self._db.execute("DELETE FROM checkpoints WHERE path = ? AND gone_at IS NOT NULL", (new,))
-            self._db.execute("UPDATE checkpoints SET path = ? WHERE path = ?", (new, old))
-            self._db.execute("UPDATE runs SET latest = ? WHERE latest = ?", (new, old))
-            self._db.execute("UPDATE runs SET best = ? WHERE best = ?", (new, old))
-            self._db.execute("UPDATE OR IGNORE mirror_queue SET path = ? WHERE path = ?", (new, old))
+            self._exec("DELETE FROM checkpoints WHERE path = ? AND gone_at IS NOT NULL", (new,))
+            self._exec("UPDATE checkpoints SET path = ? WHERE path = ?", (new, old))
+            self._exec("UPDATE runs SET latest = ? WHERE latest = ?", (new, old))
+            self._exec("UPDATE runs SET best = ? WHERE best = ?", (new, old))
+            self._exec("UPDATE OR IGNORE mirror_queue SET path = ? WHERE path = ?", (new, old))
 
     def set_pinned(self, path: str, pinned: bool) -> bool:
         """Pin or unpin a cataloged checkpoint; False when the catalog does not know it."""
-        cursor = self._db.execute(
-            "UPDATE checkpoints SET pinned = ? WHERE path = ? AND gone_at IS NULL", (int(pinned), path)
-        )
+        cursor = self._exec("UPDATE checkpoints SET pinned = ? WHERE path = ? AND gone_at IS NULL", (int(pinned), path))
         return cursor.rowcount > 0
 
-    def link_targets(self, watch: str) -> dict[str, str]:
-        """{target: link} for the links of a watch that point to a checkpoint."""
-        rows = self._db.execute(
-            "SELECT path, link_target FROM checkpoints WHERE watch = ? AND kind = 'link' AND gone_at IS NULL", (watch,)
-        )
+    def link_targets(self) -> dict[str, str]:
+        """{target: link} for every link, in any watch, that points to a checkpoint.
+
+        Not per watch: a link in one watch may point to a checkpoint of another, and protects it all the same.
+        """
+        rows = self._exec("SELECT path, link_target FROM checkpoints WHERE kind = 'link' AND gone_at IS NULL")
         return {r["link_target"]: r["path"] for r in rows}
 
     def journal_intent(
         self, *, action: str, watch: str, run: str, path: str, sha256: str | None, size: int, reasons: list[str],
-        now: float,
+        now: float, identity: Identity | None = None, folder: str | None = None, trash: str | None = None,
     ) -> int:  # fmt: skip
-        """Write down a deletion or quarantine before doing it; return the journal entry's id."""
-        cursor = self._db.execute(
-            "INSERT INTO journal (planned_at, state, action, watch, run, path, sha256, size, reasons)"
-            " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-            (now, action, watch, run, path, sha256, size, json.dumps(reasons)),
-        )
+        """Write down a deletion or quarantine before doing it; return the journal entry's id.
+
+        The entry names the identity that will be removed and the trash name it is moved to first, and it
+        is on disk (synchronous=FULL) before this returns: a power cut after the unlink cannot lose it.
+        """
+        ident = identity or Identity(size, 0, 0, 0)
+        self._exec("PRAGMA synchronous=FULL")
+        try:
+            cursor = self._exec(
+                "INSERT INTO journal (planned_at, state, action, watch, run, path, sha256, size, reasons, device,"
+                " inode, mtime_ns, folder, trash) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, action, watch, run, path, sha256, size, json.dumps(reasons), ident.device, ident.inode,
+                 ident.mtime_ns, folder, trash),
+            )  # fmt: skip
+        finally:
+            self._exec("PRAGMA synchronous=NORMAL")
         return int(cursor.lastrowid or 0)
 
     def journal_finish(self, entry: int, *, state: str, now: float, detail: str | None = None) -> None:
         """Close a journal entry (done or skipped); a done one also marks its checkpoint gone, atomically."""
         with self._transaction():
-            self._db.execute(
+            self._exec(
                 "UPDATE journal SET state = ?, done_at = ?, detail = COALESCE(?, detail) WHERE id = ?",
                 (state, now, detail, entry),
             )
             if state == "done":
-                self._db.execute(
+                self._exec(  # only the row of the bytes removed: not one of a file written since under that name
                     "UPDATE checkpoints SET gone_at = ? WHERE gone_at IS NULL AND path ="
-                    " (SELECT path FROM journal WHERE id = ?)",
-                    (now, entry),
+                    " (SELECT path FROM journal WHERE id = ?) AND inode ="
+                    " COALESCE((SELECT NULLIF(inode, 0) FROM journal WHERE id = ?), inode)",
+                    (now, entry, entry),
                 )
 
     def journal(self, *, state: str | None = None, watch: str | None = None) -> list[dict[str, Any]]:
@@ -346,7 +424,7 @@ class Catalog:
         if watch is not None:
             query, args = query + " AND watch = ?", [*args, watch]
         found = []
-        for row in self._db.execute(query + " ORDER BY id", args):
+        for row in self._exec(query + " ORDER BY id", args):
             entry = dict(row)
             entry["reasons"] = json.loads(entry["reasons"])
             found.append(entry)
@@ -354,19 +432,19 @@ class Catalog:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._exec("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._exec("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self._exec("COMMIT")
 
     def awaiting_mirror(self, watch: str) -> frozenset[str]:
         """Paths of a watch that a mirror rule still has to copy (kept by retention until copied)."""
         # Fix: only pending and failed copies are still to be made. `state != 'done'` also counted dropped
         # rows (superseded before they were copied, or gone), so retention kept those checkpoints forever.
-        rows = self._db.execute(
+        rows = self._exec(
             "SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state IN ('pending', 'failed')", (watch,)
         )
         return frozenset(r["path"] for r in rows)
@@ -381,14 +459,14 @@ class Catalog:
         """
         queued = 0
         with self._transaction():
-            rows = self._db.execute(
+            rows = self._exec(
                 "SELECT * FROM mirror_queue WHERE target = ? AND run = ? AND state != 'dropped'", (target, run)
             ).fetchall()
             existing = {(r["path"], r["sha256"]): r for r in rows}
             keep = {(path, sha) for path, (_roles, sha) in wanted.items()}
             for row in rows:
                 if (row["path"], row["sha256"]) not in keep and row["state"] in ("pending", "failed"):
-                    self._db.execute(
+                    self._exec(
                         "UPDATE mirror_queue SET state = 'dropped', done_at = ? WHERE target = ? AND path = ?"
                         " AND sha256 = ?",
                         (now, target, row["path"], row["sha256"]),
@@ -398,7 +476,7 @@ class Catalog:
                 row = existing.get((path, sha))
                 if row is not None and row["role"] == role:
                     continue
-                self._db.execute(
+                self._exec(
                     """
                     INSERT INTO mirror_queue (target, path, watch, run, role, sha256, state, queued_at)
                     VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
@@ -416,11 +494,11 @@ class Catalog:
         args: list[Any] = []
         if now is not None:
             query, args = query + " AND next_try <= ?", [now]
-        return [dict(r) for r in self._db.execute(query + " ORDER BY queued_at", args)]
+        return [dict(r) for r in self._exec(query + " ORDER BY queued_at", args)]
 
     def mirror_finish(self, item: dict[str, Any], *, state: str, now: float, error: str | None = None) -> None:
         """Close a queued copy: done (proved on the target) or dropped."""
-        self._db.execute(
+        self._exec(
             "UPDATE mirror_queue SET state = ?, done_at = ?, last_error = ?, copied = copied OR ?"
             " WHERE target = ? AND path = ? AND sha256 = ?",
             (state, now, error, int(state == "done"), item["target"], item["path"], item["sha256"]),
@@ -430,7 +508,7 @@ class Catalog:
         """Record a failed copy; it is tried again at `next_try`."""
         # Fix: a copy dropped while it was being made (its checkpoint superseded or deleted meanwhile) stays
         # dropped; this brought it back as failed, shown in `ckptd status` and kept by retention until retried.
-        self._db.execute(
+        self._exec(
             "UPDATE mirror_queue SET state = 'failed', attempts = attempts + 1, last_error = ?, next_try = ?"
             " WHERE target = ? AND path = ? AND sha256 = ? AND state != 'dropped'",
             (error, next_try, item["target"], item["path"], item["sha256"]),
@@ -439,11 +517,11 @@ class Catalog:
     def mirror_backlog(self) -> dict[str, dict[str, Any]]:
         """Per target: copies waiting, copies failing, the last error."""
         backlog: dict[str, dict[str, Any]] = {}
-        for row in self._db.execute("SELECT target, state, COUNT(*) AS n FROM mirror_queue GROUP BY target, state"):
+        for row in self._exec("SELECT target, state, COUNT(*) AS n FROM mirror_queue GROUP BY target, state"):
             backlog.setdefault(row["target"], {"pending": 0, "failed": 0, "done": 0, "last_error": None})
             if row["state"] in ("pending", "failed", "done"):
                 backlog[row["target"]][row["state"]] = row["n"]
-        for row in self._db.execute(
+        for row in self._exec(
             "SELECT target, last_error FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
         ):
             if backlog[row["target"]]["last_error"] is None:
@@ -452,7 +530,7 @@ class Catalog:
 
     def scrub_order(self, watch: str) -> list[Row]:
         """The ok checkpoints of a watch, least recently scrubbed first (never scrubbed before all others)."""
-        rows = self._db.execute(
+        rows = self._exec(
             "SELECT c.* FROM checkpoints c LEFT JOIN scrubs s ON s.location = 'local:' || c.path"
             " WHERE c.watch = ? AND c.gone_at IS NULL AND c.status = 'ok' AND c.sha256 IS NOT NULL"
             " ORDER BY COALESCE(s.scrubbed_at, 0), c.path",
@@ -462,12 +540,12 @@ class Catalog:
 
     def last_scrubbed(self, location: str) -> float:
         """When a location was last scrubbed (0 if never)."""
-        found = self._db.execute("SELECT scrubbed_at FROM scrubs WHERE location = ?", (location,)).fetchone()
+        found = self._exec("SELECT scrubbed_at FROM scrubs WHERE location = ?", (location,)).fetchone()
         return float(found["scrubbed_at"]) if found else 0.0
 
     def record_scrub(self, location: str, *, sha256: str | None, result: str, now: float, detail: str = "") -> None:
         """Record a scrub's result for one location."""
-        self._db.execute(
+        self._exec(
             "INSERT INTO scrubs (location, sha256, scrubbed_at, result, detail) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (location) DO UPDATE SET sha256 = excluded.sha256, scrubbed_at = excluded.scrubbed_at,"
             " result = excluded.result, detail = excluded.detail",
@@ -476,20 +554,20 @@ class Catalog:
 
     def scrub_problems(self) -> list[dict[str, Any]]:
         """Locations whose last scrub found rot it could not repair, or that were quarantined or repaired."""
-        rows = self._db.execute("SELECT * FROM scrubs WHERE result != 'ok' ORDER BY scrubbed_at DESC")
+        rows = self._exec("SELECT * FROM scrubs WHERE result != 'ok' ORDER BY scrubbed_at DESC")
         return [dict(r) for r in rows]
 
     def update_identity(self, path: str, *, mtime_ns: int, inode: int) -> None:
         """Record a checkpoint's new inode after it was replaced by an identical, repaired copy."""
-        self._db.execute("UPDATE checkpoints SET mtime_ns = ?, inode = ? WHERE path = ?", (mtime_ns, inode, path))
+        self._exec("UPDATE checkpoints SET mtime_ns = ?, inode = ? WHERE path = ?", (mtime_ns, inode, path))
 
     def mark_corrupt(self, path: str, problem: str) -> None:
         """Record that a verified checkpoint turned out corrupt (bit rot found by a scrub)."""
-        self._db.execute(
+        self._exec(
             "UPDATE checkpoints SET status = 'corrupt', problems = ? WHERE path = ?", (json.dumps([problem]), path)
         )
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""
-        rows = self._db.execute("SELECT * FROM checkpoints WHERE run = ? AND gone_at IS NULL", (run,))
+        rows = self._exec("SELECT * FROM checkpoints WHERE run = ? AND gone_at IS NULL", (run,))
         return [_row(r) for r in rows]

@@ -185,6 +185,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
             report = reconcile(
                 root, watch=watch_name, patterns=patterns, catalog=catalog,
                 verifier=lambda p: engine_verify(p, trusted=trusted), engine=engine_versions,
+                boundaries=[w.path for w in config.watch] if config else (),
             )  # fmt: skip
             failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
             summary[str(root)] = {
@@ -549,32 +550,33 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
 
     # Fix: a name without a step and without a current sidecar has its step read from its contents.
     result = migration.plan_renames(paths, migration.steps_from_sidecars(entries, verifier))
+    state_dir = config.daemon.state_dir if config is not None else Path.home() / ".local/state/ckptd"
+    catalog = Catalog(state_dir) if delete_old or (config is not None and not dry_run) else None
     if delete_old:
-        assert keep_min_epoch is not None
+        assert keep_min_epoch is not None and catalog is not None
         metric = watch.metric if watch else None
         # Fix: the target of a link (last.ckpt -> epoch_...) is a retention invariant; it was deleted here.
         links = {str(c.link_target): str(c.path) for c in found if c.kind == "link" and c.link_target is not None}
-        doomed = migration.plan_deletions(
-            entries.values(),
-            keep_min_epoch,
-            metric.name if metric else None,
-            metric.mode if metric else "min",
-            links,
-        )
-        result.deletions = [(Path(p), why) for p, why in doomed]
-    doomed_paths = {path for path, _why in result.deletions}
+        result.deletions = migration.plan_deletions(
+            entries.values(), keep_min_epoch, metric.name if metric else None, metric.mode if metric else "min",
+            links, catalog.awaiting_mirror(watch.name) if watch else frozenset(),
+        )  # fmt: skip
+    doomed_paths = {Path(d.path) for d in result.deletions}
     result.renames = [(source, target) for source, target in result.renames if source not in doomed_paths]
-    catalog = Catalog(config.daemon.state_dir) if config is not None and not dry_run else None
     failed = False
     try:
-        for path, why in result.deletions:  # first, so that nothing is renamed only to be deleted
-            if not dry_run:
-                from ckptd.prune import delete_checkpoint
+        for decision in result.deletions:  # first, so that nothing is renamed only to be deleted
+            from ckptd import delete
 
-                delete_checkpoint(path)
-                if catalog is not None:
-                    catalog.mark_gone(str(path), time.time())
-            click.echo(f"deleted: {path} ({why})")
+            assert catalog is not None
+            removal = delete.Removal.planned(decision, watch.name if watch else "", watch.path if watch else root)
+            try:
+                delete.execute(removal, catalog, state_dir, now=time.time(), dry_run=dry_run)
+            except (delete.Refused, OSError) as exc:
+                click.echo(f"not deleted: {decision.path} ({exc})", err=True)
+                failed = True
+                continue
+            click.echo(f"deleted: {decision.path} ({'; '.join(decision.reasons)})")
         for source, target in result.renames:
             if not dry_run:
                 try:

@@ -31,9 +31,9 @@ from ckptd import discover, log, selection, sidecar
 from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
-from ckptd.discover import Candidate, Identity
+from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
-from ckptd.model import CheckpointChanged, Verification
+from ckptd.model import CheckpointChanged, Identity, Verification
 from ckptd.prune import PruneReport, prune_watch
 from ckptd.scan import record, record_link, survey
 from ckptd.scheduler import Scheduler
@@ -237,6 +237,10 @@ class Daemon:
             if self.pool is not None and self.pool.reap_idle(len(self.in_flight)):
                 self.log.debug("verifier workers stopped while idle")
 
+    def _roots(self) -> list[Path]:
+        """Every watched folder: a link into any of them is recorded, and protects its target from retention."""
+        return [w.path for w in self.config.watch]
+
     def _healthy(self) -> bool:
         return all(w.healthy() for w in self.watchers.values())
 
@@ -286,10 +290,10 @@ class Daemon:
         if change.kind == "deleted":
             self._on_deleted(watch, change.path)
         elif change.kind == "new_folder":
-            for found in discover.discover(change.path, watch.patterns, boundary=watch.path):
+            for found in discover.discover(change.path, watch.patterns, boundary=self._roots()):
                 self._track(watch, found, closed=_complete(found))
         else:
-            candidate = discover.candidate_for(change.path, watch.path, watch.patterns)
+            candidate = discover.candidate_for(change.path, watch.path, watch.patterns, self._roots())
             if candidate is not None:
                 if change.kind == "created" and candidate.kind == "file" and str(candidate.path) in self.tracker:
                     # Fix: a file in a new folder, written before the folder's watch was added, is found by
@@ -467,7 +471,9 @@ class Daemon:
         assert self.catalog is not None
         started = time.monotonic()
         try:
-            found = survey(watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog)
+            found = survey(
+                watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots()
+            )
         except OSError as exc:
             self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=str(exc))
             return

@@ -3,23 +3,27 @@
 A checkpoint is a file matching the watch's patterns, or a directory holding a format marker (DCP's
 `.metadata`, a `*.safetensors.index.json`, Orbax's `commit_success.txt`). Its run is the folder that holds
 it. Symbolic links are reported as links to their target and never followed; a link whose target lies
-outside the watched folder is ignored. Hidden folders (such as a `.ckptd` state folder) are skipped.
+outside every watched folder is ignored. Hidden folders (such as a `.ckptd` state folder) are skipped.
+Only regular files are checkpoints: a FIFO, socket or device is never opened (a FIFO would block its
+reader for good); inside a directory checkpoint one is listed by `special_files` and makes it unsupported.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ckptd import formats
-from ckptd.fsutil import TEMP_MARK
-from ckptd.sidecar import SIDECAR_SUFFIX
+from ckptd.formats.safetensors import SafetensorsError, parse_index
+from ckptd.fsutil import TEMP_MARK, kind_of
+from ckptd.model import Identity
+from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of
 
 Kind = Literal["file", "directory", "link"]
 
@@ -34,39 +38,43 @@ class Candidate:
     link_target: Path | None = None
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What tells that a checkpoint changed: total size, newest mtime (ns) and inode."""
-
-    size: int
-    mtime_ns: int
-    inode: int
-
-    @property
-    def mtime(self) -> float:
-        """The mtime in seconds, computed one way everywhere so that equality checks hold."""
-        return self.mtime_ns / 1e9
-
-
 def is_ckptd_file(name: str) -> bool:
     """True for ckptd's own sidecars and temp files."""
     return name.endswith(SIDECAR_SUFFIX) or TEMP_MARK in name
 
 
+def _walk_directory(folder: Path) -> Iterator[tuple[str, int]]:
+    """(relative path, st_mode) of every non-folder entry inside `folder`, links not followed, ckptd's own
+    files left out. Folders are descended into; a link to a folder is reported as a link."""
+    pending = [("", folder)]
+    while pending:
+        prefix, current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                rel = f"{prefix}{entry.name}"
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    pending.append((rel + "/", Path(entry.path)))
+                elif not is_ckptd_file(entry.name):
+                    yield rel, mode
+
+
 def directory_files(folder: Path) -> list[str]:
     """The relative paths of the regular files inside a directory checkpoint, sorted.
 
-    Symbolic links are not followed; ckptd's own sidecars and temp files are left out.
+    Symbolic links are not followed, FIFOs, sockets and devices are left out (see `special_files`), and so
+    are ckptd's own sidecars and temp files.
     """
-    found = []
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        dirs.sort()
-        for name in names:
-            full = Path(root) / name
-            if is_ckptd_file(name) or full.is_symlink():
-                continue
-            found.append(full.relative_to(folder).as_posix())
-    return sorted(found)
+    return sorted(rel for rel, mode in _walk_directory(folder) if stat.S_ISREG(mode))
+
+
+def special_files(folder: Path) -> list[str]:
+    """`<relative path> (<kind>)` for each FIFO, socket or device inside a directory checkpoint, sorted."""
+    return sorted(
+        f"{rel} ({kind_of(mode)})"
+        for rel, mode in _walk_directory(folder)
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode))
+    )
 
 
 def directory_digest(files: Mapping[str, str]) -> str:
@@ -81,14 +89,35 @@ def identity(path: Path) -> Identity:
     Raises FileNotFoundError when the checkpoint is gone.
     """
     st = path.stat()
-    if not path.is_dir():
-        return Identity(st.st_size, st.st_mtime_ns, st.st_ino)
+    if not stat.S_ISDIR(st.st_mode):
+        return Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
     size, newest = 0, st.st_mtime_ns
     for rel in directory_files(path):
-        inner = (path / rel).stat()
+        inner = (path / rel).lstat()
         size += inner.st_size
         newest = max(newest, inner.st_mtime_ns)
-    return Identity(size, newest, st.st_ino)
+    return Identity(size, newest, st.st_ino, st.st_dev)
+
+
+def identity_at(dir_fd: int, name: str) -> Identity:
+    """The identity of the entry `name` in an open folder, without following a link (see `identity`).
+
+    A link is reported with the link's own inode, so it never equals the identity of a checkpoint.
+    Raises FileNotFoundError when it is gone.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        return Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    size, newest = 0, st.st_mtime_ns
+    for _root, _dirs, files, root_fd in os.fwalk(name, dir_fd=dir_fd, follow_symlinks=False):
+        for inner_name in files:
+            if is_ckptd_file(inner_name):
+                continue
+            inner = os.stat(inner_name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISREG(inner.st_mode):
+                size += inner.st_size
+                newest = max(newest, inner.st_mtime_ns)
+    return Identity(size, newest, st.st_ino, st.st_dev)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -101,8 +130,19 @@ def inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def classify(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | None:
-    """Return the candidate that `path` is, or None if it is not a checkpoint ckptd should look at."""
+Roots = Path | Sequence[Path]
+
+
+def _inside_any(path: Path, roots: Roots) -> bool:
+    return any(inside(path, root) for root in ([roots] if isinstance(roots, Path) else roots))
+
+
+def classify(path: Path, root: Roots, patterns: Sequence[str]) -> Candidate | None:
+    """Return the candidate that `path` is, or None if it is not a checkpoint ckptd should look at.
+
+    `root` is the watched folder, or every watched folder: a link is recorded (never followed) when its
+    target lies in one of them, so that the target is protected from retention wherever it lives.
+    """
     name = path.name
     if is_ckptd_file(name):
         return None
@@ -110,8 +150,8 @@ def classify(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | Non
         target = path.resolve()
         if not matches(name, patterns) and not (target.is_dir() and formats.detect_directory(target)):
             return None
-        if not target.exists() or not inside(target, root):
-            return None  # never follow a link out of the watched folder
+        if not target.exists() or not _inside_any(target, root):
+            return None  # never follow a link out of the watched folders
         return Candidate(path, "link", path.parent, target)
     if path.is_dir():
         return Candidate(path, "directory", path.parent) if formats.detect_directory(path) else None
@@ -120,11 +160,11 @@ def classify(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | Non
     return None
 
 
-def discover(root: Path, patterns: Sequence[str], boundary: Path | None = None) -> Iterator[Candidate]:
+def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Iterator[Candidate]:
     """Walk `root` and yield every checkpoint in it; directory checkpoints are not descended into.
 
     `root` may itself be a checkpoint (a file or a directory checkpoint). Links may point anywhere inside
-    `boundary` (the watched folder; `root` by default), never out of it.
+    `boundary` (the watched folder, or every watched folder; `root` by default), never out of it.
     """
     boundary = boundary or root
     top = classify(root, root.parent, patterns) if root.is_file() or formats.detect_directory(root) else None
@@ -156,8 +196,8 @@ def orphan_sidecars(root: Path) -> Iterator[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.endswith(SIDECAR_SUFFIX):
-                checkpoint = Path(dirpath) / name.removesuffix(SIDECAR_SUFFIX)
-                if not checkpoint.exists() and not checkpoint.is_symlink():
+                checkpoint = checkpoint_of(Path(dirpath) / name)
+                if checkpoint is None or not (checkpoint.exists() or checkpoint.is_symlink()):
                     yield Path(dirpath) / name
 
 
@@ -186,18 +226,21 @@ def directory_complete(folder: Path) -> bool:
     if kind == "safetensors_sharded":
         index = formats.hf_index_in(folder)
         try:
-            shards = set(json.loads(index.read_bytes()).get("weight_map", {}).values()) if index else set()
-        except (OSError, ValueError, AttributeError):
+            shards = set(parse_index(index).values()) if index else set()
+        except SafetensorsError:
             return False
         return all((folder / str(shard)).is_file() for shard in shards)
     return kind is not None
 
 
-def candidate_for(path: Path, root: Path, patterns: Sequence[str]) -> Candidate | None:
-    """The checkpoint an event at `path` concerns: the directory checkpoint holding it, or the file itself."""
+def candidate_for(path: Path, root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Candidate | None:
+    """The checkpoint an event at `path` concerns: the directory checkpoint holding it, or the file itself.
+
+    `boundary`: where links may point (the watched folder `root` by default, or every watched folder).
+    """
     for parent in path.parents:
         if parent == root or not parent.is_relative_to(root):
             break
         if formats.detect_directory(parent):
             return Candidate(parent, "directory", parent.parent)
-    return classify(path, root, patterns) if path.exists() or path.is_symlink() else None
+    return classify(path, boundary or root, patterns) if path.exists() or path.is_symlink() else None

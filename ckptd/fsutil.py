@@ -1,26 +1,65 @@
-"""Atomic file writes: a temp file in the same folder, fsync, rename, fsync the folder.
+"""File-system primitives that every writer and deleter goes through.
 
-A reader, or a crash at any moment, sees either the old file or the new one, never half of one.
+- Atomic writes: a temp file in the same folder, fsync, rename, fsync the folder. A reader, or a crash at any
+  moment, sees either the old file or the new one, never half of one.
+- Opening what others can write: `open_regular` never follows a final link and never opens a FIFO, socket
+  or device (a FIFO would block the reader for good); `open_folder` walks down from a trusted root one
+  component at a time without following links, so a folder swapped for a link mid-way fails instead of
+  leading out of the tree. Callers then act relative to that descriptor (`dir_fd=`), never by path again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import secrets
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ckptd.untrusted import fit_name
+
 TEMP_MARK = ".ckptd-tmp"
+_TOKEN_ROOM = len(".0123abcd" + TEMP_MARK)
+
+
+class NotRegularFile(OSError):
+    """The path is a FIFO, socket, device, link or folder where a regular file was expected."""
+
+
+def kind_of(mode: int) -> str:
+    """A file type in words, for messages ('a FIFO', 'a symbolic link'...)."""
+    for test, words in (
+        (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):  # fmt: skip
+        if test(mode):
+            return words
+    return "a special file"
+
+
+def temp_name(name: str) -> str:
+    """A hidden temp name for `name`, marked so that scans skip it and start-up can sweep it.
+
+    Stays within NAME_MAX however long `name` is (see untrusted.fit_name).
+    """
+    return fit_name(name, f".{secrets.token_hex(4)}{TEMP_MARK}", prefix=".")
 
 
 def temp_path_for(path: Path) -> Path:
-    """A hidden temp name beside `path`, marked so that scans skip it and start-up can sweep it."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_MARK}")
+    """A temp path beside `path` (see temp_name)."""
+    return path.with_name(temp_name(path.name))
 
 
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so that a rename inside it survives a power cut."""
+def fsync_dir(folder: Path | int) -> None:
+    """fsync a folder (a path or an open descriptor) so that a rename inside it survives a power cut."""
+    if isinstance(folder, int):
+        os.fsync(folder)
+        return
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -32,7 +71,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` atomically. Raises OSError; on error no temp file is left behind."""
     temp = temp_path_for(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -45,10 +84,67 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """The SHA-256 hex of a file, read in pieces (memory stays flat)."""
+def open_regular(path: Path | str, *, dir_fd: int | None = None, follow: bool = False) -> int:
+    """Open a regular file for reading and return its descriptor.
+
+    The final component is not followed when it is a link (unless `follow`), and a FIFO, socket or device
+    is refused without blocking (O_NONBLOCK, then a check of what was opened). Raises NotRegularFile,
+    FileNotFoundError or another OSError.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "is a symbolic link, which is not followed", str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, f"is {kind_of(mode)}, not a regular file", str(path))
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+@contextlib.contextmanager
+def opened(path: Path | str, *, dir_fd: int | None = None, follow: bool = False) -> Iterator[int]:
+    """`open_regular` as a context manager that closes the descriptor."""
+    fd = open_regular(path, dir_fd=dir_fd, follow=follow)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_folder(root: Path, parts: Sequence[str] = ()) -> int:
+    """Open `root` (trusted: it comes from the config), then each of `parts` below it without following links.
+
+    Returns a descriptor of the last folder. Raises OSError (ELOOP or ENOTDIR where a part is a link or no
+    folder, ENOENT where one is missing); no descriptor is left open on error.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sha256_fd(fd: int, chunk: int = 8 << 20) -> str:
+    """The SHA-256 hex of an open file's bytes, read with pread from the start (memory stays flat)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(chunk):
-            digest.update(piece)
+    at = 0
+    while piece := os.pread(fd, chunk, at):
+        digest.update(piece)
+        at += len(piece)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The SHA-256 hex of a regular file (a link or FIFO is refused: see open_regular)."""
+    with opened(path) as fd:
+        return sha256_fd(fd, chunk)

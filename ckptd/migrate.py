@@ -67,7 +67,7 @@ class MigrationPlan:
     collisions: list[tuple[list[Path], Path]] = field(default_factory=list)
     unparsable: list[tuple[Path, str]] = field(default_factory=list)
     untouched: list[Path] = field(default_factory=list)
-    deletions: list[tuple[Path, str]] = field(default_factory=list)
+    deletions: list[retention.Decision] = field(default_factory=list)  # each removed by ckptd.delete
 
 
 def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -> MigrationPlan:
@@ -102,19 +102,23 @@ def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -
 
 
 def plan_deletions(entries: Iterable[Entry], min_epoch: int, metric: str | None, mode: selection.Mode,
-                   link_targets: Mapping[str, str] | None = None) -> list[tuple[str, str]]:  # fmt: skip
-    """Checkpoints below `min_epoch` that the retention invariants allow to delete, with the reason.
+                   link_targets: Mapping[str, str] | None = None,
+                   awaiting_mirror: frozenset[str] = frozenset()) -> list[retention.Decision]:  # fmt: skip
+    """Checkpoints below `min_epoch` that the retention invariants allow to delete, each with its reason and
+    the identity it was planned with (ckptd.delete removes exactly that or nothing).
 
-    `link_targets` ({target: link}) are kept, as retention keeps them: deleting one would leave a dangling link.
+    `link_targets` ({target: link}) are kept, as retention keeps them: deleting one would leave a dangling link;
+    so are the checkpoints a mirror still has to copy (`awaiting_mirror`).
     """
     policy = retention.Policy(keep_last=0, keep_best=1 if metric else 0, min_epoch=min_epoch, metric=metric,
                               mode=mode, on_corrupt="keep")  # fmt: skip
     by_path = {e.path: e for e in entries}
-    found = retention.plan(by_path.values(), policy, now=0.0, link_targets=link_targets)
+    found = retention.plan(by_path.values(), policy, now=0.0, link_targets=link_targets,
+                           awaiting_mirror=awaiting_mirror)  # fmt: skip
     # Fix: a `last.*` or `best*` file is the run's latest or best by name. Without a configured metric the
     # planner knew no best, so `best.ckpt` below min_epoch was deleted; names migrate never touches stay.
     return [
-        (d.path, f"epoch < {min_epoch}")
+        d._replace(reasons=(f"epoch < {min_epoch}",))
         for d in found.decisions
         if d.action == "delete"
         and (epoch := by_path[d.path].epoch) is not None

@@ -8,12 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Status = Literal["ok", "corrupt", "unsafe", "unsupported"]
 STATUSES: tuple[Status, ...] = ("ok", "corrupt", "unsafe", "unsupported")
 
 Format = Literal["torch_zip", "torch_legacy", "safetensors", "safetensors_sharded", "dcp", "orbax"]
+
+
+class Identity(NamedTuple):
+    """What tells that a checkpoint changed: total size, newest mtime (ns), inode and device.
+
+    Two identities are equal only when all four are: a file replaced by another (a new inode), rewritten
+    (a new mtime) or moved to another file system (a new device) is another checkpoint. (A NamedTuple, not a
+    dataclass: retention builds one per checkpoint, 100,000 per plan in benchmarks/retention.py.)
+    """
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int = 0
+
+    @property
+    def mtime(self) -> float:
+        """The mtime in seconds, computed one way everywhere so that equality checks hold."""
+        return self.mtime_ns / 1e9
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class Verification:
     mtime: float
     inode: int
     mtime_ns: int = 0  # the exact mtime: `mtime` as a float cannot round-trip nanoseconds
+    device: int = 0  # st_dev: with inode, size and mtime_ns, what retention checks before it deletes
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unsafe_globals: list[str] = field(default_factory=list)
@@ -104,6 +124,15 @@ class Entry:
     pinned: bool = False
     format: str | None = None
     verified: bool = True  # False while the checkpoint is not yet verified (or changed since)
+    # The identity it was verified with: a deletion planned from this entry removes exactly these bytes.
+    mtime_ns: int = 0
+    inode: int = 0
+    device: int = 0
+
+    @property
+    def identity(self) -> Identity:
+        """The identity the checkpoint was verified with."""
+        return Identity(self.size, self.mtime_ns, self.inode, self.device)
 
     @classmethod
     def of(cls, verification: Verification, run: str, pinned: bool = False, verified: bool = True) -> Entry:
@@ -112,5 +141,5 @@ class Entry:
         return cls(
             path=v.path, run=run, status=v.status, size=v.size_bytes, mtime=v.mtime, sha256=v.sha256,
             epoch=v.epoch, step=v.global_step, metrics=dict(v.metrics), pinned=pinned, format=v.format,
-            verified=verified,
+            verified=verified, mtime_ns=v.mtime_ns, inode=v.inode, device=v.device,
         )  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from ckptd import selection
-from ckptd.model import Entry
+from ckptd.model import Entry, Identity
 
 Action = Literal["keep", "delete", "quarantine"]
 OnCorrupt = Literal["quarantine", "keep", "delete"]
@@ -68,6 +68,7 @@ class Decision(NamedTuple):
     reasons: tuple[str, ...]
     size: int
     sha256: str | None = None
+    identity: Identity | None = None  # what the plan saw: the executor removes these bytes or nothing
 
     @property
     def protected(self) -> bool:
@@ -175,9 +176,9 @@ def _plan_run(
         elif entry.status in ("unsafe", "unsupported") and entry.verified:
             why.append(f"status {entry.status}, kept for review")
         elif not why:
-            decisions.append(Decision(path, entry.run, "delete", NO_RULE, entry.size, entry.sha256))
+            decisions.append(Decision(path, entry.run, "delete", NO_RULE, entry.size, entry.sha256, entry.identity))
             continue
-        decisions.append(Decision(path, entry.run, action, tuple(why), entry.size, entry.sha256))
+        decisions.append(Decision(path, entry.run, action, tuple(why), entry.size, entry.sha256, entry.identity))
     return decisions
 
 
@@ -205,7 +206,7 @@ def _enforce_max_size(
             break
         reason = f"over max_size {budget} ({_size(total)} kept), oldest first"
         d = decisions[i]
-        result[i] = Decision(d.path, d.run, "delete", (reason, *d.reasons), d.size, d.sha256)
+        result[i] = d._replace(action="delete", reasons=(reason, *d.reasons))
         total -= d.size
     warnings = []
     if total > max_size:

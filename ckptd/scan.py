@@ -85,13 +85,22 @@ def record_link(candidate: Candidate, *, watch: str, catalog: Catalog, now: floa
 
 
 def survey(
-    root: Path, *, watch: str, patterns: Sequence[str], catalog: Catalog, now: Callable[[], float] = time.time
+    root: Path,
+    *,
+    watch: str,
+    patterns: Sequence[str],
+    catalog: Catalog,
+    now: Callable[[], float] = time.time,
+    boundaries: Sequence[Path] = (),
 ) -> Survey:
     """Compare `root` with the catalog: list what needs verifying, record links, mark vanished checkpoints
-    gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing."""
+    gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing.
+
+    `boundaries` are every watched folder: a link into any of them is recorded (it protects its target).
+    """
     result = Survey()
     seen: set[str] = set()
-    for candidate in discover.discover(root, patterns):
+    for candidate in discover.discover(root, patterns, boundary=list(boundaries) or root):
         seen.add(str(candidate.path))
         try:
             if candidate.kind == "link":
@@ -141,9 +150,10 @@ def reconcile(
     verifier: Verifier,
     engine: Callable[[], dict[str, str]],
     now: Callable[[], float] = time.time,
+    boundaries: Sequence[Path] = (),
 ) -> ScanReport:
     """Survey `root`, then verify and record every new or changed checkpoint in this process."""
-    found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now)
+    found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries)
     report = ScanReport(
         unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars
     )

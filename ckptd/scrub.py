@@ -17,13 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import discover, log, sidecar
+from ckptd import delete, discover, log, sidecar
 from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog, Row
 from ckptd.config import Config, WatchConfig
 from ckptd.fsutil import fsync_dir, temp_path_for
 from ckptd.mirrors import MirrorError, NotFound, Target
-from ckptd.prune import quarantine
 from ckptd.throttle import Throttle
 
 _PIECE = 4 << 20
@@ -107,8 +106,15 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
         return
     problem = f"bit rot: sha256 is {actual}, the sidecar says {row.sha256}"
     catalog.mark_corrupt(row.path, problem)
-    moved = quarantine(path, watch, config.daemon.state_dir, [problem], row.sha256, row.size, now)
-    catalog.mark_gone(row.path, now)
+    removal = delete.Removal(action="quarantine", watch=watch.name, root=watch.path, path=row.path, run=row.run,
+                             identity=found, sha256=row.sha256, reasons=(problem,))  # fmt: skip
+    try:
+        moved = delete.execute(removal, catalog, config.daemon.state_dir, now=now)
+    except (delete.Refused, OSError) as exc:
+        catalog.record_scrub(location, sha256=actual, result="mismatch", now=now, detail=f"not quarantined: {exc}")
+        report.mismatched.append(row.path)
+        logger.error("rotted checkpoint could not be quarantined", path=row.path, run=row.run, error=str(exc))
+        return
     catalog.record_scrub(location, sha256=actual, result="quarantined", now=now, detail=str(moved))
     report.quarantined.append(row.path)
     logger.error("rotted checkpoint quarantined, no good mirror copy", path=row.path, run=row.run, to=str(moved))

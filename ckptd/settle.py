@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckptd.discover import Candidate, Identity
+from ckptd.discover import Candidate
+from ckptd.model import Identity
 
 UNCLOSED_GRACE = 30.0
 

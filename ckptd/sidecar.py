@@ -3,6 +3,11 @@
 `render` and `parse` are pure; `write` puts a sidecar in place atomically; `read` and `is_current` let the
 read-only commands (`latest`, `best`, `list`, `show`) answer from sidecars without torch. The schema is in
 docs/sidecar.md and ckptd/schemas/sidecar.schema.json.
+
+A checkpoint whose name is too long for the suffix (NAME_MAX is 255 bytes) gets a shortened sidecar name,
+`<start of the name>~<16 hex digits of its SHA-256>.ckptd.json` (see untrusted.fit_name); `checkpoint_of`
+finds its checkpoint again through the path stored inside. Sidecars are read without following links, and
+parsed within size and depth limits, since anyone who can write the run folder can write them.
 """
 
 from __future__ import annotations
@@ -12,16 +17,20 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ckptd.fsutil import atomic_write_bytes
+from ckptd.fsutil import atomic_write_bytes, opened
 from ckptd.model import Verification
+from ckptd.untrusted import UntrustedInput, fit_name, load_json
 
 SIDECAR_SUFFIX = ".ckptd.json"
 SCHEMA_VERSION = 1
+MAX_SIDECAR_BYTES = 64 << 20  # a directory checkpoint of 100,000 files has a sidecar of about 10 MB
+_SHORTENED = re.compile(r"~[0-9a-f]{16}" + re.escape(SIDECAR_SUFFIX) + "$")
 
 # JSON has no NaN or Infinity: a non-finite metric (a diverged val_loss) is stored as one of these strings.
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -48,14 +57,26 @@ class Sidecar:
         return Path(self.verification.path)
 
 
+def sidecar_name(checkpoint_name: str) -> str:
+    """The file name of a checkpoint's sidecar: `<name>.ckptd.json`, shortened to fit NAME_MAX if need be."""
+    return fit_name(checkpoint_name, SIDECAR_SUFFIX)
+
+
 def sidecar_path(checkpoint: Path) -> Path:
     """Where the sidecar of `checkpoint` lives: beside it (beside the folder, for directory checkpoints)."""
-    return checkpoint.with_name(checkpoint.name + SIDECAR_SUFFIX)
+    return checkpoint.with_name(sidecar_name(checkpoint.name))
 
 
-def checkpoint_of(sidecar: Path) -> Path:
-    """The checkpoint a sidecar file belongs to."""
-    return sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX))
+def checkpoint_of(sidecar: Path) -> Path | None:
+    """The checkpoint a sidecar file belongs to, or None when a shortened sidecar's own record is unreadable."""
+    plain = sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX))
+    if not _SHORTENED.search(sidecar.name) or plain.exists() or plain.is_symlink():
+        return plain
+    try:
+        name = Path(_parse_body(_read_bounded(sidecar)).get("path", "")).name
+    except (OSError, SidecarError):
+        return None
+    return sidecar.with_name(name) if name and sidecar_name(name) == sidecar.name else None
 
 
 def render(
@@ -92,14 +113,25 @@ def _metric_out(value: float) -> float | str:
     return value
 
 
-def parse(data: bytes) -> Sidecar:
-    """Parse sidecar bytes. Raises SidecarError when they are not a sidecar of a known schema version."""
+def _parse_body(data: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SidecarError(f"not valid JSON: {exc}") from exc
+        body = load_json(data, what="sidecar", max_bytes=MAX_SIDECAR_BYTES)
+    except UntrustedInput as exc:
+        raise SidecarError(str(exc)) from exc
     if not isinstance(body, dict) or body.get("schema_version") != SCHEMA_VERSION:
         raise SidecarError(f"not a ckptd sidecar of schema version {SCHEMA_VERSION}")
+    return body
+
+
+def _read_bounded(path: Path) -> bytes:
+    """A sidecar's bytes: a regular file, its last component not followed, at most MAX_SIDECAR_BYTES + 1."""
+    with opened(path) as fd:
+        return os.read(fd, MAX_SIDECAR_BYTES + 1)
+
+
+def parse(data: bytes) -> Sidecar:
+    """Parse sidecar bytes. Raises SidecarError when they are not a sidecar of a known schema version."""
+    body = _parse_body(data)
     metrics = body.get("metrics")
     if isinstance(metrics, dict):
         body["metrics"] = {k: NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in metrics.items()}
@@ -126,7 +158,7 @@ def write(checkpoint: Path, data: bytes) -> Path:
 def set_pinned(checkpoint: Path, pinned: bool) -> None:
     """Rewrite a sidecar (atomically) with its `pinned` flag set; nothing else changes."""
     target = sidecar_path(checkpoint)
-    body = json.loads(target.read_bytes())
+    body = _parse_body(_read_bounded(target))
     body["pinned"] = pinned
     atomic_write_bytes(target, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
 
@@ -134,7 +166,7 @@ def set_pinned(checkpoint: Path, pinned: bool) -> None:
 def read(checkpoint: Path) -> Sidecar | None:
     """Return the sidecar of `checkpoint`, or None when it has none or it is unreadable."""
     try:
-        found = parse(sidecar_path(checkpoint).read_bytes())
+        found = parse(_read_bounded(sidecar_path(checkpoint)))
     except (OSError, SidecarError):
         return None
     # The folder may have moved since: the sidecar's location, not its stored path, names the checkpoint.
@@ -162,6 +194,8 @@ def find(folder: Path) -> list[tuple[Sidecar, bool]]:
             if not name.endswith(SIDECAR_SUFFIX):
                 continue
             checkpoint = checkpoint_of(Path(dirpath) / name)
+            if checkpoint is None:
+                continue
             try:
                 stat = checkpoint.stat()
             except OSError:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from ckptd import formats
-from ckptd.discover import Identity, directory_digest, directory_files, identity
+from ckptd.discover import directory_digest, directory_files, identity
 from ckptd.formats import safetensors as st_format
 from ckptd.formats import torch_zip
 from ckptd.formats.buffers import Buffer
@@ -41,7 +41,7 @@ from ckptd.formats.pickles import (
     globals_in_bytes,
 )
 from ckptd.metadata import Extracted, extract
-from ckptd.model import CheckpointChanged, Format, Status, TensorStats, Verification
+from ckptd.model import CheckpointChanged, Format, Identity, Status, TensorStats, Verification
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +113,7 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
         sha256=findings.sha256,
         mtime=stat.mtime,
         mtime_ns=stat.mtime_ns,
+        device=stat.device,
         inode=stat.inode,
         problems=findings.problems,
         warnings=findings.warnings,

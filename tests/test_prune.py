@@ -17,11 +17,11 @@ from typing import Any
 import checkpoints
 import pytest
 
-from ckptd import sidecar
+from ckptd import delete, sidecar
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
-from ckptd.prune import PruneReport, finish_pending, plan_watch, prune_watch
+from ckptd.prune import PruneReport, plan_watch, prune_watch
 from ckptd.scan import reconcile, record
 from ckptd.tables import human_bytes
 from ckptd.verify import engine_versions, verify
@@ -66,6 +66,11 @@ class Env:
     def catalog(self) -> Catalog:
         """A connection to the catalog."""
         return Catalog(self.state)
+
+    def finish_pending(self) -> int:
+        """What the next retention pass does first: complete the journal intents a killed pass left."""
+        with self.catalog() as catalog:
+            return delete.finish_pending(catalog, {"runs": self.runs}, self.state)
 
 
 def _write_config(root: Path, retention: str) -> Path:
@@ -137,7 +142,12 @@ def journal(env: Env) -> list[dict[str, Any]]:
 
 def orphan_sidecars(folder: Path) -> list[Path]:
     """Sidecars under folder whose checkpoint is gone."""
-    return [s for s in folder.rglob(f"*{sidecar.SIDECAR_SUFFIX}") if not sidecar.checkpoint_of(s).exists()]
+    return [s for s in folder.rglob(f"*{sidecar.SIDECAR_SUFFIX}") if not sidecar.checkpoint_of(s).exists()]  # type: ignore[union-attr]
+
+
+def trash(folder: Path) -> list[str]:
+    """The executor's trash names left in a folder."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(delete.TRASH_PREFIX))
 
 
 @pytest.fixture
@@ -293,7 +303,7 @@ def test_a_checkpoint_rewritten_after_verification_is_skipped(env: Env) -> None:
     rewritten = snapshot(env.runs)
     report = prune(env)
     assert [(Path(d.path).name, why) for d, why in report.skipped] == [
-        ("epoch=1.pt", "changed since it was verified; it will be verified again first")
+        ("epoch=1.pt", "changed since it was planned (new bytes or another file under its name); planned again later")
     ]
     assert [Path(d.path).name for d in report.done] == ["epoch=3.pt"]
     assert snapshot(env.runs)["exp1/epoch=1.pt"] == rewritten["exp1/epoch=1.pt"]
@@ -340,8 +350,10 @@ def test_nothing_outside_the_watched_folder_is_deleted(env: Env) -> None:
     before = snapshot(env.root / "elsewhere") | snapshot(real_run)
     report = prune(env)
     refused = {Path(d.path).relative_to(env.root).as_posix(): why for d, why in report.skipped}
-    assert set(refused) == {"elsewhere/exp9/epoch=1.pt", "runs/linked/epoch=1.pt"}
-    assert all(why.startswith("lies outside the watched folder") for why in refused.values())
+    assert refused == {
+        "elsewhere/exp9/epoch=1.pt": f"lies outside the watched folder {env.runs}",
+        "runs/linked/epoch=1.pt": "a folder on its path is now a symbolic link or no folder; not followed",
+    }
     assert snapshot(env.root / "elsewhere") | snapshot(real_run) == before
     assert {Path(r["path"]).name for r in journal(env)} == {"epoch=1.pt", "epoch=3.pt"}
     assert all(r["path"].startswith(str(env.runs / "exp1")) for r in journal(env))
@@ -354,19 +366,22 @@ def test_a_run_killed_between_checkpoint_and_sidecar_is_finished_by_the_next(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed between unlinking a checkpoint and its sidecar: the next run removes the sidecar, closes the row."""
-    real_remove = sidecar.remove
+    real_unlink = os.unlink
 
-    def killed(path: Path) -> bool:
-        raise KeyboardInterrupt  # what SIGINT does, and no `except OSError` catches it
+    def killed(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith(sidecar.SIDECAR_SUFFIX):
+            raise KeyboardInterrupt  # what SIGINT does, and no `except OSError` catches it
+        real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(sidecar, "remove", killed)
+    monkeypatch.setattr(os, "unlink", killed)
     with pytest.raises(KeyboardInterrupt):
         prune(env)
-    monkeypatch.setattr(sidecar, "remove", real_remove)
+    monkeypatch.setattr(os, "unlink", real_unlink)
     assert not env.ckpt(1).exists() and sidecar.sidecar_path(env.ckpt(1)).exists()
+    assert trash(env.runs / "exp1") == []
     assert [(Path(r["path"]).name, r["state"]) for r in journal(env)] == [("epoch=1.pt", "pending")]
+    assert env.finish_pending() == 1
     with env.catalog() as catalog:
-        assert finish_pending(catalog) == 1
         assert catalog.get(str(env.ckpt(1))).gone_at is not None  # type: ignore[union-attr]
         assert str(env.ckpt(1)) not in {r.path for r in catalog.present(watch="runs")}
     assert orphan_sidecars(env.runs) == []
@@ -376,47 +391,91 @@ def test_a_run_killed_between_checkpoint_and_sidecar_is_finished_by_the_next(
     assert sorted(p.name for p in (env.runs / "exp1").glob("*.pt")) == ["epoch=2.pt", "epoch=4.pt", "epoch=5.pt"]
 
 
+def test_a_run_killed_after_the_move_to_trash_is_finished_by_the_next(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed once the checkpoint is under its trash name: the next run deletes exactly that, then the sidecar."""
+    real_identity = delete.identity_at
+
+    def killed(dir_fd: int, name: str) -> Any:
+        if name.startswith(delete.TRASH_PREFIX):
+            raise KeyboardInterrupt
+        return real_identity(dir_fd, name)
+
+    monkeypatch.setattr(delete, "identity_at", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune(env)
+    monkeypatch.undo()
+    assert not env.ckpt(1).exists() and len(trash(env.runs / "exp1")) == 1, "never seen half-gone under its name"
+    [pending] = journal(env)
+    assert (pending["state"], pending["trash"]) == ("pending", trash(env.runs / "exp1")[0])
+    assert env.finish_pending() == 1
+    assert trash(env.runs / "exp1") == [] and orphan_sidecars(env.runs) == []
+    assert [r["state"] for r in journal(env)] == ["done"]
+
+
 def test_a_pending_intent_whose_file_still_exists_is_closed_as_skipped(env: Env) -> None:
     """An intent written just before a kill, its file untouched: closed as skipped; the file, sidecar and row stay."""
     with env.catalog() as catalog:
         catalog.journal_intent(
             action="delete", watch="runs", run=str(env.runs / "exp1"), path=str(env.ckpt(4)), sha256=None, size=1,
-            reasons=["no keep rule applies"], now=time.time(),
+            reasons=["no keep rule applies"], now=time.time(), folder=str(env.runs / "exp1"),
+            trash=delete.TRASH_PREFIX + "0123456789abcdef",
         )  # fmt: skip
-        assert finish_pending(catalog) == 0
+    assert env.finish_pending() == 0
+    with env.catalog() as catalog:
         assert catalog.get(str(env.ckpt(4))).gone_at is None  # type: ignore[union-attr]
     assert env.ckpt(4).exists() and sidecar.sidecar_path(env.ckpt(4)).exists()
     assert [(r["state"], r["detail"]) for r in journal(env)] == [("skipped", "interrupted before acting")]
     assert env.ckpt(4).name not in {Path(d.path).name for d in prune(env).done}, "the next plan decides again"
 
 
-def test_a_quarantine_killed_halfway_leaves_no_sidecar_without_its_checkpoint(
-    env: Env, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Killed between the two moves of a quarantine: no orphan sidecar; the next scan and prune complete it."""
+def test_a_trash_holding_other_bytes_is_put_back_not_deleted(env: Env) -> None:
+    """A pending intent whose trash name holds another file than the journaled one: it is put back, never deleted."""
+    stranger = env.runs / "exp1" / (delete.TRASH_PREFIX + "0123456789abcdef")
+    shutil.copyfile(env.ckpt(4), stranger)
+    with env.catalog() as catalog:
+        row = catalog.get(str(env.ckpt(1)))
+        assert row is not None
+        catalog.journal_intent(
+            action="delete", watch="runs", run=row.run, path=row.path, sha256=row.sha256, size=row.size,
+            reasons=["no keep rule applies"], now=time.time(), identity=row.entry().identity,
+            folder=row.run, trash=stranger.name,
+        )  # fmt: skip
+    env.ckpt(1).unlink()  # its name is free: what is in the trash goes back under it
+    assert env.finish_pending() == 0
+    assert env.ckpt(1).read_bytes() == env.ckpt(4).read_bytes() and not stranger.exists()
+    [row] = journal(env)
+    assert row["state"] == "skipped" and "not what was planned: put back" in row["detail"]
+
+
+def test_a_quarantine_killed_halfway_is_finished_by_the_next_run(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after the sidecar moved to quarantine and before the checkpoint did: the next pass completes it."""
     victim = env.ckpt(3)
     checkpoints.flip_tensor_byte(victim)
     scan(env)
-    real_move = shutil.move
+    corrupt = hashlib.sha256(victim.read_bytes()).hexdigest()
+    real_move = delete._move
     calls: list[str] = []
 
-    def move(src: Any, dst: Any) -> Any:
-        calls.append(str(src))
-        if len(calls) == 2:
+    def move(src_fd: int, src: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(src)
+        if src.startswith(delete.TRASH_PREFIX):
             raise KeyboardInterrupt
-        return real_move(src, dst)
+        real_move(src_fd, src, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "move", move)
+    monkeypatch.setattr(delete, "_move", move)
     with pytest.raises(KeyboardInterrupt):
         prune(env)
-    monkeypatch.setattr(shutil, "move", real_move)
-    assert victim.exists() and orphan_sidecars(env.runs) == []
-    scan(env)  # its sidecar is missing: verified again
-    report = prune(env)
+    monkeypatch.undo()
+    assert calls == ["epoch=3.pt.ckptd.json", *trash(env.runs / "exp1")]
+    assert not victim.exists(), "a checkpoint half quarantined is never seen under its name"
+    report = prune(env)  # finishes the pending quarantine first
     target = env.state / "quarantine" / "runs" / "exp1" / "epoch=3.pt"
-    assert [Path(d.path).name for d in report.done if d.action == "quarantine"] == ["epoch=3.pt"]
-    assert target.exists() and sidecar.sidecar_path(target).exists() and not victim.exists()
-    assert [r["state"] for r in journal(env) if r["path"] == str(victim)] == ["skipped", "done"]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == corrupt and sidecar.sidecar_path(target).exists()
+    assert trash(env.runs / "exp1") == [] and orphan_sidecars(env.runs) == []
+    assert [r["state"] for r in journal(env) if r["path"] == str(victim)] == ["done"]
+    assert str(victim) not in {d.path for d in report.plan.decisions}
 
 
 def test_an_interrupted_directory_deletion_is_finished_by_the_next_run(
@@ -430,33 +489,38 @@ def test_an_interrupted_directory_deletion_is_finished_by_the_next_run(
             os.utime(path, (T0, T0 + offset))
     _write_config(env.root, "keep_last = 1\nkeep_best = 0\n")
     scan(env)
+    real_unlink = os.unlink
 
-    def killed(path: Any, *args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
+    def killed(path: Any, *args: Any, **kwargs: Any) -> None:  # rmtree removed one file, then the kill came
+        real_unlink(path, *args, **kwargs)
+        if str(path).endswith(".safetensors"):
+            monkeypatch.setattr(os, "unlink", real_unlink)
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(shutil, "rmtree", killed)
+    monkeypatch.setattr(os, "unlink", killed)
     with pytest.raises(KeyboardInterrupt):
         prune(env)
     monkeypatch.undo()
     assert not older.exists(), "a half-deleted checkpoint is never seen under its own name"
-    assert (env.runs / "exp2" / ".model-a.ckptd-deleting").is_dir() and sidecar.sidecar_path(older).exists()
+    assert len(trash(env.runs / "exp2")) == 1 and sidecar.sidecar_path(older).exists()
     assert [r["state"] for r in journal(env) if r["path"] == str(older)] == ["pending"]
-    with env.catalog() as catalog:
-        assert finish_pending(catalog) == 1
+    assert env.finish_pending() == 1
     assert sorted(p.name for p in (env.runs / "exp2").iterdir()) == ["model-b", "model-b.ckptd.json"]
     assert [r["state"] for r in journal(env) if r["path"] == str(older)] == ["done"]
 
 
 def test_a_failed_deletion_is_reported_left_whole_and_retried(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """An I/O error while deleting is reported as skipped, leaves checkpoint and sidecar, and is retried next run."""
-    real_unlink = Path.unlink
+    real_unlink = os.unlink
+    moved: list[str] = []
 
-    def failing(self: Path, missing_ok: bool = False) -> None:
-        if self == env.ckpt(1):
+    def failing(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).startswith(delete.TRASH_PREFIX) and not moved:
+            moved.append(str(path))
             raise OSError(5, "Input/output error")
-        real_unlink(self, missing_ok=missing_ok)
+        real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "unlink", failing)
+    monkeypatch.setattr(os, "unlink", failing)
     report = prune(env)
     monkeypatch.undo()
     assert [(Path(d.path).name, why) for d, why in report.skipped] == [

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.discover import Candidate, Identity
+from ckptd.discover import Candidate
+from ckptd.model import Identity
 from ckptd.settle import UNCLOSED_GRACE, SettleTracker
 
 SETTLE = 2.0

@@ -6,13 +6,13 @@ tensors cover the data section exactly, with no gap, overlap or trailing bytes.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptd.formats.buffers import Buffer
+from ckptd.untrusted import UntrustedInput, load_json
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES: dict[str, float] = {
@@ -22,6 +22,7 @@ DTYPE_SIZES: dict[str, float] = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 MAX_HEADER = 100 << 20
+MAX_DEPTH = 8  # a header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {...}}
 
 
 class SafetensorsError(Exception):
@@ -63,9 +64,9 @@ def parse_header(buffer: Buffer) -> Header:
     if header_len > MAX_HEADER or 8 + header_len > size:
         raise SafetensorsError(f"header claims {header_len} bytes but the file is {size} bytes")
     try:
-        raw = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"header is not valid JSON: {exc}") from exc
+        raw = load_json(bytes(view[8 : 8 + header_len]), what="header", max_depth=MAX_DEPTH, max_bytes=MAX_HEADER)
+    except UntrustedInput as exc:
+        raise SafetensorsError(str(exc)) from exc
     if not isinstance(raw, dict):
         raise SafetensorsError("header is not a JSON object")
     data_start = 8 + header_len
@@ -115,9 +116,9 @@ def parse_index(path: Path) -> dict[str, str]:
     Raises SafetensorsError when the file is not JSON or has no weight map of strings.
     """
     try:
-        raw = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"{path.name} is not valid JSON: {exc}") from exc
+        raw = load_json(path.read_bytes(), what=path.name)
+    except (UntrustedInput, OSError) as exc:
+        raise SafetensorsError(str(exc)) from exc
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SafetensorsError(f"{path.name} has no weight_map of tensor names to shard files")
