@@ -47,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(int(code or 0))
 
 
+def _echo_path(path: str) -> None:
+    """Print a path for scripts (`"$(ckptd latest RUN)"`): its bytes exactly as the file system has them, even
+    when they are not valid UTF-8."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+    sys.stdout.buffer.flush()
+
+
 def _config_path(option: Path | None) -> Path | None:
     if option is not None:
         return option
@@ -135,6 +143,7 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
 
 
 def _verify_one(engine: Any, path: Path, trusted: list[str], *, show_progress: bool) -> Verification:
+    path = path.resolve() if path.is_symlink() else path  # named on the command line: the user means its target
     size = path.stat().st_size if path.is_file() else 0
     if not (show_progress and size > _GB and sys.stderr.isatty()):
         result: Verification = engine.verify(path, trusted=trusted)
@@ -184,7 +193,8 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
         for watch_name, root, patterns in targets:
             report = reconcile(
                 root, watch=watch_name, patterns=patterns, catalog=catalog,
-                verifier=lambda p: engine_verify(p, trusted=trusted), engine=engine_versions,
+                verifier=functools.partial(engine_verify, trusted=trusted, root=root if root.is_dir() else root.parent),
+                engine=engine_versions,
                 boundaries=[w.path for w in config.watch] if config else (),
             )  # fmt: skip
             failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
@@ -242,7 +252,7 @@ def latest(run: Path) -> int:
     found = selection.latest(e for _s, e in _entries(_existing_folder(run)))
     if found is None:
         raise NoAnswer(f"{run}: no verified ok checkpoint yet (is the daemon running? try: ckptd scan {run})")
-    click.echo(found.path)
+    _echo_path(found.path)
     return ExitCode.OK
 
 
@@ -257,7 +267,7 @@ def best(run: Path, metric: str, mode: str) -> int:
     found = selection.best((e for _s, e in _entries(_existing_folder(run))), metric, "min" if mode == "min" else "max")
     if found is None:
         raise NoAnswer(f"{run}: no verified ok checkpoint has the metric {metric!r}")
-    click.echo(found.path)
+    _echo_path(found.path)
     return ExitCode.OK
 
 
@@ -513,7 +523,7 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
     sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
     if result.status != "ok":
         raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
-    click.echo(str(restored))
+    _echo_path(str(restored))
     return ExitCode.OK
 
 

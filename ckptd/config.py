@@ -38,6 +38,17 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+
+def _auto_or_duration(value: Any) -> float | None:
+    """None for "auto", else a duration of at least one second."""
+    if value == "auto" or value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError('expected "auto" or a duration of at least 1s, such as "10m"')
+    return seconds
+
+
 _SIZE_UNITS = {
     "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
     "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -75,6 +86,16 @@ class DaemonConfig(_Model):
     workers: int = Field(default=1, ge=1, le=32)
     rescan_interval: Duration = 600.0
     worker_idle_timeout: Duration = 1800.0
+    # The time budget of one verification: "auto" is 60 s plus 1 s per 100 MB. One that runs longer is
+    # stopped (its worker killed if need be) and recorded `unsupported`, and the queue goes on.
+    verify_timeout: Annotated[float | None, BeforeValidator(_auto_or_duration)] = None  # None: "auto"
+
+    def timeout_for(self, size: int) -> float:
+        """The verify_timeout for a checkpoint of `size` bytes, in seconds."""
+        from ckptd.verify import default_timeout  # ckptd.verify imports torch only when it verifies
+
+        return self.verify_timeout if self.verify_timeout is not None else default_timeout(size)
+
     scrub_interval: Duration | None = None  # e.g. "7d": re-read every checkpoint and mirror copy this often
     scrub_bandwidth: Annotated[int, BeforeValidator(lambda v: parse_rate(v))] = 50_000_000
 

@@ -33,7 +33,7 @@ from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
-from ckptd.model import CheckpointChanged, Identity, Verification
+from ckptd.model import CheckpointChanged, Identity, Status, Verification
 from ckptd.prune import PruneReport, prune_watch
 from ckptd.scan import record, record_link, survey
 from ckptd.scheduler import Scheduler
@@ -47,6 +47,7 @@ TICK = 0.1  # seconds between looks at the settle tracker and the workers
 STATUS_EVERY = 2.0  # the status file is rewritten at most this often, and only after a change...
 STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes (and fsyncs) next to nothing
 MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
+HARD_GRACE = 5.0  # seconds past its verify_timeout before a verification that did not stop itself is killed
 MIRROR_EVERY = 5.0  # seconds between looks at the mirror queue when nothing wakes the mirror thread
 
 
@@ -100,6 +101,7 @@ class _InFlight:
     candidate: Candidate
     future: Future[Result]
     started: float
+    timeout: float
 
 
 @dataclass
@@ -214,6 +216,7 @@ class Daemon:
             now = time.monotonic()
             self._dispatch(now)
             self._collect()
+            self._expire(now)
             if self._reload:
                 self._reload = False
                 self._reload_config()
@@ -327,7 +330,10 @@ class Daemon:
             if Path(row.path).exists() or Path(row.path).is_symlink():
                 continue
             self.catalog.mark_gone(row.path, time.time())
-            removed = sidecar.remove(Path(row.path))
+            try:
+                removed = sidecar.remove(Path(row.path), watch.path)
+            except (OSError, ValueError):  # its folder is a link now, or gone: nothing of ours to remove there
+                removed = False
             runs.add(row.run)
             self.log.info("checkpoint gone from disk", path=row.path, run=row.run, sidecar_removed=removed)
         for run in runs:
@@ -348,7 +354,12 @@ class Daemon:
                 return None
 
         assert self.pool is not None
-        for watch_name, candidate in self.tracker.due(now, identity_of):
+        # No more in flight than there are workers: a verification's clock starts when it is handed over,
+        # so its verify_timeout is measured from when it runs, not from when it was queued behind others.
+        free = self.config.daemon.workers - len(self.in_flight)
+        if free <= 0:
+            return
+        for watch_name, candidate in self.tracker.due(now, identity_of, limit=free):
             key = str(candidate.path)
             watch = self.config.watch_named(watch_name)
             if watch is None:
@@ -356,7 +367,39 @@ class Daemon:
             if key in self.in_flight:  # changed again while being verified: look again once it is done
                 self.tracker.touch(candidate, watch=watch_name, settle=watch.settle_seconds, closed=True, now=now)
                 continue
-            self.in_flight[key] = _InFlight(watch_name, candidate, self.pool.submit(candidate.path), now)
+            size = (identity_of(candidate) or Identity(0, 0, 0)).size
+            timeout = self.config.daemon.timeout_for(size)
+            try:
+                future = self.pool.submit(candidate.path, timeout, watch.path)
+            except BrokenProcessPool:  # a worker died since the last collect: start a fresh pool
+                self.pool.broken()
+                future = self.pool.submit(candidate.path, timeout, watch.path)
+            self.in_flight[key] = _InFlight(watch_name, candidate, future, now, timeout)
+
+    def _expire(self, now: float) -> None:
+        """Kill a verification that outlived its verify_timeout without stopping itself (a load stuck inside
+        torch, a read that never returns); record it unsupported and requeue the others the kill took down."""
+        overdue = [job for job in self.in_flight.values()
+                   if not job.future.done() and now - job.started > job.timeout + HARD_GRACE]  # fmt: skip
+        if not overdue:
+            return
+        assert self.pool is not None
+        self.pool.kill()
+        for key, job in list(self.in_flight.items()):
+            del self.in_flight[key]
+            watch = self.config.watch_named(job.watch)
+            if watch is None:
+                continue
+            if job in overdue:
+                problem = (
+                    f"{job.candidate.path.name}: verification did not finish within {job.timeout:.0f} s"
+                    " (verify_timeout); its verifier was stopped and it is not verified"
+                )
+                self.log.warning("verification timed out", path=key, run=str(job.candidate.run),
+                                 seconds=round(job.timeout))  # fmt: skip
+                self._record_failure(watch, job.candidate, "unsupported", problem)
+            else:
+                self._track(watch, job.candidate, closed=True)
 
     def _collect(self) -> None:
         if self._stop:
@@ -374,7 +417,10 @@ class Daemon:
                 verification, engine = job.future.result()
             except CheckpointChanged:
                 self.log.info("checkpoint still being written, waiting", path=key, run=str(job.candidate.run))
-                self._track(watch, job.candidate, closed=True)
+                # Looked at again: it may have become a link, or be gone.
+                again = discover.candidate_for(job.candidate.path, watch.path, watch.patterns, self._roots())
+                if again is not None:
+                    self._track(watch, again, closed=True)
                 continue
             except FileNotFoundError:
                 self._on_deleted(watch, job.candidate.path)
@@ -392,7 +438,11 @@ class Daemon:
                 # now would write a sidecar beside nothing and bring the catalog row back to present.
                 self.log.info("checkpoint deleted before it was recorded", path=key, run=str(job.candidate.run))
                 continue
-            self._record(watch, job.candidate, verification, engine, time.monotonic() - job.started)
+            try:
+                self._record(watch, job.candidate, verification, engine, time.monotonic() - job.started)
+            except Exception as exc:  # one checkpoint that cannot be recorded must never stop the others
+                self.log.error("recording a verification failed", path=key, run=str(job.candidate.run),
+                               error=repr(exc))  # fmt: skip
 
     def _on_crash(self, watch: WatchConfig, job: _InFlight) -> None:
         """A worker died (SIGBUS from a file truncated under it, or a loader crash)."""
@@ -414,14 +464,24 @@ class Daemon:
         self.log.error(  # run added: every checkpoint event names its run
             "checkpoint keeps killing the verifier, recording it corrupt", path=key, run=str(job.candidate.run)
         )
-        found = discover.identity(job.candidate.path)
-        verification = Verification(
-            path=key, status="corrupt", format=None, size_bytes=found.size, sha256=None, mtime=found.mtime,
-            mtime_ns=found.mtime_ns, inode=found.inode,
-            problems=[f"verifying it killed the verifier process {MAX_CRASHES} times"],
-        )  # fmt: skip
         self.crashes.pop(key, None)
-        self._record(watch, job.candidate, verification, {}, 0.0)
+        self._record_failure(
+            watch, job.candidate, "corrupt", f"verifying it killed the verifier process {MAX_CRASHES} times"
+        )
+
+    def _record_failure(self, watch: WatchConfig, candidate: Candidate, status: Status, problem: str) -> None:
+        """Record a checkpoint the verifier could not finish, with why; nothing was hashed."""
+        try:
+            found = discover.identity(candidate.path)
+            verification = Verification(
+                path=str(candidate.path), status=status, format=None, size_bytes=found.size, sha256=None,
+                mtime=found.mtime, mtime_ns=found.mtime_ns, inode=found.inode, device=found.device,
+                problems=[problem],
+            )  # fmt: skip
+            self._record(watch, candidate, verification, {}, 0.0)
+        except Exception as exc:  # gone meanwhile, or its folder unwritable: logged, the others go on
+            self.log.error("recording a verification failed", path=str(candidate.path), run=str(candidate.run),
+                           error=repr(exc))  # fmt: skip
 
     def _record(
         self, watch: WatchConfig, candidate: Candidate, verification: Verification, engine: dict[str, str],
@@ -474,9 +534,11 @@ class Daemon:
             found = survey(
                 watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots()
             )
-        except OSError as exc:
-            self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=str(exc))
+        except Exception as exc:  # one watch that cannot be surveyed never stops the others
+            self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=repr(exc))
             return
+        for failure in found.failed:
+            self.log.warning("checkpoint unreadable", watch=watch.name, error=failure)
         for candidate in found.to_verify:
             key = str(candidate.path)
             if key in self.in_flight or key in self.tracker:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from ckptd import formats
 from ckptd.formats.safetensors import SafetensorsError, parse_index
-from ckptd.fsutil import TEMP_MARK, kind_of
+from ckptd.fsutil import TEMP_MARK, kind_of, unlink_confined
 from ckptd.model import Identity
 from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of
 
@@ -167,6 +167,11 @@ def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None)
     `boundary` (the watched folder, or every watched folder; `root` by default), never out of it.
     """
     boundary = boundary or root
+    if root.is_symlink():  # a folder that is a link (a new one an event names): recorded as a link or nothing
+        link = classify(root, boundary, patterns)
+        if link is not None:
+            yield link
+        return
     top = classify(root, root.parent, patterns) if root.is_file() or formats.detect_directory(root) else None
     if top is not None:
         yield top
@@ -211,10 +216,9 @@ def stale_temps(root: Path, *, older_than: float, now: float) -> list[Path]:
                 continue
             path = Path(dirpath) / name
             try:
-                if now - path.lstat().st_mtime >= older_than:
-                    path.unlink()
+                if now - path.lstat().st_mtime >= older_than and unlink_confined(root, path):
                     removed.append(path)
-            except FileNotFoundError:
+            except (OSError, ValueError):  # gone, or its folder became a link meanwhile: never followed
                 continue
     return removed
 
@@ -236,8 +240,12 @@ def directory_complete(folder: Path) -> bool:
 def candidate_for(path: Path, root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Candidate | None:
     """The checkpoint an event at `path` concerns: the directory checkpoint holding it, or the file itself.
 
-    `boundary`: where links may point (the watched folder `root` by default, or every watched folder).
+    `boundary`: where links may point (the watched folder `root` by default, or every watched folder). A path
+    reached through a folder that is a link is nothing: links are never followed.
     """
+    below = [p for p in path.parents if p != root and p.is_relative_to(root)]
+    if any(p.is_symlink() for p in below):
+        return None
     for parent in path.parents:
         if parent == root or not parent.is_relative_to(root):
             break

@@ -134,6 +134,41 @@ def open_folder(root: Path, parts: Sequence[str] = ()) -> int:
     return fd
 
 
+def open_confined(root: Path, path: Path | str) -> int:
+    """Open the regular file `path` below the trusted folder `root` without following any link on the way
+    (see open_folder and open_regular); return its descriptor.
+
+    A file reached through a run folder swapped for a link, however briefly, is never opened: ELOOP or
+    ENOTDIR (NotRegularFile for the file itself), FileNotFoundError, ValueError when `path` is not below
+    `root` at all.
+    """
+    rel = Path(path).relative_to(root)
+    if not rel.parts or ".." in rel.parts:
+        raise ValueError(f"{path} is not inside {root}")
+    dir_fd = open_folder(root, rel.parts[:-1])
+    try:
+        return open_regular(rel.parts[-1], dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unlink_confined(root: Path, path: Path) -> bool:
+    """Delete the file `path` below `root`, reached without following any link (see open_folder); True if it
+    was there. A link at `path` itself is removed, never what it points to. Raises OSError (ELOOP, ENOTDIR
+    where a folder on the way is a link), ValueError when `path` is not below `root`."""
+    rel = path.relative_to(root)
+    if not rel.parts or ".." in rel.parts:
+        raise ValueError(f"{path} is not inside {root}")
+    dir_fd = open_folder(root, rel.parts[:-1])
+    try:
+        os.unlink(rel.parts[-1], dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dir_fd)
+    return True
+
+
 def sha256_fd(fd: int, chunk: int = 8 << 20) -> str:
     """The SHA-256 hex of an open file's bytes, read with pread from the start (memory stays flat)."""
     digest = hashlib.sha256()

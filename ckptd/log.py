@@ -3,6 +3,9 @@
 Records from the standard logging module (watchdog, apscheduler, boto3) pass through the same pipeline, so
 journalctl shows one format. Events are short lowercase phrases with fields:
 `log.info("checkpoint verified", path=..., run=..., seconds=...)`.
+
+File names come from disk and may hold anything: undecodable bytes and control characters in any field are
+escaped (`untrusted.printable`), so a name can neither break a line of output nor forge another one.
 """
 
 from __future__ import annotations
@@ -13,8 +16,28 @@ from typing import Any, TextIO
 
 import structlog
 
+from ckptd.untrusted import printable
+
 _CHATTY = {"watchdog": logging.WARNING, "apscheduler": logging.WARNING, "botocore": logging.WARNING,
            "boto3": logging.WARNING, "s3transfer": logging.WARNING, "urllib3": logging.WARNING}  # fmt: skip
+
+
+_VERBATIM = frozenset({"exc_info", "exception", "stack"})  # tracebacks keep their lines
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable(v) for k, v in value.items()}
+    return value
+
+
+def _escape_names(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: every string field safe to print (see the module docstring)."""
+    return {key: value if key in _VERBATIM else _printable(value) for key, value in event.items()}
 
 
 def configure(fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
@@ -32,6 +55,7 @@ def configure(fmt: str = "console", level: str = "info", stream: TextIO | None =
         shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    shared.append(_escape_names)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

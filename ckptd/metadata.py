@@ -7,6 +7,7 @@ by duck typing (`numel()` and `item()`), so this module works without torch.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ _NAME_VALUE = re.compile(
     r"(?<![A-Za-z0-9_./])(?P<name>[A-Za-z][A-Za-z0-9_./]*)=(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 )
 _MAX_KEYS = 200
+MAX_METRICS = 256  # a sidecar is read by every `latest` and `list`: a million metrics would make it 24 MB
+MAX_METRIC_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Extracted:
     metrics: dict[str, float] = field(default_factory=dict)
     producer: str | None = None
     keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was cut to stay small, for the record's warnings
 
 
 def scalar(value: Any) -> float | None:
@@ -96,6 +100,7 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
     epoch = _integer(from_name.get("epoch"))
     step = _integer(from_name.get("step", from_name.get("global_step")))
     keys: list[str] = []
+    found = 0  # how many metrics the checkpoint declares, when more than were read
     if isinstance(obj, Mapping):
         keys = [str(k) for k in list(obj.keys())[:_MAX_KEYS]]
         best = scalar(obj.get("best_metric"))
@@ -104,16 +109,36 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
         metrics.update(_lightning_scores(obj.get("callbacks")))
         declared = obj.get("metrics")
         if isinstance(declared, Mapping):
-            for name, value in declared.items():
+            # Read no more than can be kept: a hostile mapping may hold millions.
+            for name, value in itertools.islice(declared.items(), MAX_METRICS + 1):
                 number = scalar(value)
                 if number is not None:
                     metrics[str(name)] = number
+            found = max(found, len(declared))
         epoch = _first_int(obj, ("epoch",), epoch)
         step = _first_int(obj, ("global_step", "step"), step)
         if producer is None:
             lightning = any(k in obj for k in ("pytorch-lightning_version", "lightning_version"))
             producer = "lightning" if lightning else "torch"
-    return Extracted(epoch=epoch, global_step=step, metrics=metrics, producer=producer or "torch", keys=keys)
+    metrics, notes = capped_metrics(metrics, found)
+    return Extracted(
+        epoch=epoch, global_step=step, metrics=metrics, producer=producer or "torch", keys=keys, notes=notes
+    )
+
+
+def capped_metrics(metrics: Mapping[str, float], found: int = 0) -> tuple[dict[str, float], list[str]]:
+    """At most MAX_METRICS metrics with names of at most MAX_METRIC_NAME characters, and a note when cut.
+
+    `found`: how many the source declared, when it held more than were read.
+    """
+    kept = {name: value for name, value in metrics.items() if len(name) <= MAX_METRIC_NAME}
+    notes = []
+    if len(kept) > MAX_METRICS or found > MAX_METRICS:
+        notes.append(f"{max(found, len(kept))} metrics found; the first {MAX_METRICS} were kept")
+        kept = dict(list(kept.items())[:MAX_METRICS])
+    if len(kept) < len(metrics) and not notes:
+        notes.append(f"{len(metrics) - len(kept)} metric(s) with names over {MAX_METRIC_NAME} characters were left out")
+    return kept, notes
 
 
 def _first_int(obj: Mapping[Any, Any], names: tuple[str, ...], default: int | None) -> int | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ckptd import __version__, discover, sidecar
+from ckptd import __version__, discover, fsutil, sidecar
 from ckptd.catalog import Catalog
 from ckptd.discover import Candidate
 from ckptd.model import CheckpointChanged, Verification
@@ -64,6 +64,7 @@ class Survey:
     gone: list[str] = field(default_factory=list)
     removed_sidecars: list[str] = field(default_factory=list)
     removed_temps: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # could not be looked at (permissions, I/O errors)
 
 
 def needs_verify(candidate: Candidate, catalog: Catalog) -> bool:
@@ -112,13 +113,18 @@ def survey(
                 result.unchanged += 1
         except FileNotFoundError:
             seen.discard(str(candidate.path))
+        except OSError as exc:  # one unreadable checkpoint never stops the survey of the others
+            result.failed.append(f"{candidate.path}: {exc}")
     for row in catalog.present(under=str(root)):
         if row.path not in seen and not Path(row.path).exists() and not Path(row.path).is_symlink():
             catalog.mark_gone(row.path, now())
             result.gone.append(row.path)
     for orphan in discover.orphan_sidecars(root):
-        orphan.unlink(missing_ok=True)
-        result.removed_sidecars.append(str(orphan))
+        try:
+            if fsutil.unlink_confined(root, orphan):
+                result.removed_sidecars.append(str(orphan))
+        except (OSError, ValueError):  # its folder became a link meanwhile: never followed
+            continue
     result.removed_temps = [str(p) for p in discover.stale_temps(root, older_than=60.0, now=now())]
     return result
 
@@ -155,8 +161,9 @@ def reconcile(
     """Survey `root`, then verify and record every new or changed checkpoint in this process."""
     found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries)
     report = ScanReport(
-        unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars
-    )
+        unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars,
+        failed=list(found.failed),
+    )  # fmt: skip
     for candidate in found.to_verify:
         try:
             verification = verifier(candidate.path)

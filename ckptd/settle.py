@@ -56,13 +56,18 @@ class SettleTracker:
         """Stop waiting for `path` (it was deleted)."""
         self._waiting.pop(path, None)
 
-    def due(self, now: float, identity_of: Callable[[Candidate], Identity | None]) -> list[tuple[str, Candidate]]:
-        """Remove and return the (watch, candidate) pairs that are complete and have settled.
+    def due(
+        self, now: float, identity_of: Callable[[Candidate], Identity | None], limit: int | None = None
+    ) -> list[tuple[str, Candidate]]:
+        """Remove and return the (watch, candidate) pairs that are complete and have settled, at most `limit`
+        (the others stay, still due at the next call).
 
         `identity_of` stats a candidate; None means it vanished, which drops it.
         """
-        ready = []
+        ready: list[tuple[str, Candidate]] = []
         for key, entry in list(self._waiting.items()):
+            if limit is not None and len(ready) >= limit:
+                break
             current = identity_of(entry.candidate)
             if current is None:
                 del self._waiting[key]

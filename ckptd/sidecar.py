@@ -12,7 +12,6 @@ parsed within size and depth limits, since anyone who can write the run folder c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ckptd.fsutil import atomic_write_bytes, opened
+from ckptd.fsutil import atomic_write_bytes, opened, unlink_confined
 from ckptd.model import Verification
 from ckptd.untrusted import UntrustedInput, fit_name, load_json
 
@@ -173,12 +172,10 @@ def read(checkpoint: Path) -> Sidecar | None:
     return dataclasses.replace(found, verification=dataclasses.replace(found.verification, path=str(checkpoint)))
 
 
-def remove(checkpoint: Path) -> bool:
-    """Delete the sidecar of `checkpoint`; True if there was one."""
-    with contextlib.suppress(FileNotFoundError):
-        sidecar_path(checkpoint).unlink()
-        return True
-    return False
+def remove(checkpoint: Path, root: Path) -> bool:
+    """Delete the sidecar of `checkpoint`, below the watched folder `root` and reached without following a
+    link (fsutil.unlink_confined); True if there was one. Raises OSError when a folder on the way is a link."""
+    return unlink_confined(root, sidecar_path(checkpoint))
 
 
 def find(folder: Path) -> list[tuple[Sidecar, bool]]:

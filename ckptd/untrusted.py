@@ -117,5 +117,8 @@ def printable(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+        try:  # undecodable bytes from the file system (surrogateescape) show as the bytes they were
+            text = os.fsencode(text).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # other lone surrogates (from JSON, say) show as code points
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return _CONTROL.sub(lambda m: f"\\u{ord(m[0]):04x}", text)

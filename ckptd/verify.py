@@ -9,18 +9,31 @@ user's trusted names) is reported `unsafe` and never loaded. Memory does not gro
 
 This is the only module that imports torch, and it does so lazily, after the hashing has started, so that
 the import overlaps the read.
+
+Every step is bounded, since anyone who can write a watched folder chooses the bytes: a verification has a
+time budget (`timeout`, by default 60 s plus 1 s per 100 MB) checked between pieces of work, the walk over a
+loaded object visits each container once (shared references are not walked again) and at most MAX_VISITS
+nodes, a data.pkl larger than MAX_PICKLE_BYTES is not loaded, zip records inflate in pieces and never past
+their declared size (formats.torch_zip), JSON headers have a depth limit (untrusted.load_json), and the
+lists a sidecar carries are capped (MAX_LISTED). What exceeds a budget ends `unsupported`, with the reason.
+Only regular files are read: a FIFO, socket or device, as the checkpoint or inside a directory checkpoint,
+is `unsupported` and never opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import math
 import mmap
+import os
 import pickle
+import stat as stat_module
 import time
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +42,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from ckptd import formats
-from ckptd.discover import directory_digest, directory_files, identity
+from ckptd.discover import directory_digest, directory_files, identity, special_files
 from ckptd.formats import safetensors as st_format
 from ckptd.formats import torch_zip
 from ckptd.formats.buffers import Buffer
@@ -38,10 +51,11 @@ from ckptd.formats.pickles import (
     PickleStructureError,
     RestrictedUnpickler,
     globals_in,
-    globals_in_bytes,
 )
+from ckptd.fsutil import NotRegularFile, kind_of, open_confined, open_regular
 from ckptd.metadata import Extracted, extract
 from ckptd.model import CheckpointChanged, Format, Identity, Status, TensorStats, Verification
+from ckptd.untrusted import UntrustedInput, relative
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +65,38 @@ Progress = Callable[[int], None]
 
 _HASH_CHUNK = 8 << 20
 _SCAN_ELEMENTS = 16 << 20  # elements per NaN/Inf reduction: bounded, and no temporary tensor at all
+MAX_VISITS = 10_000_000  # nodes of a loaded object walked for its tensors (a real checkpoint: ~10 per tensor)
+MAX_PICKLE_BYTES = 64 << 20  # a data.pkl holds structure, not tensor bytes; real ones are KBs to a few MB
+MAX_LISTED = 100  # problems, warnings and unsafe globals kept in a record; the rest summed up in one line
+TIMEOUT_BASE = 60.0
+TIMEOUT_RATE = 100e6  # bytes per second added to the base: a slow disk still finishes well inside
+
+
+def default_timeout(size: int) -> float:
+    """The time budget of a verification when none is configured: 60 s plus 1 s per 100 MB."""
+    return TIMEOUT_BASE + size / TIMEOUT_RATE
+
+
+class OverBudget(Exception):
+    """A verification passed its time budget or a structural limit; the message says which."""
+
+
+class _Scope:
+    """What one verification may spend and where it may read: its time scope, checked between pieces of work
+    (from any thread), and the folder below which files are opened without following links (when given)."""
+
+    def __init__(self, seconds: float, root: Path | None) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.root = root
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise OverBudget(f"verification stopped after {self.seconds:.0f} s (verify_timeout); not verified")
+
+    def open(self, path: Path) -> int:
+        """Open a regular file to read (fsutil.open_confined below the root, else never through a final link)."""
+        return open_confined(self.root, path) if self.root is not None else open_regular(path)
 
 
 class TrustError(ValueError):
@@ -75,21 +121,46 @@ class _Findings:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None = None) -> Verification:
-    """Verify the checkpoint at `path` (a file or a directory checkpoint).
+def verify(
+    path: Path,
+    *,
+    trusted: Sequence[str] = (),
+    progress: Progress | None = None,
+    timeout: float | None = None,
+    root: Path | None = None,
+) -> Verification:
+    """Verify the checkpoint at `path` (a file or a directory checkpoint; a link is not followed).
 
-    `trusted` names extra globals (`"numpy._core.multiarray.scalar"`) that pickles may use. Returns the
-    record; never raises for a bad checkpoint. Raises FileNotFoundError when `path` is missing,
-    TrustError when a trusted name cannot be imported, and CheckpointChanged when the checkpoint changed
-    while it was read (it is still being written: retry later, do not call it corrupt).
+    `trusted` names extra globals (`"numpy._core.multiarray.scalar"`) that pickles may use; `timeout` is the
+    time budget in seconds (default_timeout of the size when None); `root`, the watched folder, makes every
+    file be opened from it without following any link below it (the daemon and `scan` give it: a run folder
+    swapped for a link to a folder of root's is never read). Returns the record; never raises for a bad
+    checkpoint. Raises FileNotFoundError when `path` is missing, TrustError when a trusted name cannot be
+    imported, and CheckpointChanged when the checkpoint changed while it was read (it is still being
+    written: retry later, do not call it corrupt) or is now reached through a link.
     """
     started = time.monotonic()
     resolve_trusted(trusted)  # a bad name raises TrustError here, not a load failure that reads as corrupt
+    mode = path.lstat().st_mode
+    if stat_module.S_ISLNK(mode):
+        raise CheckpointChanged(str(path), "is a symbolic link now; links are recorded, never verified")
     before = _identities(path)
-    if path.is_dir():
-        findings = _verify_directory(path, trusted, progress)
-    else:
-        findings = _verify_file(path, trusted, progress)
+    scope = _Scope(timeout if timeout is not None else default_timeout(before[""].size), root)
+    try:
+        if stat_module.S_ISDIR(mode):
+            findings = _verify_directory(path, trusted, progress, scope)
+        elif stat_module.S_ISREG(mode):
+            findings = _verify_file(path, trusted, progress, scope)
+        else:
+            findings = _Findings(unsupported=f"{path.name}: is {kind_of(mode)}; only regular files are read")
+    except OverBudget as exc:
+        findings = _Findings(unsupported=f"{path.name}: {exc}")
+    except NotRegularFile as exc:  # swapped for a link or a FIFO while queued
+        raise CheckpointChanged(str(path), f"{exc.filename}: {exc.strerror}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise CheckpointChanged(str(path), "a folder on its path is now a symbolic link; not read") from None
     after = _identities(path)
     if before != after:
         raise CheckpointChanged(str(path), "changed while it was being verified")
@@ -105,6 +176,7 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
     if findings.tensors.nonfinite:
         findings.warnings.append(f"{findings.tensors.nonfinite} floating-point tensor(s) hold NaN or Inf")
     meta = findings.extracted
+    findings.warnings += meta.notes
     return Verification(
         path=str(path),
         status=status,
@@ -115,9 +187,9 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
         mtime_ns=stat.mtime_ns,
         device=stat.device,
         inode=stat.inode,
-        problems=findings.problems,
-        warnings=findings.warnings,
-        unsafe_globals=sorted(set(findings.unsafe_globals)),
+        problems=_capped(findings.problems, "problems"),
+        warnings=_capped(findings.warnings, "warnings"),
+        unsafe_globals=_capped(sorted(set(findings.unsafe_globals)), "globals"),
         epoch=meta.epoch,
         global_step=meta.global_step,
         metrics=meta.metrics,
@@ -127,6 +199,13 @@ def verify(path: Path, *, trusted: Sequence[str] = (), progress: Progress | None
         files=findings.files,
         seconds=round(time.monotonic() - started, 6),
     )
+
+
+def _capped(lines: list[str], what: str) -> list[str]:
+    """At most MAX_LISTED lines, the last saying how many more there were: a sidecar stays small."""
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return [*lines[: MAX_LISTED - 1], f"... and {len(lines) - MAX_LISTED + 1} more {what}"]
 
 
 def _identities(path: Path) -> dict[str, Identity]:
@@ -140,11 +219,12 @@ def _identities(path: Path) -> dict[str, Identity]:
 # --------------------------------------------------------------------------------------------- the one read
 
 
-def _sha256(buffer: Buffer, progress: Progress | None) -> str:
+def _sha256(buffer: Buffer, progress: Progress | None, scope: _Scope) -> str:
     """Hash the whole buffer front to back; hashlib releases the GIL, so this overlaps the load."""
     digest = hashlib.sha256()
     view = memoryview(buffer)
     for at in range(0, len(view), _HASH_CHUNK):
+        scope.check()
         piece = view[at : at + _HASH_CHUNK]
         digest.update(piece)
         if progress is not None:
@@ -153,29 +233,52 @@ def _sha256(buffer: Buffer, progress: Progress | None) -> str:
 
 
 @contextlib.contextmanager
-def _mapped(path: Path) -> Iterator[mmap.mmap]:
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+def _mapped(path: Path, scope: _Scope) -> Iterator[tuple[mmap.mmap, str]]:
+    """Map a regular file (never a link, FIFO or device: fsutil.open_regular raises NotRegularFile), opened
+    within the scope's root when it has one.
+
+    Yields the mapping and a path to the very file opened (`/proc/self/fd/N`), for the readers that take
+    a path (torch.load with mmap, safetensors): a file swapped under its name meanwhile is not what they read.
+    """
+    fd = scope.open(path)
+    try:
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         with contextlib.suppress(OSError, AttributeError):
             mapped.madvise(mmap.MADV_SEQUENTIAL)
-        yield mapped
+        try:
+            yield mapped, _fd_path(fd, path)
+        except BaseException:
+            # The traceback of a stopped verification (OverBudget) still holds views of the mapping, so it
+            # cannot be closed now; it is unmapped when the traceback goes, as verify() returns.
+            with contextlib.suppress(BufferError):
+                mapped.close()
+            raise
+        mapped.close()
+    finally:
+        os.close(fd)
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    proc = f"/proc/self/fd/{fd}"
+    return proc if Path(proc).exists() else str(path)
 
 
 # --------------------------------------------------------------------------------------------- single files
 
 
-def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
-    size = path.stat().st_size
+def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
+    size = path.lstat().st_size
     if size == 0:
         return _Findings(problems=[f"{path.name}: empty file (0 bytes)"], sha256=hashlib.sha256().hexdigest())
-    with _mapped(path) as mapped, ThreadPoolExecutor(2, thread_name_prefix="ckptd-verify") as pool:
-        sha = pool.submit(_sha256, mapped, progress)
+    with _mapped(path, scope) as (mapped, source), ThreadPoolExecutor(2, thread_name_prefix="ckptd-verify") as pool:
+        sha = pool.submit(_sha256, mapped, progress, scope)
         kind = formats.detect_file(bytes(mapped[:64]), size)
         if kind == "torch_zip":
-            findings = _check_torch_zip(path, mapped, pool, trusted)
+            findings = _check_torch_zip(path, mapped, source, pool, trusted, scope)
         elif kind == "torch_legacy":
-            findings = _check_torch_legacy(path, trusted)
+            findings = _check_torch_legacy(path, source, trusted, scope)
         elif kind == "safetensors":
-            findings = _check_safetensors(path, mapped)
+            findings = _check_safetensors(path, mapped, source, scope)
         elif formats.is_checkpoint_name(path.name):
             findings = _Findings(
                 problems=[f"{path.name}: not a torch, safetensors or DCP checkpoint (starts {mapped[:8].hex()})"]
@@ -186,92 +289,149 @@ def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None) 
     return findings
 
 
-def _check_torch_zip(path: Path, mapped: mmap.mmap, pool: ThreadPoolExecutor, trusted: Sequence[str]) -> _Findings:
+def _check_torch_zip(
+    path: Path, mapped: mmap.mmap, source: str, pool: ThreadPoolExecutor, trusted: Sequence[str], scope: _Scope
+) -> _Findings:
     findings = _Findings(format="torch_zip")
     try:
         records = torch_zip.read_records(mapped)
     except torch_zip.ZipStructureError as exc:
         findings.problems.append(f"{path.name}: {exc}")
         return findings
-    crcs = pool.submit(torch_zip.crc_problems, mapped, records)
-    if torch_zip.is_torchscript(records):
+    crcs = pool.submit(torch_zip.crc_problems, mapped, records, scope.check)
+    refused = torch_zip.inflation_refusals(records)
+    if refused:
+        findings.unsupported = f"{path.name}: {next(iter(refused.values()))}"
+    elif torch_zip.is_torchscript(records):
         findings.unsupported = f"{path.name}: a TorchScript archive; loading it would run its code"
     else:
-        _load_torch_zip(path, mapped, records, trusted, findings)
+        _load_torch_zip(path, mapped, source, records, trusted, findings, scope)
     findings.problems[:0] = [f"{path.name}: {p}" for p in crcs.result()]
     return findings
+
+
+def _scan_pickle(mapped: Buffer, record: torch_zip.ZipRecord, where: str, findings: _Findings,
+                 scope: _Scope) -> list[str] | None:  # fmt: skip
+    """The globals a data.pkl record names, read as a stream (never held whole); None, with the reason in
+    `findings`, when it is too large to load or not a readable pickle."""
+    if record.file_size > MAX_PICKLE_BYTES:
+        findings.unsupported = (
+            f"{where}: record {record.name!r} is a {record.file_size}-byte pickle, over the limit of"
+            f" {MAX_PICKLE_BYTES} (a checkpoint's pickle holds structure, not tensors); not loaded"
+        )
+        return None
+    try:
+        return globals_in(torch_zip.record_stream(mapped, record, scope.check))
+    except (PickleStructureError, OSError, ValueError, zlib.error) as exc:
+        findings.problems.append(f"{where}: record {record.name!r} is not a readable pickle ({exc})")
+        return None
 
 
 def _load_torch_zip(
     path: Path,
     mapped: mmap.mmap,
+    source: str,
     records: list[torch_zip.ZipRecord],
     trusted: Sequence[str],
     findings: _Findings,
+    scope: _Scope,
 ) -> None:
     pickled = torch_zip.find_record(records, "data.pkl")
     if pickled is None:
         findings.problems.append(f"{path.name}: zip archive without a data.pkl record, not a torch checkpoint")
         return
-    try:
-        names = globals_in_bytes(torch_zip.stored_bytes(mapped, pickled))
-    except (PickleStructureError, OSError, ValueError) as exc:
-        findings.problems.append(f"{path.name}: record {pickled.name!r} is not a readable pickle ({exc})")
+    names = _scan_pickle(mapped, pickled, path.name, findings, scope)
+    if names is None:
         return
     findings.unsafe_globals = _disallowed(names, trusted)
     if findings.unsafe_globals:
         return
-    obj = _torch_load(path, trusted, findings, mmap_mode=True)
+    obj = _torch_load(source, path.name, trusted, findings, mmap_mode=True)
     if obj is not None:
         findings.extracted = extract(obj, path.name)
-        findings.tensors = _tensor_stats(obj)
+        findings.tensors = _tensor_stats(obj, scope)
 
 
-def _check_torch_legacy(path: Path, trusted: Sequence[str]) -> _Findings:
+def _check_torch_legacy(path: Path, source: str, trusted: Sequence[str], scope: _Scope) -> _Findings:
     findings = _Findings(format="torch_legacy")
     names: list[str] = []
     try:
-        with open(path, "rb") as handle:
+        with open(source, "rb") as raw:
+            handle = _Limited(raw, MAX_PICKLE_BYTES)  # the pickles come first; the storages' bytes follow them
             for _ in range(5):  # magic number, protocol, sys info, the object, the storage keys
+                scope.check()
                 names += globals_in(handle)
     except PickleStructureError as exc:
         findings.problems.append(f"{path.name}: legacy torch file with a broken pickle ({exc})")
+        return findings
+    except _PastLimit:
+        findings.unsupported = (
+            f"{path.name}: its pickles pass {MAX_PICKLE_BYTES} bytes (they hold structure, not tensors); not loaded"
+        )
         return findings
     findings.unsafe_globals = _disallowed(names, trusted)
     if findings.unsafe_globals:
         return findings
     # torch cannot mmap the legacy format: this load reads the storages into memory.
-    obj = _torch_load(path, trusted, findings, mmap_mode=False)
+    obj = _torch_load(source, path.name, trusted, findings, mmap_mode=False)
     if obj is not None:
         findings.extracted = extract(obj, path.name)
-        findings.tensors = _tensor_stats(obj)
+        findings.tensors = _tensor_stats(obj, scope)
     return findings
 
 
-def _torch_load(path: Path, trusted: Sequence[str], findings: _Findings, *, mmap_mode: bool) -> Any:
+class _PastLimit(Exception):
+    """A reader was asked for more bytes than its limit."""
+
+
+class _Limited:
+    """A reader of at most `limit` bytes in all (a single request past it raises before reading anything)."""
+
+    def __init__(self, handle: IO[bytes], limit: int) -> None:
+        self._handle, self._left = handle, limit
+
+    def _take(self, count: int) -> None:
+        if count > self._left:
+            raise _PastLimit
+        self._left -= count
+
+    def read(self, size: int = -1) -> bytes:
+        self._take(size if size >= 0 else self._left + 1)
+        return self._handle.read(size)
+
+    def readline(self) -> bytes:
+        line = self._handle.readline(self._left + 1)
+        self._take(len(line))
+        return line
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+
+def _torch_load(source: str, name: str, trusted: Sequence[str], findings: _Findings, *, mmap_mode: bool) -> Any:
     """torch.load with weights_only; records an unsafe global or a load failure in `findings`."""
     import torch
 
     try:
         with torch.serialization.safe_globals(resolve_trusted(trusted)), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_mode)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap_mode)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Unsupported global" in message or "allowlisted via" in message:
             findings.unsafe_globals.append(_global_from_message(message))
         else:
-            findings.problems.append(f"{path.name}: torch.load failed: {_first_line(message)}")
+            findings.problems.append(f"{name}: torch.load failed: {_first_line(message)}")
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for broken files
-        findings.problems.append(f"{path.name}: torch.load failed: {_first_line(str(exc))}")
+        findings.problems.append(f"{name}: torch.load failed: {_first_line(str(exc))}")
     return None
 
 
-def _check_safetensors(path: Path, mapped: mmap.mmap) -> _Findings:
+def _check_safetensors(path: Path, mapped: mmap.mmap, source: str, scope: _Scope) -> _Findings:
     findings = _Findings(format="safetensors")
-    header = _safetensors_header(path, mapped, findings)
+    header = _safetensors_header(path, mapped, source, findings)
     if header is not None:
-        findings.tensors = _safetensors_stats(mapped, header.tensors)
+        findings.tensors = _safetensors_stats(mapped, header.tensors, scope)
         numeric = {k: v for k, v in header.metadata.items() if _is_number(v)}
         found = extract({k: float(v) for k, v in numeric.items()}, path.name, producer="huggingface")
         findings.extracted = Extracted(
@@ -284,7 +444,7 @@ def _check_safetensors(path: Path, mapped: mmap.mmap) -> _Findings:
     return findings
 
 
-def _safetensors_header(path: Path, mapped: Buffer, findings: _Findings) -> st_format.Header | None:
+def _safetensors_header(path: Path, mapped: Buffer, source: str, findings: _Findings) -> st_format.Header | None:
     """Parse a safetensors header, then open the file with the format's own reader as a second opinion."""
     try:
         header = st_format.parse_header(mapped)
@@ -294,7 +454,7 @@ def _safetensors_header(path: Path, mapped: Buffer, findings: _Findings) -> st_f
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as reader:
+        with safe_open(source, framework="pt") as reader:
             reader.keys()
     except Exception as exc:  # the reader raises its own SafetensorError and OSError
         findings.problems.append(f"{path.name}: the safetensors reader refuses it: {_first_line(str(exc))}")
@@ -305,15 +465,19 @@ def _safetensors_header(path: Path, mapped: Buffer, findings: _Findings) -> st_f
 # --------------------------------------------------------------------------------------- directory formats
 
 
-def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
+def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
     kind = formats.detect_directory(folder)
-    if kind == "dcp":
-        findings = _check_dcp(folder, trusted, progress)
+    specials = special_files(folder)
+    if specials:
+        findings = _Findings(format=kind, unsupported=f"{folder.name}: holds {', '.join(specials)}; never read")
+        findings.files = {}
+    elif kind == "dcp":
+        findings = _check_dcp(folder, trusted, progress, scope)
     elif kind == "safetensors_sharded":
-        findings = _check_sharded(folder, progress)
+        findings = _check_sharded(folder, progress, scope)
     elif kind == "orbax":
         findings = _Findings(format="orbax", unsupported=f"{folder.name}: Orbax checkpoints are not verified yet")
-        findings.files = _hash_files(folder, directory_files(folder), progress)
+        findings.files = _hash_files(folder, directory_files(folder), progress, scope)
     else:
         findings = _Findings(unsupported=f"{folder.name}: a folder without a checkpoint marker")
         findings.files = {}
@@ -322,30 +486,30 @@ def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress |
     return findings
 
 
-def _hash_files(folder: Path, names: Sequence[str], progress: Progress | None) -> dict[str, str]:
+def _hash_files(folder: Path, names: Sequence[str], progress: Progress | None, scope: _Scope) -> dict[str, str]:
     hashes = {}
     for rel in names:
-        with _mapped_or_empty(folder / rel) as mapped:
-            hashes[rel] = _sha256(mapped, progress)
+        with _mapped_or_empty(folder / rel, scope) as (mapped, _source):
+            hashes[rel] = _sha256(mapped, progress, scope)
     return hashes
 
 
 @contextlib.contextmanager
-def _mapped_or_empty(path: Path) -> Iterator[Buffer]:
-    if path.stat().st_size == 0:
-        yield b""
+def _mapped_or_empty(path: Path, scope: _Scope) -> Iterator[tuple[Buffer, str]]:
+    if path.lstat().st_size == 0:
+        yield b"", str(path)
         return
-    with _mapped(path) as mapped:
-        yield mapped
+    with _mapped(path, scope) as found:
+        yield found
 
 
-def _check_sharded(folder: Path, progress: Progress | None) -> _Findings:
+def _check_sharded(folder: Path, progress: Progress | None, scope: _Scope) -> _Findings:
     findings = _Findings(format="safetensors_sharded")
     index = formats.hf_index_in(folder)
     assert index is not None
     names = directory_files(folder)
     with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
-        hashes = pool.submit(_hash_files, folder, names, progress)
+        hashes = pool.submit(_hash_files, folder, names, progress, scope)
         try:
             weight_map = st_format.parse_index(index)
         except st_format.SafetensorsError as exc:
@@ -361,10 +525,10 @@ def _check_sharded(folder: Path, progress: Progress | None) -> _Findings:
                 findings.problems.append(f"{index.name} names shard {shard!r}, which is missing")
                 continue
             shard_findings = _Findings()
-            with _mapped_or_empty(shard_path) as mapped:
-                header = _safetensors_header(shard_path, mapped, shard_findings)
+            with _mapped_or_empty(shard_path, scope) as (mapped, source):
+                header = _safetensors_header(shard_path, mapped, source, shard_findings)
                 if header is not None:
-                    stats.append(_safetensors_stats(mapped, header.tensors))
+                    stats.append(_safetensors_stats(mapped, header.tensors, scope))
                     missing = expected[shard] - {t.name for t in header.tensors}
                     if missing:
                         shard_findings.problems.append(
@@ -413,7 +577,7 @@ def _dcp_allowed() -> dict[str, Any]:
     return allowed
 
 
-def _check_dcp(folder: Path, trusted: Sequence[str], progress: Progress | None) -> _Findings:
+def _check_dcp(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
     """Check a torch.distributed.checkpoint folder.
 
     DCP's own FileSystemReader unpickles `.metadata` with plain pickle.load, which would run any code in
@@ -422,27 +586,31 @@ def _check_dcp(folder: Path, trusted: Sequence[str], progress: Progress | None) 
     findings = _Findings(format="dcp")
     names = directory_files(folder)
     with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
-        hashes = pool.submit(_hash_files, folder, names, progress)
-        metadata = _dcp_metadata(folder, findings)
+        hashes = pool.submit(_hash_files, folder, names, progress, scope)
+        metadata = _dcp_metadata(folder, findings, scope)
         if metadata is not None:
-            _check_dcp_items(folder, metadata, trusted, findings)
+            _check_dcp_items(folder, metadata, trusted, findings, scope)
         findings.files = hashes.result()
     return findings
 
 
-def _dcp_metadata(folder: Path, findings: _Findings) -> Any:
+def _dcp_metadata(folder: Path, findings: _Findings, scope: _Scope) -> Any:
     marker = folder / formats.DCP_MARKER
     try:
-        with open(marker, "rb") as handle:
+        with open(scope.open(marker), "rb") as handle:
             return RestrictedUnpickler(handle, _dcp_allowed()).load()
     except ForbiddenGlobal as exc:
         findings.unsafe_globals.append(exc.qualified_name)
+    except (FileNotFoundError, NotRegularFile, IsADirectoryError) as exc:
+        findings.problems.append(f"{marker.name}: not a readable DCP metadata file ({exc})")
+    except OSError:
+        raise  # a link on the way, an I/O error: not the checkpoint's fault (see verify)
     except Exception as exc:  # a broken pickle raises anything from EOFError to ValueError
         findings.problems.append(f"{marker.name}: not a readable DCP metadata file ({_first_line(str(exc))})")
     return None
 
 
-def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findings: _Findings) -> None:
+def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findings: _Findings, scope: _Scope) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     storage_data: Mapping[Any, Any] = getattr(metadata, "storage_data", None) or {}
@@ -453,13 +621,18 @@ def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findin
     values: dict[str, Any] = {}
     tensor_stats: list[TensorStats] = []
     for rel, items in sorted(by_file.items()):
-        path = folder / rel
-        if not path.is_file():
+        try:
+            path = folder.joinpath(*relative(rel, what="a data file .metadata names"))
+        except UntrustedInput as exc:
+            findings.problems.append(f".metadata: {exc}")
+            continue
+        if not path.is_file() or path.is_symlink():
             findings.problems.append(f".metadata names {rel!r}, which is missing")
             continue
-        size = path.stat().st_size
-        with _mapped_or_empty(path) as mapped:
+        size = path.lstat().st_size
+        with _mapped_or_empty(path, scope) as (mapped, _source):
             for index, info in sorted(items, key=lambda item: int(item[1].offset)):
+                scope.check()
                 offset, length = int(info.offset), int(info.length)
                 where = f"{rel} bytes {offset}-{offset + length}"
                 if offset + length > size:
@@ -468,11 +641,11 @@ def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findin
                 if getattr(info, "transform_descriptors", None):
                     findings.unsupported = f"{rel}: DCP items with transforms {info.transform_descriptors}"
                     continue
-                value = _dcp_item(folder, mapped, offset, length, where, trusted, findings)
+                value = _dcp_item(mapped, offset, length, where, trusted, findings, scope)
                 if value is None:
                     continue
                 if isinstance(state.get(index.fqn), TensorStorageMetadata):
-                    tensor_stats.append(_tensor_stats(value))
+                    tensor_stats.append(_tensor_stats(value, scope))
                 else:
                     values[index.fqn] = value
     findings.tensors = _merge_stats(tensor_stats)
@@ -494,13 +667,13 @@ def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findin
 
 
 def _dcp_item(
-    folder: Path,
     mapped: Buffer,
     offset: int,
     length: int,
     where: str,
     trusted: Sequence[str],
     findings: _Findings,
+    scope: _Scope,
 ) -> Any:
     """Check one DCP item (a torch.save archive embedded in a .distcp file) and return its value."""
     import torch
@@ -510,16 +683,19 @@ def _dcp_item(
     except torch_zip.ZipStructureError as exc:
         findings.problems.append(f"{where}: {exc}")
         return None
-    findings.problems += [f"{where}: {p}" for p in torch_zip.crc_problems(mapped, records)]
+    refused = torch_zip.inflation_refusals(records)
+    if refused:
+        findings.unsupported = f"{where}: {next(iter(refused.values()))}"
+        return None
+    findings.problems += [f"{where}: {p}" for p in torch_zip.crc_problems(mapped, records, scope.check)]
     pickled = torch_zip.find_record(records, "data.pkl")
     if pickled is None:
         findings.problems.append(f"{where}: item without a data.pkl record")
         return None
-    try:
-        unsafe = _disallowed(globals_in_bytes(torch_zip.stored_bytes(mapped, pickled)), trusted)
-    except PickleStructureError as exc:
-        findings.problems.append(f"{where}: item pickle is broken ({exc})")
+    names = _scan_pickle(mapped, pickled, where, findings, scope)
+    if names is None:
         return None
+    unsafe = _disallowed(names, trusted)
     if unsafe:
         findings.unsafe_globals += unsafe
         return None
@@ -604,27 +780,35 @@ def _is_number(text: str) -> bool:
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+def _tensors(obj: Any, scope: _Scope) -> Iterator[torch.Tensor]:
+    """Every tensor in a loaded object: containers walked without recursion, each container once (a pickle
+    can share one list 16 times at each of 8 levels: 16^8 paths, 9 lists), at most MAX_VISITS nodes."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 64:
-        return
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _tensors(value, depth + 1)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for value in obj:
-            yield from _tensors(value, depth + 1)
+    seen: set[int] = set()
+    stack = [obj]
+    visits = 0
+    while stack:
+        item = stack.pop()
+        visits += 1
+        if visits % 65536 == 0:
+            scope.check()
+            if visits > MAX_VISITS:
+                raise OverBudget(f"the loaded object has over {MAX_VISITS} nodes; not walked further")
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, Mapping | list | tuple | set | frozenset) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, Mapping) else item)
 
 
-def _tensor_stats(obj: Any) -> TensorStats:
+def _tensor_stats(obj: Any, scope: _Scope) -> TensorStats:
     """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf."""
     count = parameters = total_bytes = nonfinite = 0
     dtypes: Counter[str] = Counter()
     scanned: dict[tuple[int, int, str], bool] = {}
-    for tensor in _tensors(obj):
+    counted: set[tuple[int, int]] = set()  # storages whose bytes are counted (a view in another dtype shares them)
+    for tensor in _tensors(obj, scope):
         count += 1
         parameters += tensor.numel()
         dtypes[str(tensor.dtype).removeprefix("torch.")] += 1
@@ -634,7 +818,8 @@ def _tensor_stats(obj: Any) -> TensorStats:
             continue
         key = (storage.data_ptr(), storage.nbytes(), str(tensor.dtype))
         if key not in scanned:
-            if not any(k[:2] == key[:2] for k in scanned):
+            if key[:2] not in counted:
+                counted.add(key[:2])
                 total_bytes += storage.nbytes()
             scanned[key] = _storage_nonfinite(storage, tensor.dtype)
         nonfinite += scanned[key]
@@ -674,12 +859,13 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _safetensors_stats(mapped: Buffer, tensors: Sequence[st_format.TensorEntry]) -> TensorStats:
+def _safetensors_stats(mapped: Buffer, tensors: Sequence[st_format.TensorEntry], scope: _Scope) -> TensorStats:
     import torch
 
     dtypes: Counter[str] = Counter()
     nonfinite = 0
     for entry in tensors:
+        scope.check()
         name = _ST_DTYPES.get(entry.dtype, entry.dtype.lower())
         dtypes[name] += 1
         dtype = getattr(torch, name, None)
@@ -727,7 +913,7 @@ def load_checkpoint(path: Path, trusted: Sequence[str] = ()) -> Any:
 
         return load_file(str(path))
     findings = _Findings()
-    obj = _torch_load(path, trusted, findings, mmap_mode=kind == "torch_zip")
+    obj = _torch_load(str(path), path.name, trusted, findings, mmap_mode=kind == "torch_zip")
     if obj is None:
         raise ValueError("; ".join(findings.problems + findings.unsafe_globals) or f"{path}: cannot be loaded")
     return obj

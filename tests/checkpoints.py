@@ -569,3 +569,78 @@ def delete_distcp(folder: str | os.PathLike[str]) -> Path:
     target = _distcp_file(folder)
     target.unlink()
     return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile checkpoints: small files that cost a naive reader hours, gigabytes or a traceback
+# --------------------------------------------------------------------------------------------------
+
+
+def shared_nested_lists(path: str | os.PathLike[str], *, width: int = 16, depth: int = 8) -> Path:
+    """Write a torch.save checkpoint of one list shared `width` times at each of `depth` levels; return path.
+
+    The pickle memoizes the shared lists, so the file is about 2 KB, and it loads under weights_only; but a
+    walk that follows every path visits width**depth (16**8 = 4 billion) leaves.
+    """
+    target = _prepare(path)
+    nested: Any = [torch.ones(2)]
+    for _ in range(depth):
+        nested = [nested] * width
+    torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}, "history": nested}, target)
+    return target
+
+
+def _rezip(source: Path, target: Path, replace: dict[str, tuple[int, int]]) -> None:
+    """Copy the zip at source to target, replacing records named in `replace` ({suffix: (bytes of zeros,
+    compression)}) by that many zero bytes, deflated as they stream (never held in memory)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for info in old.infolist():
+            match = next((r for r in replace if info.filename.endswith(r)), None)
+            if match is None:
+                new.writestr(info, old.read(info.filename))
+                continue
+            size, method = replace[match]
+            fresh = zipfile.ZipInfo(info.filename, info.date_time)
+            fresh.compress_type = method
+            with new.open(fresh, "w", force_zip64=size >= 1 << 31) as out:
+                piece = bytes(16 << 20)
+                for at in range(0, size, len(piece)):
+                    out.write(piece[: min(len(piece), size - at)])
+
+
+def zip_bomb(path: str | os.PathLike[str], *, inflated: int = 256 << 20) -> Path:
+    """Write a torch checkpoint whose tensor record holds `inflated` zero bytes deflated (about 1000:1)."""
+    target = _prepare(path)
+    plain = target.with_name(target.name + ".plain")
+    torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}}, plain)
+    _rezip(plain, target, {"/data/0": (inflated, zipfile.ZIP_DEFLATED)})
+    plain.unlink()
+    return target
+
+
+def deflated_pickle(path: str | os.PathLike[str], *, inflated: int = 512 << 20) -> Path:
+    """Write a torch checkpoint whose data.pkl record is `inflated` bytes deflated (zeros after the real pickle
+    would not load, but nothing should inflate it whole to find out)."""
+    target = _prepare(path)
+    plain = target.with_name(target.name + ".plain")
+    torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}}, plain)
+    _rezip(plain, target, {"/data.pkl": (inflated, zipfile.ZIP_DEFLATED)})
+    plain.unlink()
+    return target
+
+
+def deep_safetensors_header(path: str | os.PathLike[str], *, depth: int = 200_000) -> Path:
+    """Write a safetensors file whose JSON header nests `depth` arrays in its __metadata__ (a RecursionError for
+    a naive json.loads)."""
+    target = _prepare(path)
+    header = b'{"__metadata__": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+    target.write_bytes(struct.pack("<Q", len(header)) + header)
+    return target
+
+
+def giant_metrics(path: str | os.PathLike[str], *, count: int = 1_000_000) -> Path:
+    """Write a torch.save checkpoint with `count` entries in its metrics mapping."""
+    target = _prepare(path)
+    metrics = {f"metric_{i}": float(i) for i in range(count)}
+    torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}, "metrics": metrics}, target)
+    return target

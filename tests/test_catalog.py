@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ckptd.catalog import CATALOG_NAME, Catalog
+from ckptd.catalog import CATALOG_NAME, Catalog, decode, encode
 from ckptd.model import Verification
 
 MTIME_NS = 1_700_000_000_123_456_789
@@ -176,3 +179,33 @@ def test_rows_survive_reopening(tmp_path: Path) -> None:
         assert second.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
         row = second.get("/r/a.pt")
         assert row is not None and row.first_seen == 100.0
+
+
+# ------------------------------------------------------------------------------------------- any file name
+
+_part = st.text(min_size=1, max_size=12) | st.sampled_from(["\udcff", "\udc80x", "\U0010ffff", "é"])
+any_path = st.lists(_part, min_size=1, max_size=4).map(lambda ps: "/r/" + "/".join(p.replace("/", "_") for p in ps))
+
+
+@given(any_path)
+def test_encode_is_one_to_one_and_keeps_prefixes(path: str) -> None:
+    """Every str, lone surrogates and U+10FFFF included, stores as valid UTF-8 and reads back the same; a prefix
+    of a path stays a prefix of its stored form (the catalog's `under=` queries rely on it)."""
+    stored = encode(path)
+    stored.encode("utf-8")
+    assert decode(stored) == path
+    assert stored.startswith(encode(path[: len(path) // 2]))
+    if path.isascii() or ("\U0010ffff" not in path and not any("\ud800" <= c <= "\udfff" for c in path)):
+        assert stored == path, "plain names are stored as they are"
+
+
+def test_a_name_that_is_not_utf8_is_recorded_and_found(catalog: Catalog) -> None:
+    """A checkpoint whose name holds bytes that are not UTF-8 is recorded, read back and found under its run."""
+    weird = "/r/" + os.fsdecode(b"epoch-\xff\xfe.pt")
+    _record(catalog, weird)
+    _record(catalog, "/r/" + "x" * 255)
+    row = catalog.get(weird)
+    assert row is not None and row.path == weird and row.run == "/r"
+    assert {r.path for r in catalog.present(under="/r")} == {weird, "/r/" + "x" * 255}
+    catalog.mark_gone(weird, 200.0)
+    assert catalog.get(weird).gone_at == 200.0  # type: ignore[union-attr]

@@ -1,6 +1,7 @@
 """Specification of the format readers: ckptd/formats/pickles.py, torch_zip.py and safetensors.py."""
 
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -222,7 +223,7 @@ def _zip(method: int, members: dict[str, bytes]) -> bytes:
 
 def test_crc_problems_checks_deflated_records_through_inflate() -> None:
     """Deflated records are checked on their uncompressed bytes; damaged compressed data is a problem."""
-    payload = b"checkpoint bytes " * 500
+    payload = b"".join(f"checkpoint bytes {i * 7919 % 10007} ".encode() for i in range(500))  # ~3:1, not a bomb
     data = _zip(zipfile.ZIP_DEFLATED, {"a/data.pkl": payload})
     (record,) = torch_zip.read_records(data)
     assert record.compressed_size < record.file_size
@@ -232,6 +233,30 @@ def test_crc_problems_checks_deflated_records_through_inflate() -> None:
     damaged[record.data_start + record.compressed_size // 2] ^= 0xFF
     (problem,) = torch_zip.crc_problems(bytes(damaged), [record])
     assert "a/data.pkl" in problem
+
+
+def test_a_zip_bomb_record_is_refused_before_it_is_inflated() -> None:
+    """A record declaring 1000 times its compressed size is named by inflation_refusals and skipped by the CRC
+    check (nothing inflated); a record that inflates past its declared size is a problem, found in pieces."""
+    bomb = _zip(zipfile.ZIP_DEFLATED, {"a/data/0": bytes(8 << 20)})
+    (record,) = torch_zip.read_records(bomb)
+    assert record.file_size > 1000 * record.compressed_size
+    refusals = torch_zip.inflation_refusals([record])
+    assert list(refusals) == ["a/data/0"] and "beyond 100:1 (a zip bomb?)" in refusals["a/data/0"]
+    assert torch_zip.crc_problems(bomb, [record]) == []
+    lying = dataclasses.replace(record, file_size=record.file_size // 2, crc=0)
+    with pytest.raises(torch_zip.InflationError, match="inflates beyond the 4194304 bytes its directory declares"):
+        torch_zip.record_crc(bomb, lying)
+
+
+def test_a_record_stream_reads_a_deflated_record_piece_by_piece() -> None:
+    """record_stream yields the uncompressed bytes as they are read, and tells its position (pickletools asks)."""
+    payload = bytes(range(256)) * 100_000
+    data = _zip(zipfile.ZIP_DEFLATED, {"a/data.pkl": payload})
+    (record,) = torch_zip.read_records(data)
+    stream = torch_zip.record_stream(data, record)
+    assert stream.read(1000) == payload[:1000] and stream.tell() == 1000
+    assert stream.read() == payload[1000:]
 
 
 def test_crc_problems_reports_an_unsupported_compression_method() -> None:

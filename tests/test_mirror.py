@@ -404,7 +404,7 @@ class DeletesTheSource(Recording):
     def put_file(self, key: str, source: Path, *, sha256: str, progress: Any = None) -> None:
         if source == self.victim:
             source.unlink()
-            sidecar.remove(source)
+            sidecar.sidecar_path(source).unlink()
         super().put_file(key, source, sha256=sha256, progress=progress)
 
 
@@ -496,7 +496,7 @@ def test_a_checkpoint_deleted_before_its_copy_is_dropped_not_copied(local_site: 
     with local_site.catalog() as catalog:
         _enqueue(catalog, local_site.config)
         local_site.best.unlink()
-        sidecar.remove(local_site.best)
+        sidecar.sidecar_path(local_site.best).unlink()
         report = mirror_pass(local_site.config, catalog, targets_of(local_site.config))
         assert report.dropped == [str(local_site.best)] and len(report.copied) == 2
         assert catalog.mirror_due(None) == [] and str(local_site.best) not in catalog.awaiting_mirror("runs")

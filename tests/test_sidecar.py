@@ -342,3 +342,33 @@ def test_read_names_the_checkpoint_by_the_sidecars_location(tmp_path: Path) -> N
     found = sidecar.read(tmp_path / "new" / "m.safetensors")
     assert found is not None and found.verification.path == str(tmp_path / "new" / "m.safetensors")
     assert [c for _s, c in sidecar.find(tmp_path / "new")] == [True]
+
+
+def test_a_name_too_long_for_the_suffix_gets_a_shortened_sidecar_found_again(tmp_path: Path) -> None:
+    """A 255-byte checkpoint name gets `<start>~<hash>.ckptd.json` (within NAME_MAX): written, found, read, and not
+    taken for an orphan; once the checkpoint is gone, the scan's orphan sweep removes it."""
+    from ckptd import discover
+
+    long_name = "e" * 240 + "-step=12.pt"[: 255 - 240]
+    checkpoint = checkpoints.torch_zip(tmp_path / long_name, size_floats=64)
+    side = sidecar.write(checkpoint, _render(verify(checkpoint)))
+    assert len(os.fsencode(side.name)) == 255 and side.name.endswith(sidecar.SIDECAR_SUFFIX) and "~" in side.name
+    assert sidecar.checkpoint_of(side) == checkpoint
+    [(found, current)] = sidecar.find(tmp_path)
+    assert found.checkpoint == checkpoint and current
+    assert list(discover.orphan_sidecars(tmp_path)) == []
+    checkpoint.unlink()
+    assert list(discover.orphan_sidecars(tmp_path)) == [side]
+
+
+def test_a_sidecar_behind_a_link_or_a_fifo_is_not_read(tmp_path: Path) -> None:
+    """A sidecar path that is a symbolic link (to a file elsewhere) or a FIFO reads as missing, never followed or
+    blocked on: anyone who can write the run folder can plant one."""
+    checkpoint = checkpoints.torch_zip(tmp_path / "a.pt", size_floats=64)
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(_render(verify(checkpoint)))
+    sidecar.sidecar_path(checkpoint).symlink_to(elsewhere)
+    assert sidecar.read(checkpoint) is None
+    sidecar.sidecar_path(checkpoint).unlink()
+    os.mkfifo(sidecar.sidecar_path(checkpoint))
+    assert sidecar.read(checkpoint) is None

@@ -557,3 +557,101 @@ def test_verify_directory_changed_mid_hash_raises_checkpoint_changed(dcp: Path) 
 def test_verify_unchanged_file_does_not_raise_with_progress(big_zip: Path) -> None:
     """A progress callback that only watches does not make verify see a change."""
     assert verify(big_zip, progress=lambda n: None).status == "ok"
+
+
+# ------------------------------------------------------------------------------------------ hostile input
+
+
+def test_shared_nested_lists_are_walked_once_and_verify_at_once(tmp_path: Path) -> None:
+    """A 2 KB checkpoint sharing one list 16 times at each of 8 levels (16^8 paths) verifies ok in well under a
+    second: each container is walked once."""
+    path = ck.shared_nested_lists(tmp_path / "nested.pt")
+    assert path.stat().st_size < 4096
+    result = verify(path, timeout=30)
+    assert result.status == "ok" and result.seconds < 5
+    assert result.tensors.count >= 2
+
+
+def test_a_zip_bomb_is_unsupported_and_never_inflated(tmp_path: Path) -> None:
+    """A deflated record of 256 MiB of zeros in a 250 KB file ends `unsupported` naming the record and the ratio;
+    nothing is inflated or loaded (peak memory does not grow by the record's size)."""
+    import resource
+
+    path = ck.zip_bomb(tmp_path / "bomb.pt")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = verify(path)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) << 10
+    assert result.status == "unsupported" and result.sha256 == sha256(path)
+    assert re.search(
+        r"record 'bomb.pt/data/0' would inflate 268435456 bytes from \d+, beyond 100:1", result.problems[0]
+    )
+    assert grown < 64 << 20
+
+
+def test_a_deflated_pickle_past_the_limits_is_never_inflated_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data.pkl declared at 512 MiB (deflated to 0.5 MB) is refused before inflation; one under the ratio but over
+    MAX_PICKLE_BYTES is refused by size; neither is loaded."""
+    import ckptd.verify as engine
+
+    bomb = verify(ck.deflated_pickle(tmp_path / "pkl.pt"))
+    assert bomb.status == "unsupported" and "data.pkl' would inflate 536870912 bytes" in bomb.problems[0]
+    monkeypatch.setattr(engine, "MAX_PICKLE_BYTES", 100)
+    plain = verify(ck.torch_zip(tmp_path / "plain.pt", size_floats=64))
+    assert plain.status == "unsupported"
+    assert re.search(r"record 'plain/data.pkl' is a \d+-byte pickle, over the limit of 100", plain.problems[0])
+
+
+def test_a_safetensors_header_nested_200000_deep_is_corrupt_not_a_traceback(tmp_path: Path) -> None:
+    """The header's depth is measured before parsing: a clear one-line problem, no RecursionError."""
+    result = verify(ck.deep_safetensors_header(tmp_path / "deep.safetensors"))
+    assert_corrupt(result, "deep.safetensors: header nests 200002 levels deep, over the limit of 8")
+
+
+def test_a_million_metrics_are_cut_to_256_with_a_warning(tmp_path: Path) -> None:
+    """A metrics mapping of 1,000,000 entries keeps 256 (a sidecar stays small) and says so in the warnings."""
+    from ckptd.metadata import MAX_METRICS
+
+    result = verify(ck.giant_metrics(tmp_path / "m.pt"))
+    assert result.status == "ok" and len(result.metrics) == MAX_METRICS
+    assert result.warnings == [f"1000000 metrics found; the first {MAX_METRICS} were kept"]
+
+
+def test_a_verification_past_its_time_budget_is_unsupported_with_the_reason(tmp_path: Path) -> None:
+    """The engine stops itself between pieces of work once its timeout passes: `unsupported`, saying why."""
+    path = ck.torch_zip(tmp_path / "a.pt", size_floats=3_000_000)
+    result = verify(path, timeout=0.0)
+    assert result.status == "unsupported"
+    assert result.problems == ["a.pt: verification stopped after 0 s (verify_timeout); not verified"]
+
+
+def test_a_fifo_is_unsupported_and_never_opened(tmp_path: Path) -> None:
+    """A FIFO named like a checkpoint, or inside a DCP folder, is `unsupported`; nothing blocks on it."""
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    alone = verify(fifo)
+    assert (alone.status, alone.problems) == ("unsupported", ["pipe.pt: is a FIFO; only regular files are read"])
+    folder = ck.dcp_checkpoint(tmp_path / "dcp")
+    os.mkfifo(folder / "extra.distcp")
+    inside = verify(folder)
+    assert inside.status == "unsupported" and inside.problems == ["dcp: holds extra.distcp (a FIFO); never read"]
+
+
+def test_a_dcp_metadata_naming_a_file_outside_its_folder_is_corrupt(tmp_path: Path) -> None:
+    """An item's relative_path in .metadata is a name from disk: `../x` is refused, never opened."""
+    import pickle as std_pickle
+
+    from torch.distributed.checkpoint import metadata as meta
+
+    folder = ck.dcp_checkpoint(tmp_path / "dcp")
+    secret = tmp_path / "secret.distcp"
+    shutil.copyfile(next(folder.glob("*.distcp")), secret)
+    with open(folder / ".metadata", "rb") as handle:
+        loaded = std_pickle.load(handle)  # the test's own, trusted file
+    for info in loaded.storage_data.values():
+        info.relative_path = "../secret.distcp"
+    with open(folder / ".metadata", "wb") as handle:
+        std_pickle.dump(loaded, handle)
+    assert isinstance(loaded, meta.Metadata)
+    assert_corrupt(verify(folder), ".metadata: a data file .metadata names '..'")

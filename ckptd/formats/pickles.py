@@ -10,7 +10,7 @@ import io
 import pickle
 import pickletools
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
 _STRING_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
@@ -21,7 +21,15 @@ class PickleStructureError(Exception):
     """The bytes are not a well-formed pickle."""
 
 
-def globals_in(stream: IO[bytes]) -> list[str]:
+class Readable(Protocol):
+    """What pickletools reads a pickle from."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readline(self) -> bytes: ...
+
+
+def globals_in(stream: Readable) -> list[str]:
     """Return the `module.name` globals that the pickle at the stream's position imports, in order.
 
     Reads exactly one pickle (up to its STOP opcode), leaving the stream just past it. Handles GLOBAL and
@@ -32,7 +40,7 @@ def globals_in(stream: IO[bytes]) -> list[str]:
     memo: dict[int, Any] = {}
     recent: list[Any] = []  # the last values pushed, enough to resolve STACK_GLOBAL
     try:
-        for opcode, arg, _pos in pickletools.genops(stream):
+        for opcode, arg, _pos in pickletools.genops(cast("IO[bytes]", stream)):
             name = opcode.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")

@@ -2,6 +2,12 @@
 
 The central directory is parsed once, then every record's CRC-32 is checked against the bytes: torch.load
 itself never checks them, so a flipped bit in tensor data would otherwise load silently.
+
+torch.save stores records uncompressed; an archive written otherwise may deflate them, and a hostile one
+may deflate 1 GiB of zeros into 1 MB. Inflation is therefore always streamed, in pieces of at most
+_CHUNK bytes of output, never beyond the size the central directory declares for the record, and
+`inflation_refusals` names the records whose declared size is beyond MAX_INFLATE_RATIO times their
+compressed size (or all together beyond MAX_INFLATED_TOTAL): those are neither inflated nor loaded.
 """
 
 from __future__ import annotations
@@ -10,14 +16,20 @@ import io
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 from ckptd.formats.buffers import Buffer
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _CHUNK = 8 << 20
+MAX_RECORDS = 2_000_000  # a checkpoint has one record per storage; parsing more would take gigabytes
+MAX_INFLATE_RATIO = 100  # deflate reaches ~1000:1 only on data made to (zeros): a bomb, not a checkpoint
+MAX_INFLATED_TOTAL = 16 << 30
+Check = Callable[[], None]
+"""Called between pieces of work; raises to stop it (the verify engine's time budget)."""
 
 
 class ZipStructureError(Exception):
@@ -80,6 +92,12 @@ def read_records(buffer: Buffer, start: int = 0, length: int | None = None) -> l
     view = memoryview(buffer)
     size = len(view) - start if length is None else length
     try:
+        # zipfile's own reader of the end record (private, stable since Python 2): how many records the central
+        # directory holds, checked before ZipFile builds an object for each one.
+        end = zipfile._EndRecData(Window(buffer, start, size))  # type: ignore[attr-defined]
+        declared = int(end[4]) if end else 0  # zipfile._ECD_ENTRIES_TOTAL
+        if declared > MAX_RECORDS:
+            raise ZipStructureError(f"the archive declares {declared} records, over the limit of {MAX_RECORDS}")
         with zipfile.ZipFile(Window(buffer, start, size)) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, struct.error, EOFError) as exc:
@@ -113,28 +131,91 @@ def read_records(buffer: Buffer, start: int = 0, length: int | None = None) -> l
     return records
 
 
-def record_crc(buffer: Buffer, record: ZipRecord) -> int:
-    """Compute the CRC-32 of a record's uncompressed bytes, reading them in 8 MiB pieces."""
+class InflationError(ValueError):
+    """A deflated record inflates beyond the size its central directory declares."""
+
+
+def inflation_refusals(records: list[ZipRecord]) -> dict[str, str]:
+    """{record name: why} for the deflated records that will not be inflated: past MAX_INFLATE_RATIO, or all of
+    them when together they would pass MAX_INFLATED_TOTAL. Empty for torch.save's archives (nothing deflated)."""
+    deflated = [r for r in records if r.method == zipfile.ZIP_DEFLATED]
+    total = sum(r.file_size for r in deflated)
+    if total > MAX_INFLATED_TOTAL:
+        why = f"deflated records would inflate to {total} bytes in all, beyond {MAX_INFLATED_TOTAL}; not loaded"
+        return {r.name: why for r in deflated}
+    return {
+        r.name: f"record {r.name!r} would inflate {r.file_size} bytes from {r.compressed_size}, beyond"
+        f" {MAX_INFLATE_RATIO}:1 (a zip bomb?); not inflated or loaded"
+        for r in deflated
+        if r.file_size > MAX_INFLATE_RATIO * max(r.compressed_size, 1)
+    }
+
+
+def _pieces(buffer: Buffer, record: ZipRecord, check: Check | None = None) -> Iterator[bytes | memoryview]:
+    """A record's uncompressed bytes, piece by piece (each at most _CHUNK bytes). Raises InflationError when
+    the record inflates beyond its declared size, zlib.error when its compressed data is broken."""
     view = memoryview(buffer)
-    crc = 0
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS) if record.method == zipfile.ZIP_DEFLATED else None
+    if record.method != zipfile.ZIP_DEFLATED:
+        for at in range(record.data_start, record.data_end, _CHUNK):
+            if check is not None:
+                check()
+            yield view[at : min(at + _CHUNK, record.data_end)]
+        return
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    produced = 0
     for at in range(record.data_start, record.data_end, _CHUNK):
-        piece = view[at : min(at + _CHUNK, record.data_end)]
-        crc = zlib.crc32(inflate.decompress(piece) if inflate else piece, crc)
-    if inflate is not None:
-        crc = zlib.crc32(inflate.flush(), crc)
+        pending: bytes | memoryview = view[at : min(at + _CHUNK, record.data_end)]
+        while pending:
+            if check is not None:
+                check()
+            out = inflate.decompress(pending, _CHUNK)
+            pending = inflate.unconsumed_tail
+            produced += len(out)
+            if produced > record.file_size:
+                raise InflationError(
+                    f"record {record.name!r} inflates beyond the {record.file_size} bytes its directory declares"
+                )
+            yield out
+            if not out and not pending:
+                break
+    rest = inflate.flush()
+    if produced + len(rest) > record.file_size:
+        raise InflationError(
+            f"record {record.name!r} inflates beyond the {record.file_size} bytes its directory declares"
+        )
+    yield rest
+
+
+def record_crc(buffer: Buffer, record: ZipRecord, check: Check | None = None) -> int:
+    """Compute the CRC-32 of a record's uncompressed bytes, in pieces (memory stays flat whatever it inflates to).
+
+    Raises InflationError or zlib.error (see _pieces).
+    """
+    crc = 0
+    for piece in _pieces(buffer, record, check):
+        crc = zlib.crc32(piece, crc)
     return crc
 
 
-def crc_problems(buffer: Buffer, records: list[ZipRecord]) -> list[str]:
-    """Check every record's CRC-32; return one line per record whose bytes do not match it."""
+def crc_problems(buffer: Buffer, records: list[ZipRecord], check: Check | None = None) -> list[str]:
+    """Check every record's CRC-32; return one line per record whose bytes do not match it.
+
+    Records that `inflation_refusals` names are skipped (the caller reports them), so nothing inflates
+    beyond the limits.
+    """
     problems = []
+    refused = inflation_refusals(records)
     for record in records:
+        if record.name in refused:
+            continue
         if record.method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             problems.append(f"record {record.name!r}: unsupported zip compression method {record.method}")
             continue
         try:
-            actual = record_crc(buffer, record)
+            actual = record_crc(buffer, record, check)
+        except InflationError as exc:
+            problems.append(str(exc))
+            continue
         except zlib.error as exc:
             problems.append(f"record {record.name!r}: compressed data is broken ({exc})")
             continue
@@ -160,8 +241,44 @@ def is_torchscript(records: list[ZipRecord]) -> bool:
 
 
 def stored_bytes(buffer: Buffer, record: ZipRecord) -> bytes:
-    """Return a record's uncompressed bytes (for small records such as data.pkl)."""
-    data = bytes(memoryview(buffer)[record.data_start : record.data_end])
-    if record.method == zipfile.ZIP_DEFLATED:
-        return zlib.decompress(data, -zlib.MAX_WBITS)
-    return data
+    """Return a record's uncompressed bytes, for small records (tests); see `record_stream` for the rest.
+
+    Raises InflationError or zlib.error.
+    """
+    return b"".join(bytes(piece) for piece in _pieces(buffer, record))
+
+
+class _Stream(io.RawIOBase):
+    """A read-only stream over an iterator of byte pieces."""
+
+    def __init__(self, pieces: Iterator[bytes | memoryview]) -> None:
+        self._pieces = pieces
+        self._left: bytes | memoryview = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Only tells where it is (pickletools asks for positions); it cannot move."""
+        if (offset, whence) != (0, io.SEEK_CUR):
+            raise io.UnsupportedOperation("a record stream only reads forward")
+        return self._pos
+
+    def readinto(self, target: Any) -> int:
+        out = memoryview(target).cast("B")
+        while not self._left:
+            self._left = next(self._pieces, b"")
+            if not self._left:
+                return 0
+        count = min(len(out), len(self._left))
+        out[:count] = self._left[:count]
+        self._left = self._left[count:]
+        self._pos += count
+        return count
+
+
+def record_stream(buffer: Buffer, record: ZipRecord, check: Check | None = None) -> IO[bytes]:
+    """A stream of a record's uncompressed bytes, inflated piece by piece as it is read (a pickle scanner reads
+    data.pkl through it without holding it whole). Reading raises InflationError or zlib.error."""
+    return cast("IO[bytes]", io.BufferedReader(_Stream(_pieces(buffer, record, check))))
