@@ -227,6 +227,11 @@ class Catalog:
                 if column not in have:
                     self._exec(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
+    @classmethod
+    def existing(cls, state_dir: Path) -> Catalog | None:
+        """The catalog of `state_dir` if there is one; None on a machine that never ran ckptd (nothing created)."""
+        return cls(state_dir) if (state_dir / CATALOG_NAME).is_file() else None
+
     def __enter__(self) -> Catalog:
         return self
 
@@ -495,6 +500,21 @@ class Catalog:
         if now is not None:
             query, args = query + " AND next_try <= ?", [now]
         return [dict(r) for r in self._exec(query + " ORDER BY queued_at", args)]
+
+    def mirrored_names(self, *, target: str, run: str) -> frozenset[str]:
+        """The names of the checkpoints of `run` this machine copied to `target` (proved there at least once):
+        the only copies a mirror pass may delete from that run's folder on the target."""
+        rows = self._exec("SELECT path FROM mirror_queue WHERE target = ? AND run = ? AND copied = 1", (target, run))
+        return frozenset(Path(r["path"]).name for r in rows)
+
+    def mirrored_sha(self, *, target: str, run: str, name: str) -> str | None:
+        """The SHA-256 of the copy named `name` this machine last proved on `target` for `run`, or None."""
+        rows = self._exec(
+            "SELECT path, sha256 FROM mirror_queue WHERE target = ? AND run = ? AND copied = 1"
+            " ORDER BY COALESCE(done_at, queued_at) DESC",
+            (target, run),
+        )
+        return next((str(r["sha256"]) for r in rows if Path(r["path"]).name == name), None)
 
     def mirror_finish(self, item: dict[str, Any], *, state: str, now: float, error: str | None = None) -> None:
         """Close a queued copy: done (proved on the target) or dropped."""

@@ -514,15 +514,28 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
 
     if role is None:
         raise UsageError("say which checkpoint: --best or --latest")
+    from ckptd.catalog import Catalog
+
     config = _command_config(config_file, folders=False)
+    chosen = _target(config, target)
+    prefix = run.strip("/")
+    catalog = Catalog.existing(config.daemon.state_dir)  # a fresh machine has none, and gets none made
     try:
-        restored, _stored = mirroring.restore(_target(config, target), run, role, destination.absolute())
+        found = mirroring.restore(
+            chosen, run, role, destination.absolute(),
+            known=lambda name: mirroring.recorded_sha(config, catalog, chosen.name, prefix, name),
+        )  # fmt: skip
     except MirrorError as exc:
         raise NoAnswer(str(exc)) from exc
+    finally:
+        if catalog is not None:
+            catalog.close()
+    restored = found.path
     result = engine_verify(restored, trusted=config.daemon.trusted_globals)
     sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
     if result.status != "ok":
         raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
+    click.echo(f"ckptd: sha256 {found.sidecar.verification.sha256} proved against {found.proof}", err=True)
     _echo_path(str(restored))
     return ExitCode.OK
 

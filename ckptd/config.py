@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -150,6 +152,16 @@ class MirrorTargetConfig(_Model):
     endpoint_url: str = ""
     region: str = ""
     checksum: Literal["sha256", "off"] = "sha256"
+    # How a stored copy is proved (S3): "auto" compares the store's own MD5 ETag and reads back where it is no
+    # MD5; "checksum" trusts the SHA-256 the store reports (stores that validate it, such as AWS S3);
+    # "read-back" downloads every copy. See ckptd/mirrors/s3.py and docs/security.md.
+    proof: Literal["auto", "checksum", "read-back"] = "auto"
+
+    @model_validator(mode="after")
+    def _proof_needs_a_checksum(self) -> MirrorTargetConfig:
+        if self.proof == "checksum" and self.checksum == "off":
+            raise ValueError('proof = "checksum" needs checksum = "sha256": with it off the store reports none')
+        return self
 
 
 MirrorWhat = Literal["best", "latest", "milestones", "all"]
@@ -241,7 +253,61 @@ def parse_config(text: str, source: Path, default_state_dir: Path | None = None)
     if problems:
         raise ConfigError(str(source), problems)
     assert config is not None
-    return _resolved(config, source.parent)
+    resolved = _resolved(config, source.parent)
+    problems = url_problems(resolved) + layout_problems(resolved, lambda p: Path(os.path.normpath(p)))
+    if problems:
+        raise ConfigError(str(source), problems)
+    return resolved
+
+
+_QUERY_CREDENTIALS = re.compile(r"(x-amz-(credential|signature|security-token)|awsaccesskeyid|signature)=", re.I)
+
+
+def url_problems(config: Config) -> list[str]:
+    """Credentials written into a URL (`https://KEY:SECRET@host`, `s3://KEY:SECRET@bucket`, a presigned query):
+    refused, so that they never reach a log line, the catalog or `status --json`."""
+    problems = []
+    for name, target in config.mirror.items():
+        for key, url in (("url", target.url), ("endpoint_url", target.endpoint_url)):
+            if "://" not in url:
+                continue
+            parts = urlsplit(url)
+            if "@" in parts.netloc or parts.username or parts.password:
+                problems.append(
+                    f"at 'mirror.{name}.{key}': the URL holds credentials (user:password@); they never go in the"
+                    " config file: use the AWS chain (environment, AWS_PROFILE, instance role)"
+                )
+            elif _QUERY_CREDENTIALS.search(parts.query):
+                problems.append(f"at 'mirror.{name}.{key}': the URL holds a signature or credential in its query;"
+                                " remove it and use the AWS chain")  # fmt: skip
+    return problems
+
+
+def layout_problems(config: Config, canonical: Callable[[Path], Path]) -> list[str]:
+    """Folders that would feed on each other: a state folder or a local mirror folder inside a watched folder
+    (or one holding it), watches inside one another, a watch at `/`. `canonical` makes paths comparable
+    (normpath for the text, realpath once the disk can be asked)."""
+    problems = []
+    watches = [(f"watch[{i}].path", canonical(w.path)) for i, w in enumerate(config.watch)]
+    for key, path in watches:
+        if path == Path(path.anchor):
+            problems.append(f"at '{key}': {path} cannot be watched: it holds the whole system, ckptd's own state"
+                            " included; watch the folder your trainer writes into")  # fmt: skip
+    for i, (key, path) in enumerate(watches):
+        for other_key, other in watches[i + 1 :]:
+            if path == other or path.is_relative_to(other) or other.is_relative_to(path):
+                problems.append(f"at '{other_key}': {other} overlaps {key} ({path}); each checkpoint must belong"
+                                " to one watch: watch separate folders")  # fmt: skip
+    owned = [("daemon.state_dir", canonical(config.daemon.state_dir), "quarantined checkpoints would be found there"
+              " and quarantined again")]  # fmt: skip
+    owned += [(f"mirror.{name}.url", canonical(Path(m.url)), "copies would be found there and copied again")
+              for name, m in config.mirror.items() if "://" not in m.url]  # fmt: skip
+    for key, path, why in owned:
+        for watch_key, watched in watches:
+            if path.is_relative_to(watched) or watched.is_relative_to(path):
+                problems.append(f"at '{key}': {path} and the watched folder {watched} ({watch_key}) are inside one"
+                                f" another; {why}: put it elsewhere")  # fmt: skip
+    return problems
 
 
 def _duplicate_names(raw: dict[str, Any]) -> list[str]:
@@ -301,8 +367,9 @@ def load_config(path: Path, *, check_folders: bool = True) -> Config:
         for i, w in enumerate(config.watch)
         if check_folders and not w.path.is_dir()
     ]
+    problems += layout_problems(config, lambda p: Path(os.path.realpath(p)))  # links resolved: no nesting via them
     if problems:
-        raise ConfigError(str(source), problems)
+        raise ConfigError(str(source), list(dict.fromkeys(problems)))
     return config
 
 

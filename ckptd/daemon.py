@@ -488,7 +488,8 @@ class Daemon:
         seconds: float,
     ) -> None:  # fmt: skip
         assert self.catalog is not None
-        record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time())
+        record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time(),
+               root=watch.path)  # fmt: skip
         self.stats.verified[verification.status] += 1
         self._dirty = True
         fields: dict[str, Any] = {

@@ -39,13 +39,12 @@ from typing import Any, Literal
 from ckptd import sidecar
 from ckptd.catalog import Catalog
 from ckptd.discover import identity_at
-from ckptd.fsutil import atomic_write_bytes, fsync_dir, open_folder, open_regular, temp_name
+from ckptd.fsutil import TRASH_PREFIX, atomic_write_bytes, fsync_dir, open_folder, open_regular, temp_name
 from ckptd.model import Identity
 from ckptd.retention import Decision
 from ckptd.untrusted import UntrustedInput, component
 
 Action = Literal["delete", "quarantine"]
-TRASH_PREFIX = ".ckptd-trash-"
 _COPY_PIECE = 16 << 20
 _RENAME_NOREPLACE = 1
 
@@ -175,15 +174,18 @@ def _finish(removal: Removal, dir_fd: int, trash: str, name: str, state_dir: Pat
     if removal.action == "quarantine":
         detail = str(_quarantine(removal, dir_fd, trash, side, state_dir, now))
     else:
-        _remove_at(dir_fd, trash)
+        remove_at(dir_fd, trash)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(side, dir_fd=dir_fd)
     fsync_dir(dir_fd)
     return detail
 
 
-def _remove_at(dir_fd: int, name: str) -> None:
-    """Remove a file or a whole folder relative to an open folder, never following a link inside it."""
+def remove_at(dir_fd: int, name: str) -> None:
+    """Remove a file or a whole folder relative to an open folder, never following a link inside it.
+
+    Raises FileNotFoundError when it is not there, OSError when it cannot be removed.
+    """
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based rmtree: links inside are removed, not followed
@@ -281,9 +283,9 @@ def _move(src_fd: int, src: str, dst_fd: int, dst: str, *, size: int = 0) -> Non
         os.rename(temp, dst, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            _remove_at(dst_fd, temp)
+            remove_at(dst_fd, temp)
         raise
-    _remove_at(src_fd, src)
+    remove_at(src_fd, src)
 
 
 def _copy_at(src_fd: int, src: str, dst_fd: int, dst: str) -> None:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from ckptd import formats
 from ckptd.formats.safetensors import SafetensorsError, parse_index
-from ckptd.fsutil import TEMP_MARK, kind_of, unlink_confined
+from ckptd.fsutil import TEMP_MARK, TRASH_PREFIX, kind_of, unlink_confined
 from ckptd.model import Identity
 from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of
 
@@ -39,8 +39,8 @@ class Candidate:
 
 
 def is_ckptd_file(name: str) -> bool:
-    """True for ckptd's own sidecars and temp files."""
-    return name.endswith(SIDECAR_SUFFIX) or TEMP_MARK in name
+    """True for ckptd's own sidecars, temp files and trash (a checkpoint being deleted)."""
+    return name.endswith(SIDECAR_SUFFIX) or TEMP_MARK in name or name.startswith(TRASH_PREFIX)
 
 
 def _walk_directory(folder: Path) -> Iterator[tuple[str, int]]:
@@ -167,6 +167,8 @@ def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None)
     `boundary` (the watched folder, or every watched folder; `root` by default), never out of it.
     """
     boundary = boundary or root
+    if is_ckptd_file(root.name):  # a folder being deleted by ckptd (or its temp): nothing to find
+        return
     if root.is_symlink():  # a folder that is a link (a new one an event names): recorded as a link or nothing
         link = classify(root, boundary, patterns)
         if link is not None:
@@ -244,7 +246,7 @@ def candidate_for(path: Path, root: Path, patterns: Sequence[str], boundary: Roo
     reached through a folder that is a link is nothing: links are never followed.
     """
     below = [p for p in path.parents if p != root and p.is_relative_to(root)]
-    if any(p.is_symlink() for p in below):
+    if any(p.is_symlink() or is_ckptd_file(p.name) for p in below):
         return None
     for parent in path.parents:
         if parent == root or not parent.is_relative_to(root):

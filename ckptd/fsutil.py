@@ -23,6 +23,7 @@ from pathlib import Path
 from ckptd.untrusted import fit_name
 
 TEMP_MARK = ".ckptd-tmp"
+TRASH_PREFIX = ".ckptd-trash-"  # what the deletion executor moves a checkpoint to before removing it
 _TOKEN_ROOM = len(".0123abcd" + TEMP_MARK)
 
 
@@ -67,21 +68,35 @@ def fsync_dir(folder: Path | int) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` atomically. Raises OSError; on error no temp file is left behind."""
-    temp = temp_path_for(path)
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *, root: Path | None = None) -> None:
+    """Write `data` to `path` atomically. Raises OSError; on error no temp file is left behind.
+
+    With `root` (a trusted folder above `path`, such as the watched folder), the folder of `path` is reached
+    from `root` without following links (open_folder) and the write happens relative to it: a run folder
+    swapped for a link meanwhile makes the write fail (ELOOP) rather than land elsewhere.
+    """
+    if root is None:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        rel = path.relative_to(root)
+        if not rel.parts or ".." in rel.parts:
+            raise ValueError(f"{path} is not inside {root}")
+        folder = open_folder(root, rel.parts[:-1])
+    temp = temp_name(path.name)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=folder)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        os.fsync(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+            os.unlink(temp, dir_fd=folder)
         raise
-    fsync_dir(path.parent)
+    finally:
+        os.close(folder)
 
 
 def open_regular(path: Path | str, *, dir_fd: int | None = None, follow: bool = False) -> int:

@@ -7,14 +7,20 @@ A superseded copy leaves the target only after its successor is proved there, ke
 
 What to copy is queued in the catalog (`mirror_queue`), so a restart picks it up; a failed copy is retried
 with backoff and never blocks verification; retention keeps a checkpoint while it is queued.
-`roles_for` and `render_index` are pure; the rest drives targets and the catalog.
+`roles_for`, `clean_index` and `render_index` are pure; the rest drives targets and the catalog.
+
+A target is untrusted storage. Every name read from one (index entries, superseded lists, listings) is
+checked to be one plain file name (untrusted.component) before it is used; a target may only have deleted
+what this machine copied there for the same run; a copy is proved against the SHA-256 in this machine's
+catalog wherever the catalog knows it, not only against the target's own sidecar and index (which whoever
+can write the target can rewrite together); and `restore` writes only inside its `--to` folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,13 +30,14 @@ from typing import Any
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from ckptd import log, selection, sidecar
+from ckptd import delete, log, selection, sidecar
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import directory_digest
-from ckptd.fsutil import fsync_dir, sha256_file, temp_path_for
+from ckptd.fsutil import fsync_dir, open_confined, sha256_fd, temp_name
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Target, make_target
 from ckptd.model import Entry
+from ckptd.untrusted import UntrustedInput, component, load_json, relative
 
 INDEX = "index.json"
 INDEX_SCHEMA = 1
@@ -66,12 +73,44 @@ def run_key(watch: WatchConfig, run: str) -> str:
     return watch.name if relative == "." else f"{watch.name}/{relative}"
 
 
+def clean_index(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """A run's index as read from a target, with every name that is not one plain file name dropped.
+
+    Returns the index (copies, best, latest, superseded; anything malformed left out) and the refused names.
+    A hostile index naming `../exp2/best.ckpt` or `/etc/passwd` can then neither be restored nor deleted.
+    """
+    refused: list[str] = []
+
+    def name_of(value: Any) -> str | None:
+        try:
+            return component(value, what="a name in index.json")
+        except UntrustedInput:
+            refused.append(repr(value)[:200])
+            return None
+
+    body: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    copies: dict[Any, Any] = body["copies"] if isinstance(body.get("copies"), dict) else {}
+    index: dict[str, Any] = {
+        "schema_version": INDEX_SCHEMA, "run": body.get("run"),
+        "copies": {n: dict(c) for k, c in copies.items() if (n := name_of(k)) and isinstance(c, dict)},
+        "superseded": [n for v in body.get("superseded") or [] if (n := name_of(v))]
+        if isinstance(body.get("superseded"), list) else [],
+    }  # fmt: skip
+    for role in ("best", "latest"):
+        entry = body.get(role)
+        index[role] = dict(entry) if isinstance(entry, dict) and name_of(entry.get("name")) else None
+    return index, refused
+
+
 def render_index(previous: Mapping[str, Any] | None, *, run: str, copy: Mapping[str, Any], roles: list[str],
-                 keep_superseded: int, now: float) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+                 keep_superseded: int, now: float,
+                 ours: frozenset[str] | None = None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """The run's new index.json after `copy` (name, sha256, metrics, step) is proved on the target.
 
-    Returns the index and the names of copies to delete from the target: superseded best/latest copies
-    beyond the newest `keep_superseded`. A copy still named by a role is never among them.
+    `previous` is the index as clean_index left it. Returns the index and the names of copies to delete from
+    the target: superseded best/latest copies beyond the newest `keep_superseded`, and only those in `ours`
+    (what this machine copied there for this run; None for all). A copy still named by a role is never among
+    them; a superseded name not ours is dropped from the index but left on the target.
     """
     index: dict[str, Any] = {
         "schema_version": INDEX_SCHEMA, "run": run, "best": None, "latest": None, "copies": {}, "superseded": [],
@@ -90,12 +129,12 @@ def render_index(previous: Mapping[str, Any] | None, *, run: str, copy: Mapping[
                 superseded.append(old["name"])
     current = {index[r]["name"] for r in ("best", "latest") if index[r]}
     superseded = [n for n in dict.fromkeys(superseded) if n not in current]
-    doomed = superseded[: max(0, len(superseded) - keep_superseded)]
-    index["superseded"] = superseded[len(doomed) :]
-    for name in doomed:
+    beyond = superseded[: max(0, len(superseded) - keep_superseded)]
+    index["superseded"] = superseded[len(beyond) :]
+    for name in beyond:
         index["copies"].pop(name, None)
     index["updated_at"] = stamp
-    return index, doomed
+    return index, [name for name in beyond if ours is None or name in ours]
 
 
 # ------------------------------------------------------------------------------------------------ queueing
@@ -148,19 +187,29 @@ def _files_of(checkpoint: Path) -> list[tuple[str, Path]]:
     return [(f"{checkpoint.name}/{rel}", checkpoint / rel) for rel in directory_files(checkpoint)]
 
 
-def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: sidecar.Sidecar) -> None:
+def _read_confined(root: Path, path: Path) -> bytes:
+    fd = open_confined(root, path)
+    try:
+        return os.read(fd, sidecar.MAX_SIDECAR_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: sidecar.Sidecar, root: Path) -> None:
     """Copy one checkpoint, then its sidecar, proving each file against the sidecar's hashes.
 
-    Raises IntegrityError (a copy did not match, or the local file changed) or MirrorError.
+    Every local file is opened from the watched folder `root` down without following a link (a run folder
+    swapped for a link to root's files is never read, so never uploaded). Raises IntegrityError (a copy did
+    not match, or the local file changed) or MirrorError.
     """
     record = found.verification
     # Fix: read the sidecar before the upload, and a missing one is a failed copy: read after it, a sidecar
     # removed meanwhile (the checkpoint deleted by save_top_k) raised FileNotFoundError out of mirror_pass and
     # left the uploaded checkpoint on the target without sidecar or index entry.
     try:
-        sidecar_data = sidecar.sidecar_path(checkpoint).read_bytes()
+        sidecar_data = _read_confined(root, sidecar.sidecar_path(checkpoint))
         files = _files_of(checkpoint)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise MirrorError(f"{checkpoint}: {exc}") from exc
     if not files:  # a directory checkpoint removed meanwhile: never a sidecar without its checkpoint
         raise MirrorError(f"{checkpoint}: no files to copy (deleted?)")
@@ -168,8 +217,15 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
         expected = record.sha256 if not record.is_directory else (record.files or {}).get(name.split("/", 1)[1])
         if expected is None:
             raise IntegrityError(f"{path}: not in its sidecar; it changed since it was verified")
-        _put_with_retries(target, f"{key_prefix}/{name}", path, expected)
-    target.put_bytes(f"{key_prefix}/{checkpoint.name}{sidecar.SIDECAR_SUFFIX}", sidecar_data)
+        try:
+            fd = open_confined(root, path)
+        except (OSError, ValueError) as exc:
+            raise MirrorError(f"{path}: {exc}") from exc
+        try:  # the backend opens this path again: /proc/self/fd/N is the very file opened here
+            _put_with_retries(target, f"{key_prefix}/{name}", Path(f"/proc/self/fd/{fd}"), expected)
+        finally:
+            os.close(fd)
+    target.put_bytes(f"{key_prefix}/{sidecar.sidecar_name(checkpoint.name)}", sidecar_data)
 
 
 @retry(
@@ -211,9 +267,10 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
         prefix = run_key(watch, item["run"])
         started = time.monotonic()
         try:
-            if not (item["copied"] and target.stat(f"{prefix}/{path.name}{sidecar.SIDECAR_SUFFIX}")):
-                copy_checkpoint(target, prefix, path, found)
-            doomed = _update_index(target, prefix, item, found, config, now())
+            if not (item["copied"] and target.stat(f"{prefix}/{sidecar.sidecar_name(path.name)}")):
+                copy_checkpoint(target, prefix, path, found, watch.path)
+            ours = catalog.mirrored_names(target=target.name, run=item["run"])
+            doomed = _update_index(target, prefix, item, found, config, now(), ours)
         except MirrorError as exc:
             delay = min(MAX_BACKOFF, 5.0 * 2 ** min(int(item["attempts"]), 12))
             catalog.mirror_retry(item, error=str(exc), next_try=now() + delay)
@@ -231,20 +288,31 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
     return report
 
 
-def _update_index(target: Target, prefix: str, item: Mapping[str, Any], found: sidecar.Sidecar, config: Config,
-                  now: float) -> list[str]:  # fmt: skip
+def read_index(target: Target, prefix: str) -> dict[str, Any] | None:
+    """A run's index.json on a target, cleaned (see clean_index); None when there is none or it is unreadable.
+
+    Raises MirrorError when the target fails.
+    """
     try:
-        previous = json.loads(target.get_bytes(f"{prefix}/{INDEX}"))
-    except NotFound:
-        previous = None
-    except ValueError:
-        previous = None  # an unreadable index is rebuilt from what is copied next
+        raw = load_json(target.get_bytes(f"{prefix}/{INDEX}"), what=f"{target.name}:{prefix}/{INDEX}")
+    except (NotFound, UntrustedInput):
+        return None  # an unreadable index is rebuilt from what is copied next
+    index, refused = clean_index(raw)
+    if refused:
+        log.get("ckptd.mirror").warning("index names refused", target=target.name, run=prefix, names=refused[:20])
+    return index
+
+
+def _update_index(target: Target, prefix: str, item: Mapping[str, Any], found: sidecar.Sidecar, config: Config,
+                  now: float, ours: frozenset[str]) -> list[str]:  # fmt: skip
+    previous = read_index(target, prefix)
     record = found.verification
-    copy = {"name": Path(record.path).name, "sha256": record.sha256, "step": record.global_step,
+    name = Path(record.path).name
+    copy = {"name": name, "sha256": record.sha256, "step": record.global_step,
             "epoch": record.epoch, "metrics": record.metrics, "size_bytes": record.size_bytes}  # fmt: skip
     keep = config.mirror[item["target"]].keep_superseded
     index, doomed = render_index(previous, run=prefix, copy=copy, roles=str(item["role"]).split(","),
-                                 keep_superseded=keep, now=now)  # fmt: skip
+                                 keep_superseded=keep, now=now, ours=ours | {name})  # fmt: skip
     target.put_bytes(f"{prefix}/{INDEX}", (json.dumps(index, indent=2) + "\n").encode())
     return doomed
 
@@ -258,63 +326,133 @@ def _delete_copy(target: Target, prefix: str, name: str) -> None:
     """Remove a superseded copy: its files first, then its sidecar."""
     for key in copy_keys(target, prefix, name):
         target.delete(key)
-    target.delete(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}")
+    target.delete(f"{prefix}/{sidecar.sidecar_name(name)}")
 
 
 # ------------------------------------------------------------------------------------ reading the targets
 
 
 def indexes(target: Target, run: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every run's index.json on a target (or the one under `run`), keyed by run folder."""
+    """Every run's index.json on a target (or the one under `run`), cleaned, keyed by run folder."""
     found = {}
     # Fix: list under "<run>/", not the bare string "<run>": S3-style prefixes are plain string matches, so
     # `ckptd ls TARGET runs/exp1` also showed runs/exp10's index.
     for key in target.list(run.strip("/") + "/" if run else ""):
         if key.endswith(f"/{INDEX}") or key == INDEX:
-            try:
-                found[key.removesuffix(INDEX).rstrip("/")] = json.loads(target.get_bytes(key))
-            except (NotFound, ValueError):
-                continue
+            prefix = key.removesuffix(INDEX).rstrip("/")
+            index = read_index(target, prefix)
+            if index is not None:
+                found[prefix] = index
     return found
 
 
+def local_run(config: Config, prefix: str) -> str | None:
+    """The local run folder whose copies live under `prefix` on a target (the inverse of run_key), or None."""
+    watch_name, _, rest = prefix.partition("/")
+    watch = config.watch_named(watch_name)
+    if watch is None:
+        return None
+    try:
+        return str(watch.path.joinpath(*relative(rest))) if rest else str(watch.path)
+    except UntrustedInput:
+        return None
+
+
+def recorded_sha(config: Config, catalog: Catalog | None, target: str, prefix: str, name: str) -> str | None:
+    """The SHA-256 this machine's catalog recorded for the copy `prefix/name` it made on `target`, or None."""
+    run = local_run(config, prefix)
+    if catalog is None or run is None:
+        return None
+    return catalog.mirrored_sha(target=target, run=run, name=name)
+
+
+@dataclass
+class CopyCheck:
+    """What reading one copy back found: the keys that do not hold what they should, and why."""
+
+    bad: list[str]
+    why: str = ""
+    stored: sidecar.Sidecar | None = None
+
+
+def check_copy(target: Target, prefix: str, name: str, known: str | None, read_sha: Callable[[str], str]) -> CopyCheck:
+    """Read back every file of the copy `prefix/name` and compare it with what it must hold.
+
+    `known` is this machine's catalog record of the copy's SHA-256: when there is one, the target's sidecar
+    must agree with it (a copy forged together with its sidecar and index is caught here); a directory
+    sidecar's file list must hash to its digest. `read_sha` reads a key back (a throttled one for scrub).
+    Raises MirrorError when the target fails.
+    """
+    where = f"{target.name}:{prefix}/{name}"
+    keys = copy_keys(target, prefix, name)
+    try:
+        stored = sidecar.parse(target.get_bytes(f"{prefix}/{sidecar.sidecar_name(name)}"))
+    except (NotFound, sidecar.SidecarError) as exc:
+        return CopyCheck([f"{prefix}/{name}"], f"its sidecar is missing or unreadable ({exc})")
+    record = stored.verification
+    if known is not None and record.sha256 != known:
+        return CopyCheck([f"{prefix}/{name}"], f"its sidecar says sha256 {record.sha256}, this machine's catalog"
+                         f" recorded {known}: not the copy that was made", stored)  # fmt: skip
+    if record.is_directory and directory_digest(record.files or {}) != record.sha256:
+        return CopyCheck([f"{prefix}/{name}"], "its sidecar's file list does not hash to its sha256", stored)
+    if not keys:
+        return CopyCheck([f"{prefix}/{name}"], f"{where} is named by the index but missing", stored)
+    bad = [k for k in keys if read_sha(k) != _expected(stored, prefix, name, k)]
+    if record.is_directory and {k.removeprefix(f"{prefix}/{name}/") for k in keys} != set(record.files or {}):
+        bad = bad or [f"{prefix}/{name}"]
+    return CopyCheck(bad, "its bytes do not match" if bad else "", stored)
+
+
 def verify_target(config: Config, catalog: Catalog, target: Target, *, repair: bool = True) -> MirrorReport:
-    """Read back every copy an index names, compare with its sha256, and repair from local copies that match."""
+    """Read back every copy an index names and compare it with this machine's catalog where it knows the copy,
+    else with the target's sidecar; repair from local checkpoints that still hold the right bytes."""
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
-    local = {row.sha256: row for row in catalog.present() if row.sha256}
     for prefix, index in indexes(target).items():
         for name, copy in index.get("copies", {}).items():
             report.checked += 1
+            known = recorded_sha(config, catalog, target.name, prefix, name)
             try:
-                keys = copy_keys(target, prefix, name)
-                stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
-                bad = [k for k in keys if target.sha256(k) != _expected(stored, prefix, name, k)]
-            except (MirrorError, sidecar.SidecarError) as exc:
-                bad, stored = [f"{prefix}/{name}"], None
-                logger.error("mirror copy unreadable", target=target.name, key=f"{prefix}/{name}", error=str(exc))
-            if not bad and keys:
+                found = check_copy(target, prefix, name, known, target.sha256)
+            except MirrorError as exc:
+                found = CopyCheck([f"{prefix}/{name}"], f"unreadable: {exc}")
+            if not found.bad:
                 continue
             report.failed.append(f"{target.name}:{prefix}/{name}")
-            logger.error("mirror copy does not match its sidecar", target=target.name, key=f"{prefix}/{name}")
-            row = local.get(copy.get("sha256"))
-            if row is not None and Path(row.path).name != name:
-                row = None  # renamed since (ckptd migrate): uploading it would not replace this copy
-            if repair and row is not None and stored is not None:
-                found = sidecar.read(Path(row.path))
-                if found is not None and found.verification.sha256 == copy.get("sha256"):
-                    # Fix: a repair that fails (the local file deleted by hand under its sidecar, the target
-                    # going down) is reported as not repaired; it raised out of verify_target and ended
-                    # `ckptd mirror --verify` with a traceback before the other copies were checked.
-                    try:
-                        copy_checkpoint(target, prefix, Path(row.path), found)
-                    except (MirrorError, OSError) as exc:
-                        logger.error("mirror copy repair failed", target=target.name, key=f"{prefix}/{name}",
-                                     source=row.path, error=str(exc))  # fmt: skip
-                        continue
-                    report.repaired.append(f"{target.name}:{prefix}/{name}")
-                    logger.info("mirror copy repaired", target=target.name, key=f"{prefix}/{name}", source=row.path)
+            logger.error("mirror copy bad", target=target.name, key=f"{prefix}/{name}", why=found.why)
+            if repair and repair_copy(config, catalog, target, prefix, name, known or copy.get("sha256")):
+                report.repaired.append(f"{target.name}:{prefix}/{name}")
     return report
+
+
+def repair_copy(config: Config, catalog: Catalog, target: Target, prefix: str, name: str, sha: object) -> str | None:
+    """Copy the local checkpoint of that name and SHA-256 over a bad copy, and correct the index; return the
+    local checkpoint it came from, or None when there is no good one (or the target failed)."""
+    logger = log.get("ckptd.mirror")
+    run, watch = local_run(config, prefix), config.watch_named(prefix.partition("/")[0])
+    row = next((r for r in catalog.in_run(run) if Path(r.path).name == name and r.sha256 == sha
+                and r.status == "ok"), None) if run else None  # fmt: skip
+    found = sidecar.read(Path(row.path)) if row is not None else None
+    if row is None or watch is None or found is None or found.verification.sha256 != sha:
+        return None  # renamed since (ckptd migrate), rotted or gone: no good local source
+    # Fix: a repair that fails (the local file deleted by hand under its sidecar, the target going down) is
+    # reported as not repaired; it raised out of verify_target and ended `ckptd mirror --verify` with a
+    # traceback before the other copies were checked.
+    try:
+        copy_checkpoint(target, prefix, Path(row.path), found, watch.path)
+        index = read_index(target, prefix)
+        if index is not None and index["copies"].get(name, {}).get("sha256") != sha:
+            index["copies"].setdefault(name, {})["sha256"] = sha
+            for role in ("best", "latest"):
+                if (index[role] or {}).get("name") == name:
+                    index[role]["sha256"] = sha
+            target.put_bytes(f"{prefix}/{INDEX}", (json.dumps(index, indent=2) + "\n").encode())
+    except (MirrorError, OSError) as exc:
+        logger.error("mirror copy repair failed", target=target.name, key=f"{prefix}/{name}", source=row.path,
+                     error=str(exc))  # fmt: skip
+        return None
+    logger.info("mirror copy repaired", target=target.name, key=f"{prefix}/{name}", source=row.path)
+    return row.path
 
 
 def _expected(stored: sidecar.Sidecar, prefix: str, name: str, key: str) -> str | None:
@@ -324,53 +462,105 @@ def _expected(stored: sidecar.Sidecar, prefix: str, name: str, key: str) -> str 
     return (record.files or {}).get(key.removeprefix(f"{prefix}/{name}/"))
 
 
-def restore(target: Target, run: str, role: str, destination: Path) -> tuple[Path, sidecar.Sidecar]:
-    """Download a run's best or latest into `destination`, proving each file against the mirrored sidecar.
+@dataclass(frozen=True)
+class Restored:
+    """A checkpoint brought back from a target: where it is, its mirrored sidecar, and what proved its bytes."""
 
-    Returns the restored path and its sidecar. Raises NotFound (no such run or role), IntegrityError.
+    path: Path
+    sidecar: sidecar.Sidecar
+    proof: str
+
+
+def restore(target: Target, run: str, role: str, destination: Path, known: Callable[[str], str | None]) -> Restored:
+    """Download a run's best or latest into the folder `destination`, proving every byte before it is in place.
+
+    The bytes are proved against this machine's catalog record of the copy when `known(name)` has one (the
+    target's sidecar and index must then agree with it), else against the mirrored sidecar. Nothing is
+    written outside `destination`, whatever the target's index names: names are checked (one plain file
+    name), files are created relative to the open folder without following links, in a temp name that only
+    a proved copy replaces. Raises NotFound (no such run or role), IntegrityError, MirrorError.
     """
     try:
-        index = json.loads(target.get_bytes(f"{run.strip('/')}/{INDEX}"))
-    except NotFound:
-        raise NotFound(f"{target.name}: no run {run!r} (no {run}/{INDEX}); see: ckptd ls {target.name}") from None
+        prefix = "/".join(relative(run.strip("/"), what="the run"))
+    except UntrustedInput as exc:
+        raise NotFound(f"{target.name}: {exc}") from None
+    index = read_index(target, prefix)
+    if index is None:
+        raise NotFound(f"{target.name}: no run {run!r} (no {prefix}/{INDEX}); see: ckptd ls {target.name}")
     chosen = index.get(role)
     if not chosen:
-        raise NotFound(f"{target.name}:{run}: the index names no {role} checkpoint")
-    prefix, name = run.strip("/"), chosen["name"]
-    stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
-    if stored.verification.sha256 != chosen["sha256"]:
+        raise NotFound(f"{target.name}:{prefix}: the index names no {role} checkpoint")
+    name = component(chosen["name"], what="the checkpoint's name")
+    stored = sidecar.parse(target.get_bytes(f"{prefix}/{sidecar.sidecar_name(name)}"))
+    record = stored.verification
+    if record.sha256 != chosen.get("sha256"):
         raise IntegrityError(f"{target.name}:{prefix}/{name}: sidecar and index disagree on the sha256")
+    recorded = known(name)
+    if recorded is not None and recorded != record.sha256:
+        raise IntegrityError(
+            f"{target.name}:{prefix}/{name}: the target says sha256 {record.sha256}, but this machine mirrored"
+            f" {recorded} there: the copy was replaced since; not restored"
+        )
+    proof = "this machine's catalog" if recorded is not None else "the mirrored sidecar"
     keys = copy_keys(target, prefix, name)
     if not keys:
         raise NotFound(f"{target.name}:{prefix}/{name}: the index names it but the target does not hold it")
     destination.mkdir(parents=True, exist_ok=True)
-    restored = destination / name
-    # Fix: download into a temp name beside the final one and move it into place only once its sha256 matches
-    # the mirrored sidecar. Downloading straight to `restored` left a corrupted copy behind after the
-    # IntegrityError (and could replace a good file already there with it).
-    staging = temp_path_for(restored)
+    folder = os.open(destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    staging = temp_name(name)
     try:
-        for key in keys:
-            local = staging if key == f"{prefix}/{name}" else staging / key.removeprefix(f"{prefix}/{name}/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            target.get_file(key, local)
-        record = stored.verification
         if record.is_directory:
-            files = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(staging.rglob("*"))
-                     if p.is_file()}  # fmt: skip
-            actual = directory_digest(files)
+            actual = _download_folder(target, keys, f"{prefix}/{name}/", folder, staging)
         else:
-            actual = sha256_file(staging)
+            actual = _download_file(target, f"{prefix}/{name}", folder, staging)
         if actual != record.sha256:
-            raise IntegrityError(f"{restored}: sha256 {actual} does not match the mirrored sidecar's {record.sha256}")
+            raise IntegrityError(
+                f"{destination / name}: sha256 {actual} does not match {record.sha256} ({proof}); not restored"
+            )
         try:
-            os.replace(staging, restored)
+            os.replace(staging, name, src_dir_fd=folder, dst_dir_fd=folder)
         except OSError as exc:
-            raise MirrorError(f"{restored}: cannot move the restored copy into place: {exc}") from exc
-        fsync_dir(destination)
+            raise MirrorError(f"{destination / name}: cannot move the restored copy into place: {exc}") from exc
+        fsync_dir(folder)
     finally:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            staging.unlink(missing_ok=True)
-    return restored, stored
+        with contextlib.suppress(FileNotFoundError):
+            delete.remove_at(folder, staging)
+        os.close(folder)
+    return Restored(destination / name, stored, proof)
+
+
+_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _download_file(target: Target, key: str, folder: int, name: str) -> str:
+    """Download `key` into a new file `name` in the open folder; return the SHA-256 of what landed."""
+    out = os.open(name, _NEW, 0o644, dir_fd=folder)
+    try:
+        target.read_into(key, out)
+        os.fsync(out)
+        return sha256_fd(out)
+    finally:
+        os.close(out)
+
+
+def _download_folder(target: Target, keys: list[str], under: str, folder: int, name: str) -> str:
+    """Download the keys of a directory copy into a new folder `name`; return its directory digest."""
+    os.mkdir(name, 0o755, dir_fd=folder)
+    files: dict[str, str] = {}
+    for key in keys:
+        try:
+            parts = relative(key.removeprefix(under), what="a file of the copy")
+        except UntrustedInput as exc:
+            raise IntegrityError(f"{target.name}:{key}: {exc}") from None
+        parent = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        try:
+            for part in parts[:-1]:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=parent)
+                below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+                os.close(parent)
+                parent = below
+            files["/".join(parts)] = _download_file(target, key, parent, parts[-1])
+        finally:
+            os.close(parent)
+    return directory_digest(files)

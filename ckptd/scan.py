@@ -137,10 +137,12 @@ def record(
     catalog: Catalog,
     engine: dict[str, str],
     now: float,
+    root: Path,
 ) -> None:
-    """Write the sidecar of a fresh verification, then its catalog row (a pin is kept)."""
+    """Write the sidecar of a fresh verification (below `root`, through no link), then its catalog row (a pin
+    is kept)."""
     row = catalog.get(str(candidate.path))
-    sidecar.write(candidate.path, sidecar_bytes(verification, engine, now, row.pinned if row else False))
+    sidecar.write(candidate.path, sidecar_bytes(verification, engine, now, row.pinned if row else False), root)
     catalog.record_verified(
         watch=watch, run=str(candidate.run), verification=verification,
         mtime_ns=verification.mtime_ns, now=now,
@@ -175,6 +177,6 @@ def reconcile(
         except OSError as exc:
             report.failed.append(f"{candidate.path}: {exc}")
             continue
-        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now())
+        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root)
         report.verified.append(verification)
     return report

@@ -9,20 +9,22 @@ least recently scrubbed go first, so a scrub stopped by a restart resumes where 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import delete, discover, log, sidecar
+from ckptd import delete, discover, log
 from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog, Row
 from ckptd.config import Config, WatchConfig
-from ckptd.fsutil import fsync_dir, temp_path_for
-from ckptd.mirrors import MirrorError, NotFound, Target
+from ckptd.discover import identity_at
+from ckptd.fsutil import fsync_dir, open_folder, sha256_fd, temp_name
+from ckptd.mirrors import MirrorError, Target
+from ckptd.model import Identity
 from ckptd.throttle import Throttle
 
 _PIECE = 4 << 20
@@ -121,68 +123,78 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
 
 
 def _repair_from_mirror(path: Path, row: Row, watch: WatchConfig, targets: Mapping[str, Target]) -> str | None:
-    """Replace a rotted file with a mirror copy proved to have the right SHA-256; return the target's name."""
+    """Replace a rotted file with a mirror copy proved to have the right SHA-256; return the target's name.
+
+    The copy goes to a temp file in the run folder (opened from the watched folder without following links),
+    gets the recorded mtime, and replaces the rotted file only if that is still the file the scrub read.
+    """
     if path.is_dir():
         return None  # directory checkpoints are quarantined whole; their copies stay restorable
     prefix = mirroring.run_key(watch, row.run)
+    rel = path.relative_to(watch.path)
     for target in targets.values():
         try:
-            index = json.loads(target.get_bytes(f"{prefix}/{mirroring.INDEX}"))
-            if index.get("copies", {}).get(path.name, {}).get("sha256") != row.sha256:
+            index = mirroring.read_index(target, prefix)
+            if index is None or index["copies"].get(path.name, {}).get("sha256") != row.sha256:
                 continue
-            temp = temp_path_for(path)
-            try:
-                target.get_file(f"{prefix}/{path.name}", temp)
-                if hash_throttled(temp, Throttle(0)) != row.sha256:
-                    continue
-                os.utime(temp, ns=(row.mtime_ns, row.mtime_ns))  # the same bytes, the same recorded mtime
-                temp.replace(path)
-                fsync_dir(path.parent)
-            finally:
-                temp.unlink(missing_ok=True)
-        except (MirrorError, ValueError, OSError):
+            folder = open_folder(watch.path, rel.parts[:-1])
+        except (MirrorError, OSError):
             continue
+        temp = temp_name(path.name)
+        try:
+            out = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
+            try:
+                target.read_into(f"{prefix}/{path.name}", out)
+                os.fsync(out)
+                if sha256_fd(out) != row.sha256:
+                    continue
+                os.utime(out, ns=(row.mtime_ns, row.mtime_ns))  # the same bytes, the same recorded mtime
+            finally:
+                os.close(out)
+            if not delete.same(Identity(row.size, row.mtime_ns, row.inode, row.device), identity_at(folder, path.name)):
+                continue  # rewritten meanwhile: the trainer's new bytes stay
+            os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+            fsync_dir(folder)
+        except (MirrorError, OSError):
+            continue
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=folder)
+            os.close(folder)
         return target.name
     return None
 
 
 def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, object], config: Config,
                 catalog: Catalog, report: ScrubReport, now: float, throttle: Throttle) -> None:  # fmt: skip
+    """Read one copy back against this machine's record of it (else its sidecar); repair it from the local
+    checkpoint that holds the right bytes."""
     logger = log.get("ckptd.scrub")
     location = f"{target.name}:{prefix}/{name}"
+    known = mirroring.recorded_sha(config, catalog, target.name, prefix, name)
     try:
-        stored = sidecar.parse(target.get_bytes(f"{prefix}/{name}{sidecar.SIDECAR_SUFFIX}"))
-        keys = mirroring.copy_keys(target, prefix, name)
-        record = stored.verification
-        bad = [k for k in keys if _read_back(target, k, throttle) != mirroring._expected(stored, prefix, name, k)]
-        bad = bad if keys else [name]
-    except (MirrorError, sidecar.SidecarError, NotFound) as exc:
+        found = mirroring.check_copy(target, prefix, name, known, lambda key: _read_back(target, key, throttle))
+    except MirrorError as exc:
         catalog.record_scrub(location, sha256=None, result="unreadable", now=now, detail=str(exc))
         report.mismatched.append(location)
         logger.error("mirror copy unreadable", target=target.name, key=f"{prefix}/{name}", error=str(exc))
         return
     report.checked += 1
-    if not bad:
+    expected = known or (found.stored.verification.sha256 if found.stored else copy.get("sha256"))
+    if not found.bad:
         report.ok += 1
-        catalog.record_scrub(location, sha256=record.sha256, result="ok", now=now)
+        catalog.record_scrub(location, sha256=str(expected), result="ok", now=now)
         return
-    logger.error("mirror copy rotted", target=target.name, key=f"{prefix}/{name}", expected=record.sha256)
+    logger.error("mirror copy rotted", target=target.name, key=f"{prefix}/{name}", expected=expected, why=found.why)
     # Fix: only a local checkpoint of the copy's own name repairs it: copy_checkpoint writes under the local
     # name, so one renamed since (ckptd migrate) left the bad copy in place and was reported "repaired".
-    local = next((r for r in catalog.present() if r.sha256 == record.sha256 and r.status == "ok"
-                  and Path(r.path).name == name), None)  # fmt: skip
-    found = sidecar.read(Path(local.path)) if local else None
-    if local is not None and found is not None and found.verification.sha256 == record.sha256:
-        try:
-            mirroring.copy_checkpoint(target, prefix, Path(local.path), found)
-        except MirrorError as exc:
-            logger.error("mirror copy repair failed", target=target.name, key=f"{prefix}/{name}", error=str(exc))
-        else:
-            catalog.record_scrub(location, sha256=record.sha256, result="repaired", now=now, detail=local.path)
-            report.repaired.append(location)
-            logger.info("mirror copy repaired", target=target.name, key=f"{prefix}/{name}", source=local.path)
-            return
-    catalog.record_scrub(location, sha256=None, result="mismatch", now=now, detail="no good copy to repair from")
+    source = mirroring.repair_copy(config, catalog, target, prefix, name, expected)
+    if source is not None:
+        catalog.record_scrub(location, sha256=str(expected), result="repaired", now=now, detail=source)
+        report.repaired.append(location)
+        return
+    catalog.record_scrub(location, sha256=None, result="mismatch", now=now,
+                         detail=f"{found.why}; no good copy to repair from")  # fmt: skip
     report.mismatched.append(location)
 
 

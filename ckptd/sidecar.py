@@ -147,10 +147,13 @@ def parse(data: bytes) -> Sidecar:
         raise SidecarError(f"missing or malformed field: {exc}") from exc
 
 
-def write(checkpoint: Path, data: bytes) -> Path:
-    """Write rendered sidecar bytes beside `checkpoint`, atomically; return the sidecar's path."""
+def write(checkpoint: Path, data: bytes, root: Path | None = None) -> Path:
+    """Write rendered sidecar bytes beside `checkpoint`, atomically; return the sidecar's path.
+
+    `root`, the watched folder, makes the write go through no link below it (fsutil.atomic_write_bytes).
+    """
     target = sidecar_path(checkpoint)
-    atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data, root=root)
     return target
 
 

@@ -145,3 +145,78 @@ def s3_bucket(moto_s3: MotoS3) -> Bucket:
     if not moto_s3.running:  # a test that took the server down and failed before bringing it back
         moto_s3.start()
     return new_bucket(moto_s3)
+
+
+class FlippingProxy:
+    """An HTTP proxy in front of the moto server that flips one byte in the body of every PUT whose path ends
+    with `suffix` (an object upload or an upload part), and passes everything else through untouched.
+
+    It stands for a link that corrupts data in transit. moto, like stores that do not validate
+    x-amz-checksum-sha256, stores the flipped bytes and reports back the checksum the client sent.
+    """
+
+    def __init__(self, upstream: MotoS3, suffix: str = ".ckpt") -> None:
+        import http.client
+        import http.server
+        import socketserver
+
+        self.flipped = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                return
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path.split("?", 1)[0]
+                if self.command == "PUT" and path.endswith(suffix) and body:
+                    flipped = bytearray(body)
+                    flipped[len(flipped) // 2] ^= 0x01
+                    body = bytes(flipped)
+                    proxy.flipped += 1
+                connection = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(self.command, self.path, body=body if length else None, headers=headers)
+                answer = connection.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                head = self.command == "HEAD"  # a HEAD answer keeps the object's own Content-Length
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection") and (
+                        head or key.lower() != "content-length"
+                    ):
+                        self.send_header(key, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                connection.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def flipping_proxy(moto_s3: MotoS3) -> Iterator[FlippingProxy]:
+    """A proxy to the session's moto server that corrupts every uploaded *.ckpt body in transit."""
+    proxy = FlippingProxy(moto_s3)
+    yield proxy
+    proxy.close()

@@ -223,3 +223,66 @@ def test_check_config_exits_0_and_prints_ok(tmp_path: Path) -> None:
     done = subprocess.run([CKPTD, "check-config", config_file], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{config_file}: ok")
+
+
+# ------------------------------------------------------------------------------- credentials and layouts
+
+
+@pytest.mark.parametrize(
+    ("mirror", "key"),
+    [
+        ('url = "s3://AKIAEXAMPLE:hunter2@bucket/prefix"', "mirror.s3.url"),
+        ('url = "s3://bucket"\nendpoint_url = "http://AKIAEXAMPLE:hunter2@minio.local:9000"', "mirror.s3.endpoint_url"),
+        ('url = "s3://bucket"\nendpoint_url = "https://token@minio.local"', "mirror.s3.endpoint_url"),
+    ],
+)
+def test_credentials_in_a_url_are_refused_and_never_echoed(tmp_path: Path, mirror: str, key: str) -> None:
+    """A URL with user:password@ is exit 78 naming the key, and the message does not repeat the secret."""
+    (tmp_path / "runs").mkdir()
+    path = _write(tmp_path / "config.toml", f'[[watch]]\nname = "r"\npath = "runs"\n[mirror.s3]\n{mirror}\n')
+    [problem] = _problems(path)
+    assert problem.startswith(f"at '{key}': the URL holds credentials") and "AWS chain" in problem
+    assert "hunter2" not in problem and "AKIAEXAMPLE" not in problem
+    done = subprocess.run([CKPTD, "check-config", path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78 and "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_presigned_query_in_an_endpoint_is_refused(tmp_path: Path) -> None:
+    """A signature or credential in a URL's query is refused the same way."""
+    text = '[[watch]]\nname = "r"\npath = "runs"\n[mirror.s3]\nurl = "s3://b"\n'
+    text += 'endpoint_url = "https://s3.local/?X-Amz-Credential=AKIA%2F&X-Amz-Signature=abc"\n'
+    with pytest.raises(ConfigError, match="signature or credential in its query"):
+        parse_config(text, tmp_path / "config.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[daemon]\nstate_dir = "runs/state"\n[[watch]]\nname = "r"\npath = "runs"\n',
+         "at 'daemon.state_dir': {root}/runs/state and the watched folder {root}/runs (watch[0].path) are inside one"
+         " another; quarantined checkpoints would be found there and quarantined again"),
+        ('[[watch]]\nname = "r"\npath = "runs"\n[mirror.b]\nurl = "runs/backup"\n',
+         "at 'mirror.b.url': {root}/runs/backup and the watched folder {root}/runs (watch[0].path) are inside one"
+         " another; copies would be found there and copied again"),
+        ('[[watch]]\nname = "r"\npath = "runs"\n[[watch]]\nname = "s"\npath = "runs/exp1"\n',
+         "at 'watch[1].path': {root}/runs/exp1 overlaps watch[0].path ({root}/runs)"),
+        ('[[watch]]\nname = "r"\npath = "runs"\n[[watch]]\nname = "s"\npath = "./runs/"\n',
+         "at 'watch[1].path': {root}/runs overlaps watch[0].path ({root}/runs)"),
+        ('[[watch]]\nname = "r"\npath = "/"\n', "at 'watch[0].path': / cannot be watched"),
+    ],
+)  # fmt: skip
+def test_layouts_that_would_recurse_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    """State or a local mirror inside a watched folder, overlapping watches, a watch at /: exit 78 naming the key."""
+    (tmp_path / "runs" / "exp1").mkdir(parents=True)
+    path = _write(tmp_path / "config.toml", text)
+    problems = _problems(path)
+    assert any(p.startswith(fragment.format(root=tmp_path)) for p in problems), problems
+
+
+def test_a_state_folder_nested_through_a_link_is_refused(tmp_path: Path) -> None:
+    """state_dir given as a link whose target lies inside the watched folder is caught once links are resolved."""
+    (tmp_path / "runs" / "hidden-state").mkdir(parents=True)
+    (tmp_path / "state").symlink_to(tmp_path / "runs" / "hidden-state")
+    path = _write(tmp_path / "config.toml", '[daemon]\nstate_dir = "state"\n[[watch]]\nname = "r"\npath = "runs"\n')
+    [problem] = _problems(path)
+    assert problem.startswith(f"at 'daemon.state_dir': {tmp_path}/runs/hidden-state and the watched folder")

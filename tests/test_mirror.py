@@ -402,29 +402,28 @@ class DeletesTheSource(Recording):
         self.victim = victim
 
     def put_file(self, key: str, source: Path, *, sha256: str, progress: Any = None) -> None:
-        if source == self.victim:
-            source.unlink()
-            sidecar.sidecar_path(source).unlink()
+        if source.readlink() == self.victim:  # source is /proc/self/fd/N: the file ckptd opened
+            self.victim.unlink()
+            sidecar.sidecar_path(self.victim).unlink()
         super().put_file(key, source, sha256=sha256, progress=progress)
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
-def test_a_checkpoint_deleted_while_it_is_copied_fails_that_copy_only(site: Site, backend: str) -> None:
-    """A checkpoint deleted mid-copy fails that copy (no object left), the pass goes on, and the next pass drops it."""
+def test_a_checkpoint_deleted_while_it_is_copied_is_copied_whole_from_the_file_opened(site: Site, backend: str) -> None:
+    """A checkpoint the trainer deletes mid-copy is still copied whole and proved: the copy reads the file ckptd
+    opened (and verified), never whatever the name holds later; the next pass has nothing left to do."""
     with site.catalog() as catalog:
         _enqueue(catalog, site.config)
         victim = Path(next(q for q in catalog.mirror_due(None) if q["target"] == backend)["path"])
+        expected = hashlib.sha256(victim.read_bytes()).hexdigest()
         target = DeletesTheSource(targets_of(site.config)[backend], victim)
         report = mirror_pass(site.config, catalog, {backend: target})
-        assert [line.split(":")[0] for line in report.failed] == [f"{victim} -> {backend}"]
-        assert len(report.copied) == 2
-        report = mirror_pass(site.config, catalog, {backend: target}, due_only=False)
-        assert report.dropped == [str(victim)] and report.failed == []
-        assert [q for q in catalog.mirror_due(None) if q["target"] == backend] == []
+        assert report.failed == [] and len(report.copied) == 3 and not victim.exists()
+        assert mirror_pass(site.config, catalog, {backend: target}, due_only=False).copied == []
     real = targets_of(site.config)[backend]
     run_key = victim.parent.relative_to(site.root).as_posix()
-    assert real.stat(f"{run_key}/{victim.name}") is None
-    assert real.stat(f"{run_key}/{victim.name}.ckptd.json") is None
+    assert real.sha256(f"{run_key}/{victim.name}") == expected
+    assert real.stat(f"{run_key}/{victim.name}.ckptd.json") is not None
 
 
 def test_a_copy_dropped_while_it_was_being_made_stays_dropped_when_it_fails(tmp_path: Path) -> None:

@@ -241,28 +241,90 @@ def test_list_is_a_sorted_string_prefix_match_without_temp_files(target: Target)
 # --------------------------------------------------------------------------------------------- get_file
 
 
-def test_get_file_downloads_atomically(target: Target, tmp_path: Path) -> None:
-    """get_file replaces the destination whole and leaves no temp file; a missing key leaves the destination alone."""
-    source, digest = _small(tmp_path)
+def test_read_into_writes_the_object_into_an_open_file(target: Target, tmp_path: Path) -> None:
+    """read_into copies the object's bytes into a file the caller opened (from its start), reports progress,
+    and raises NotFound for a missing key without writing anything."""
+    source, digest = _small(tmp_path, os.urandom(200_000))
     target.put_file("run/x.ckpt", source, sha256=digest)
-    out = tmp_path / "out"
-    out.mkdir()
-    destination = out / "x.ckpt"
-    destination.write_bytes(b"an older file")
-    target.get_file("run/x.ckpt", destination)
-    assert destination.read_bytes() == source.read_bytes()
-    with pytest.raises(NotFound):
-        target.get_file("run/missing.ckpt", destination)
-    assert destination.read_bytes() == source.read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["x.ckpt"]
+    out = tmp_path / "out.ckpt"
+    moved: list[int] = []
+    with open(out, "wb") as handle:
+        target.read_into("run/x.ckpt", handle.fileno(), progress=moved.append)
+    assert out.read_bytes() == source.read_bytes() and sum(moved) == 200_000
+    empty = tmp_path / "empty"
+    with open(empty, "wb") as handle, pytest.raises(NotFound):
+        target.read_into("run/missing.ckpt", handle.fileno())
+    assert empty.read_bytes() == b""
+
+
+def test_get_bytes_refuses_an_object_too_large_to_be_an_index(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile target cannot make ckptd read gigabytes into memory as an index.json or sidecar."""
+    import ckptd.mirrors.local
+    import ckptd.mirrors.s3
+
+    target.put_bytes("run/index.json", b"x" * 2000)
+    for module in (ckptd.mirrors.local, ckptd.mirrors.s3):
+        monkeypatch.setattr(module, "SMALL_OBJECT_MAX", 1000)
+    with pytest.raises(MirrorError, match="is over 1000 bytes; not a ckptd index or sidecar"):
+        target.get_bytes("run/index.json")
+
+
+@pytest.mark.parametrize("key", ["../escaped", "run/../../escaped", "/etc/escaped", "run//x", "run/./x"])
+def test_keys_that_could_climb_out_are_refused(target: Target, key: str, tmp_path: Path) -> None:
+    """A key with `..`, `.`, an empty part or a leading '/' is refused by the local target and never written
+    outside it; S3 keys are plain strings inside the bucket's prefix, and these stay there."""
+    if isinstance(target, LocalTarget):
+        with pytest.raises(MirrorError, match="outside the target"):
+            target.put_bytes(key, b"x")
+        assert not (tmp_path / "escaped").exists() and not Path("/etc/escaped").exists()
+    else:
+        target.put_bytes(key, b"x")
+        assert all(k.startswith("mirror/") for k in _all_keys(target))
+
+
+def _all_keys(target: Target) -> list[str]:
+    assert isinstance(target, S3Target)
+    pages = target.client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket)
+    return [str(item["Key"]) for page in pages for item in page.get("Contents", [])]
+
+
+def test_local_target_never_follows_a_link_inside_it(tmp_path: Path) -> None:
+    """A folder of the target swapped for a link to a folder outside: writes, reads and deletes through it fail,
+    and nothing outside is touched; a link where an object should be is no object."""
+    target = make_target("backup", MirrorTargetConfig(url="backup"), tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.ckpt").write_bytes(b"precious")
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "run").symlink_to(outside, target_is_directory=True)
+    source, digest = _small(tmp_path)
+    for action in (
+        lambda: target.put_file("run/x.ckpt", source, sha256=digest),
+        lambda: target.put_bytes("run/x.ckpt", b"x"),
+        lambda: target.get_bytes("run/x.ckpt"),
+        lambda: target.sha256("run/x.ckpt"),
+        lambda: target.delete("run/x.ckpt"),
+    ):
+        with pytest.raises(MirrorError, match="is a link or no folder; not followed"):
+            action()
+    assert (outside / "x.ckpt").read_bytes() == b"precious" and list(target.list()) == []
+    (tmp_path / "backup" / "run").unlink()
+    (tmp_path / "backup" / "run").mkdir()
+    (tmp_path / "backup" / "run" / "y.ckpt").symlink_to(outside / "x.ckpt")
+    assert target.stat("run/y.ckpt") is None and list(target.list()) == []
 
 
 # ------------------------------------------------------------------------------------------- S3 only
 
 
-def test_s3_with_checksum_off_proves_a_copy_by_reading_it_back(s3_bucket: Bucket, tmp_path: Path) -> None:
-    """With checksum = "off" no checksum header is sent; put_file reads the object back, and a mismatch is removed."""
-    settings = MirrorTargetConfig(url=f"s3://{s3_bucket.name}", endpoint_url=s3_bucket.endpoint, checksum="off")
+@pytest.mark.parametrize(("checksum", "proof", "read_back"), [("off", "auto", False), ("sha256", "read-back", True)])
+def test_s3_proof_modes(s3_bucket: Bucket, tmp_path: Path, checksum: str, proof: str, read_back: bool) -> None:
+    """checksum = "off" sends no checksum header and proves a copy by the store's MD5 ETag (no read-back);
+    proof = "read-back" downloads every copy. Either way a copy that does not match is removed."""
+    settings = MirrorTargetConfig(url=f"s3://{s3_bucket.name}", endpoint_url=s3_bucket.endpoint, checksum=checksum,
+                                  proof=proof)  # fmt: skip
     target = make_target("s3", settings, tmp_path)
     assert isinstance(target, S3Target)
     source, digest = _small(tmp_path)
@@ -275,12 +337,18 @@ def test_s3_with_checksum_off_proves_a_copy_by_reading_it_back(s3_bucket: Bucket
 
     target.sha256 = counted  # type: ignore[method-assign]
     target.put_file("run/x.ckpt", source, sha256=digest)
-    assert reads == ["run/x.ckpt"]
+    assert reads == (["run/x.ckpt"] if read_back else [])
     head = target.client.head_object(Bucket=s3_bucket.name, Key="run/x.ckpt", ChecksumMode="ENABLED")
-    assert "ChecksumSHA256" not in head
+    assert ("ChecksumSHA256" in head) is (checksum == "sha256")
     with pytest.raises(IntegrityError):
         target.put_file("run/y.ckpt", source, sha256="f" * 64)
     assert s3_bucket.keys() == ["run/x.ckpt"]
+
+
+def test_proof_checksum_needs_the_checksum_header(tmp_path: Path) -> None:
+    """proof = "checksum" with checksum = "off" is a config error: the store would report nothing to trust."""
+    with pytest.raises(ValueError, match="needs checksum"):
+        MirrorTargetConfig(url="s3://b", checksum="off", proof="checksum")
 
 
 def test_s3_keys_live_under_the_url_prefix(s3_bucket: Bucket, tmp_path: Path) -> None:
@@ -296,7 +364,7 @@ def test_s3_credentials_come_only_from_the_aws_chain(
     s3_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A key in config.toml is refused; with none in the AWS chain, the target fails naming where they belong."""
-    text = f'[[watch]]\nname = "r"\npath = "."\n[mirror.s3]\nurl = "s3://{s3_bucket.name}"\n'
+    text = f'[[watch]]\nname = "r"\npath = "runs"\n[mirror.s3]\nurl = "s3://{s3_bucket.name}"\n'
     text += f'endpoint_url = "{s3_bucket.endpoint}"\n'
     with pytest.raises(ConfigError, match="credentials never go in the config file"):
         parse_config(text + 'secret_access_key = "hunter2"\n', tmp_path / "config.toml")
@@ -322,7 +390,7 @@ def test_s3_a_missing_bucket_is_a_mirror_error(s3_bucket: Bucket, tmp_path: Path
         list(target.list())
 
 
-def test_local_keys_cannot_escape_the_target_folder(tmp_path: Path) -> None:
+def test_local_keys_cannot_escape_the_target_folder_even_on_delete(tmp_path: Path) -> None:
     """A key that climbs out of the target folder ('..') is refused, and nothing is written outside it."""
     target = make_target("backup", MirrorTargetConfig(url="backup"), tmp_path)
     for action in (lambda: target.put_bytes("../escaped", b"x"), lambda: target.delete("runs/../../escaped")):

@@ -346,7 +346,7 @@ def test_nothing_outside_the_watched_folder_is_deleted(env: Env) -> None:
     with env.catalog() as catalog:  # what a watch whose path changed, or a run folder that became a link, leaves
         for path in elsewhere + linked:
             candidate = Candidate(path, "file", path.parent)
-            record(candidate, verify(path), watch="runs", catalog=catalog, engine={}, now=time.time())
+            record(candidate, verify(path), watch="runs", catalog=catalog, engine={}, now=time.time(), root=path.parent)
     before = snapshot(env.root / "elsewhere") | snapshot(real_run)
     report = prune(env)
     refused = {Path(d.path).relative_to(env.root).as_posix(): why for d, why in report.skipped}

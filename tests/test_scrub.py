@@ -369,17 +369,35 @@ def test_a_copy_is_never_reported_repaired_from_a_checkpoint_renamed_since(local
     assert not (site.root / "backup" / "w" / "exp" / "renamed.pt").exists()
 
 
-def test_an_unreadable_copy_is_reported_and_a_deleted_checkpoint_ignored(local_site: Site, ckptd: Ckptd) -> None:
-    """A copy whose sidecar on the target is garbage is reported unreadable; a checkpoint deleted is no rot."""
+def test_a_garbage_sidecar_on_the_target_is_repaired_and_a_deleted_checkpoint_ignored(
+    local_site: Site, ckptd: Ckptd
+) -> None:
+    """A copy whose sidecar on the target is garbage is bad, and repaired from the local checkpoint this machine's
+    catalog knows it came from; a checkpoint deleted locally is no rot."""
     site = local_site
-    (site.root / "backup" / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}").write_text("{not json")
+    garbage = site.root / "backup" / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}"
+    garbage.write_text("{not json")
     site.paths[2].unlink()
     done = ckptd("scrub", "--config", site.config)
+    assert done.code == 0, done.err
+    assert "scrubbed 5: 4 ok, 1 repaired, 0 quarantined, 0 bad and not repaired" in done.out
+    assert "its sidecar is missing or unreadable" in done.err
+    assert sidecar.parse(garbage.read_bytes()).verification.sha256 == recorded_sha(site.paths[0])
+    (problem,) = site.status()["scrub_problems"]
+    assert (problem["location"], problem["result"]) == (site.copy_location(site.paths[0]), "repaired")
+
+
+def test_an_unreadable_copy_without_a_local_source_is_reported_bad(local_site: Site, ckptd: Ckptd) -> None:
+    """A garbage sidecar on the target whose local checkpoint is gone cannot be repaired: reported bad, exit 1."""
+    site = local_site
+    (site.root / "backup" / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}").write_text("{not json")
+    site.paths[0].unlink()
+    done = ckptd("scrub", "--config", site.config)
     assert done.code == 1
-    assert "scrubbed 4: 4 ok, 0 repaired, 0 quarantined, 1 bad and not repaired" in done.out
+    assert "1 bad and not repaired" in done.out
     assert f"bad: {site.copy_location(site.paths[0])}" in done.err
     (problem,) = site.status()["scrub_problems"]
-    assert (problem["location"], problem["result"]) == (site.copy_location(site.paths[0]), "unreadable")
+    assert (problem["location"], problem["result"]) == (site.copy_location(site.paths[0]), "mismatch")
 
 
 def test_a_checkpoint_rewritten_since_it_was_verified_is_skipped_not_quarantined(tmp_path: Path, ckptd: Ckptd) -> None:

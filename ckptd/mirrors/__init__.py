@@ -3,6 +3,10 @@
 `local` (a folder or NFS mount) and `s3` (S3 and S3-compatible stores; the only boto3 import) implement
 `Target`; `make_target` picks one by URL scheme. tests/test_mirror_targets.py runs one contract suite
 against every backend.
+
+A target is storage other people may write: every key and every byte read from it is untrusted. Backends
+keep keys inside the target (the local one refuses `..` and never follows a link), bound what they read
+into memory, and prove what they store; the callers validate the names they read in indexes and listings.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Protocol, runtime_checkable
 from ckptd.errors import ConfigError
 
 Progress = Callable[[int], None]
+SMALL_OBJECT_MAX = 64 << 20  # index.json and sidecars; anything larger on a target is not ckptd's
 
 
 class MirrorError(Exception):
@@ -57,12 +62,15 @@ class Target(Protocol):
         """Store small `data` (a sidecar, an index.json) at `key`, atomically. Raises MirrorError."""
         ...
 
-    def get_file(self, key: str, destination: Path, progress: Progress | None = None) -> None:
-        """Download `key` to `destination` atomically (temp file, fsync, rename). Raises NotFound, MirrorError."""
+    def read_into(self, key: str, out: int, progress: Progress | None = None) -> None:
+        """Write the bytes of `key` into the open file descriptor `out`, from its start. The caller owns the
+        file: it made it (a temp file it renames once the bytes are proved) and closes it. Raises NotFound,
+        MirrorError."""
         ...
 
     def get_bytes(self, key: str) -> bytes:
-        """The content of a small object. Raises NotFound, MirrorError."""
+        """The content of a small object (an index, a sidecar). Raises NotFound, and MirrorError for one over
+        SMALL_OBJECT_MAX bytes: a hostile target must not make ckptd read gigabytes into memory."""
         ...
 
     def sha256(self, key: str) -> str:

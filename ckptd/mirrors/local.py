@@ -3,22 +3,32 @@
 A copy goes to a temp file in the target folder with copy_file_range (the kernel copies, no userspace
 buffer), is fsynced and renamed into place, then the folder is fsynced. The read-back that proves the copy
 runs alongside: a second thread hashes each piece of the destination as soon as it is written.
+
+Keys are untrusted (they come from index files and listings a hostile target can write), and so is the
+folder's content: a key is a '/'-joined path of plain components (untrusted.relative), and every operation
+walks down from the configured root one folder at a time without following links, then acts relative to
+that folder's descriptor. A folder swapped for a link fails; nothing outside the root is read or written.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptd.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
-from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Progress, RemoteObject
+from ckptd.fsutil import TEMP_MARK, open_regular, temp_name
+from ckptd.mirrors import SMALL_OBJECT_MAX, IntegrityError, MirrorError, NotFound, Progress, RemoteObject
 from ckptd.throttle import Throttle
+from ckptd.untrusted import UntrustedInput, relative
 
 _PIECE = 16 << 20
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class LocalTarget:
@@ -30,174 +40,252 @@ class LocalTarget:
         self.url = str(root)
         self._throttle = Throttle(float(getattr(settings, "max_bandwidth", 0) or 0))
 
-    def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise MirrorError(f"key {key!r} points outside the target {self.root}")
-        return path
+    def _parts(self, key: str) -> tuple[str, ...]:
+        try:
+            return relative(key, what="key")
+        except UntrustedInput as exc:
+            raise MirrorError(f"{self.name}: key {key!r} points outside the target {self.root} ({exc})") from None
+
+    @contextlib.contextmanager
+    def _folder(self, parts: tuple[str, ...], *, create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder `parts` below the root, reached without following links (created when
+        `create`). Raises NotFound when a folder is missing, MirrorError when one is a link or not a folder."""
+        try:
+            if create:
+                self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root, _DIR)
+        except FileNotFoundError:
+            raise NotFound(f"{self.name}: the target folder {self.root} does not exist") from None
+        except OSError as exc:
+            raise MirrorError(f"{self.name}: the target folder {self.root} is unusable: {exc}") from exc
+        try:
+            for part in parts:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                below = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = below
+        except OSError as exc:
+            os.close(fd)
+            where = f"{self.name}:{'/'.join(parts)}"
+            if isinstance(exc, FileNotFoundError):
+                raise NotFound(f"{where} does not exist") from None
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise MirrorError(f"{where} is a link or no folder; not followed") from None
+            raise MirrorError(f"{where}: {exc}") from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open(self, key: str) -> int:
+        """A read-only descriptor of the regular file at `key`. Raises NotFound, MirrorError."""
+        parts = self._parts(key)
+        with self._folder(parts[:-1]) as folder:
+            try:
+                return open_regular(parts[-1], dir_fd=folder)
+            except FileNotFoundError:
+                raise NotFound(f"{self.name}:{key} does not exist") from None
+            except OSError as exc:
+                raise MirrorError(f"{self.name}:{key}: {exc}") from exc
 
     def put_file(self, key: str, source: Path, *, sha256: str, progress: Progress | None = None) -> None:
         """Copy and prove the copy (see the protocol in ckptd.mirrors)."""
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = temp_path_for(target)
+        parts = self._parts(key)
+        with self._folder(parts[:-1], create=True) as folder:
+            temp = temp_name(parts[-1])
             try:
-                actual = self._copy_and_hash(source, temp, progress)
+                actual = self._copy_and_hash(source, folder, temp, progress)
                 if actual != sha256:
                     raise IntegrityError(f"{self.name}:{key}: copy has sha256 {actual}, expected {sha256}")
-                os.replace(temp, target)
+                os.replace(temp, parts[-1], src_dir_fd=folder, dst_dir_fd=folder)
+                os.fsync(folder)
+            except OSError as exc:
+                raise MirrorError(f"{self.name}:{key}: {exc}") from exc
             finally:
-                temp.unlink(missing_ok=True)
-            fsync_dir(target.parent)
-        except OSError as exc:
-            raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=folder)
 
-    def _copy_and_hash(self, source: Path, temp: Path, progress: Progress | None) -> str:
-        """Copy `source` to `temp` and return the SHA-256 of what `temp` holds, read back as it is written."""
+    def _copy_and_hash(self, source: Path, folder: int, temp: str, progress: Progress | None) -> str:
+        """Copy `source` to `temp` in `folder` and return the SHA-256 of what `temp` holds, read back as it is
+        written."""
         written = 0
         done = threading.Event()
         ready = threading.Condition()
         digest = hashlib.sha256()
         failure: list[BaseException] = []
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(temp, flags, 0o644, dir_fd=folder)
+        back = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
 
         def read_back() -> None:
             hashed = 0
             try:
-                with open(temp, "rb") as back:
-                    while True:
-                        with ready:
-                            ready.wait_for(lambda: written > hashed or done.is_set())  # noqa: B023 (used at once)
-                            limit = written
-                        while hashed < limit:
-                            piece = back.read(min(_PIECE, limit - hashed))
-                            if not piece:
-                                raise OSError(f"{temp} is shorter than what was written")
-                            digest.update(piece)
-                            hashed += len(piece)
-                        if done.is_set() and hashed >= written:
-                            return
+                while True:
+                    with ready:
+                        ready.wait_for(lambda: written > hashed or done.is_set())  # noqa: B023 (used at once)
+                        limit = written
+                    while hashed < limit:
+                        piece = os.pread(back, min(_PIECE, limit - hashed), hashed)
+                        if not piece:
+                            raise OSError(f"{temp} is shorter than what was written")
+                        digest.update(piece)
+                        hashed += len(piece)
+                    if done.is_set() and hashed >= written:
+                        return
             except BaseException as exc:
                 failure.append(exc)
 
-        with open(source, "rb") as src, open(temp, "xb") as dst:
-            checker = threading.Thread(target=read_back, name="ckptd-readback", daemon=True)
-            checker.start()
-            try:
-                size = os.fstat(src.fileno()).st_size
-                while written < size:
-                    moved = _copy_range(src.fileno(), dst.fileno(), min(_PIECE, size - written), written)
-                    if moved == 0:
-                        raise OSError(f"{source} shrank while being copied")
+        try:
+            with open(source, "rb") as src:
+                checker = threading.Thread(target=read_back, name="ckptd-readback", daemon=True)
+                checker.start()
+                try:
+                    size = os.fstat(src.fileno()).st_size
+                    while written < size:
+                        moved = _copy_range(src.fileno(), dst, min(_PIECE, size - written), written)
+                        if moved == 0:
+                            raise OSError(f"{source} shrank while being copied")
+                        with ready:
+                            written += moved
+                            ready.notify()
+                        self._throttle(moved)
+                        if progress is not None:
+                            progress(moved)
+                    os.fsync(dst)
+                finally:
                     with ready:
-                        written += moved
+                        done.set()
                         ready.notify()
-                    self._throttle(moved)
-                    if progress is not None:
-                        progress(moved)
-                os.fsync(dst.fileno())
-            finally:
-                with ready:
-                    done.set()
-                    ready.notify()
-                checker.join()
+                    checker.join()
+        finally:
+            os.close(dst)
+            os.close(back)
         if failure:
             raise failure[0]
         return digest.hexdigest()
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store a small object atomically."""
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, data)
-        except OSError as exc:
-            raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+        parts = self._parts(key)
+        with self._folder(parts[:-1], create=True) as folder:
+            temp = temp_name(parts[-1])
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                             dir_fd=folder)  # fmt: skip
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(temp, parts[-1], src_dir_fd=folder, dst_dir_fd=folder)
+                os.fsync(folder)
+            except OSError as exc:
+                raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=folder)
 
-    def get_file(self, key: str, destination: Path, progress: Progress | None = None) -> None:
-        """Download atomically."""
-        source = self._path(key)
-        if not source.is_file():
-            raise NotFound(f"{self.name}:{key} does not exist")
-        temp = temp_path_for(destination)
+    def read_into(self, key: str, out: int, progress: Progress | None = None) -> None:
+        """Copy the object's bytes into the open file `out`, from its start."""
+        fd = self._open(key)
         try:
-            with open(source, "rb") as src, open(temp, "xb") as dst:
-                size = os.fstat(src.fileno()).st_size
-                copied = 0
-                while copied < size:
-                    moved = _copy_range(src.fileno(), dst.fileno(), min(_PIECE, size - copied), copied)
-                    if moved == 0:
-                        break
-                    copied += moved
-                    if progress is not None:
-                        progress(moved)
-                os.fsync(dst.fileno())
-            os.replace(temp, destination)
-            fsync_dir(destination.parent)
+            size = os.fstat(fd).st_size
+            copied = 0
+            while copied < size:
+                moved = _copy_range(fd, out, min(_PIECE, size - copied), copied)
+                if moved == 0:
+                    break
+                copied += moved
+                if progress is not None:
+                    progress(moved)
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
         finally:
-            temp.unlink(missing_ok=True)
+            os.close(fd)
 
     def get_bytes(self, key: str) -> bytes:
-        """Read a small object."""
+        """Read a small object (at most SMALL_OBJECT_MAX bytes)."""
+        fd = self._open(key)
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise NotFound(f"{self.name}:{key} does not exist") from None
+            data = os.read(fd, SMALL_OBJECT_MAX + 1)
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+        finally:
+            os.close(fd)
+        if len(data) > SMALL_OBJECT_MAX:
+            raise MirrorError(f"{self.name}:{key} is over {SMALL_OBJECT_MAX} bytes; not a ckptd index or sidecar")
+        return data
 
     def sha256(self, key: str) -> str:
         """Read the object back and hash it."""
         digest = hashlib.sha256()
+        fd = self._open(key)
         try:
-            with open(self._path(key), "rb") as handle:
-                while piece := handle.read(_PIECE):
-                    digest.update(piece)
-                    self._throttle(len(piece))
-        except FileNotFoundError:
-            raise NotFound(f"{self.name}:{key} does not exist") from None
+            at = 0
+            while piece := os.pread(fd, _PIECE, at):
+                digest.update(piece)
+                at += len(piece)
+                self._throttle(len(piece))
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+        finally:
+            os.close(fd)
         return digest.hexdigest()
 
     def stat(self, key: str) -> RemoteObject | None:
-        """Size of an object, or None."""
+        """Size of an object, or None (a link or anything but a regular file is no object)."""
+        parts = self._parts(key)
         try:
-            return RemoteObject(key, self._path(key).stat().st_size)
-        except FileNotFoundError:
+            with self._folder(parts[:-1]) as folder:
+                found = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+        except (NotFound, FileNotFoundError):
             return None
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+        return RemoteObject(key, found.st_size) if stat.S_ISREG(found.st_mode) else None
 
     def delete(self, key: str) -> None:
-        """Delete; missing is fine."""
-        path = self._path(key)
+        """Delete; missing is fine. Run folders left empty are removed, never the root."""
+        parts = self._parts(key)
         try:
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # tidy now-empty run folders, never the root
-                parent = path.parent
-                while parent != self.root.resolve() and not any(parent.iterdir()):
-                    parent.rmdir()
-                    parent = parent.parent
-        except OSError as exc:
-            raise MirrorError(f"{self.name}:{key}: {exc}") from exc
+            with self._folder(parts[:-1]) as folder, contextlib.suppress(FileNotFoundError):
+                os.unlink(parts[-1], dir_fd=folder)
+        except NotFound:
+            return
+        for depth in range(len(parts) - 1, 0, -1):  # tidy now-empty folders, deepest first
+            try:
+                with self._folder(parts[: depth - 1]) as parent:
+                    os.rmdir(parts[depth - 1], dir_fd=parent)
+            except (OSError, MirrorError):
+                return
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys that start with `prefix` (a plain string prefix, as in S3), sorted; temp files are not objects."""
-        base = self.root.resolve()
+        """Keys of regular files that start with `prefix` (a plain string prefix, as in S3), sorted; temp files
+        and links are no objects."""
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self._path(folder) if folder else base
-        if not start.is_dir():
+        start = self._parts(folder) if folder else ()
+        keys: builtins.list[str] = []
+        try:
+            with self._folder(start) as fd:
+                self._walk(fd, "/".join(start), prefix, keys)
+        except NotFound:
             return iter(())
-        keys = []
-        for dirpath, _dirs, files in os.walk(start):
-            for name in files:
-                key = (Path(dirpath) / name).relative_to(base).as_posix()
-                if ".ckptd-tmp" not in name and key.startswith(prefix):
-                    keys.append(key)
         return iter(sorted(keys))
+
+    def _walk(self, fd: int, at: str, prefix: str, keys: builtins.list[str]) -> None:
+        for name in os.listdir(fd):
+            key = f"{at}/{name}" if at else name
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode) and (key.startswith(prefix) or prefix.startswith(key + "/")):
+                below = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    self._walk(below, key, prefix, keys)
+                finally:
+                    os.close(below)
+            elif stat.S_ISREG(mode) and TEMP_MARK not in name and key.startswith(prefix):
+                keys.append(key)
 
 
 def _copy_range(src: int, dst: int, count: int, offset: int) -> int:

@@ -2,11 +2,19 @@
 
 Credentials come from the standard AWS chain (environment, profile, instance role), never from config.toml.
 Uploads go through boto3's TransferConfig (multipart, concurrent parts); S3 shows no object until the
-upload completes. With `checksum = "sha256"` the store is asked to check each part's SHA-256, and the copy
-is proved against the sidecar through the checksum S3 reports: for a multipart object that is the SHA-256
-of the parts' SHA-256s, so the same is computed locally while the upload runs. A store that reports no
-checksum (or `checksum = "off"`, for stores that reject checksum headers) is proved by a read-back.
-botocore's default CRC32 request checksums are turned off: they break some S3-compatible stores.
+upload completes. With `checksum = "sha256"` each request carries its SHA-256 (x-amz-checksum-sha256),
+which AWS S3 checks and refuses on a mismatch; botocore's default CRC32 request checksums are turned off,
+since they break some S3-compatible stores.
+
+A stored copy must then be proved, and a store that echoes the checksum header without checking it (moto,
+MinIO before late 2022, other compatible stores) proves nothing by echoing. `proof` says how:
+- "auto" (default): the store's own ETag, which S3, MinIO, Ceph RGW and moto compute server-side as the MD5
+  of the bytes they received (for a multipart object, the MD5 of the parts' MD5s and "-<parts>"), is
+  compared with the MD5s computed locally while the upload runs. Where they differ (an ETag that is not an
+  MD5, as with SSE-KMS or SSE-C on AWS) the copy is read back and hashed, so nothing unproved is kept.
+- "checksum": the SHA-256 checksum the store reports is trusted (only for stores that validate it, such
+  as AWS S3); a store that reports none is read back.
+- "read-back": every copy is downloaded and hashed: the slowest, for stores whose ETag is never an MD5.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +33,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from ckptd.fsutil import fsync_dir, temp_path_for
-from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Progress, RemoteObject
+from ckptd.mirrors import SMALL_OBJECT_MAX, IntegrityError, MirrorError, NotFound, Progress, RemoteObject
 from ckptd.throttle import Throttle
 
 _PART = 64 << 20
@@ -51,6 +57,45 @@ def _hex_to_b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
+class _LocalDigests:
+    """What the store should report for a file uploaded in parts of `part` bytes: its SHA-256, the SHA-256 and
+    MD5 of each part; read on its own thread while the upload runs (the same pages, from the page cache)."""
+
+    def __init__(self, part: int) -> None:
+        self.part = part
+        self.whole = hashlib.sha256()
+        self.part_sha: list[bytes] = []
+        self.part_md5: list[bytes] = []
+        self.failed = ""
+
+    def read(self, source: Path) -> None:
+        try:
+            with open(source, "rb") as handle:
+                while True:
+                    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+                    left = self.part
+                    while left and (piece := handle.read(min(_READ, left))):
+                        sha.update(piece)
+                        md5.update(piece)
+                        self.whole.update(piece)
+                        left -= len(piece)
+                    if left == self.part and self.part_sha:
+                        return
+                    self.part_sha.append(sha.digest())
+                    self.part_md5.append(md5.digest())
+                    if left:
+                        return
+        except OSError as exc:
+            self.failed = str(exc)
+
+    def etag(self, multipart: bool) -> str:
+        """The ETag S3 computes: the MD5 hex of a single PUT, or the MD5 of the parts' MD5s and "-<parts>"."""
+        if not multipart:
+            return self.part_md5[0].hex()
+        joined = hashlib.md5(b"".join(self.part_md5), usedforsecurity=False).hexdigest()
+        return f"{joined}-{len(self.part_md5)}"
+
+
 class S3Target:
     """Mirror target in an S3 bucket, under a prefix."""
 
@@ -60,6 +105,7 @@ class S3Target:
         bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.checksum = str(getattr(settings, "checksum", "sha256"))
+        self.proof = str(getattr(settings, "proof", "auto"))
         config = BotoConfig(
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=10,
@@ -95,17 +141,14 @@ class S3Target:
         return MirrorError(f"{self.name}:{key}: {exc}")
 
     def put_file(self, key: str, source: Path, *, sha256: str, progress: Progress | None = None) -> None:
-        """Upload, then prove the object against `sha256` (see the protocol in ckptd.mirrors)."""
+        """Upload, then prove the object against `sha256` (see the module and the protocol in ckptd.mirrors)."""
         try:  # Fix: a checkpoint deleted before its copy (save_top_k) fails the copy; FileNotFoundError escaped
             size = source.stat().st_size
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
-        multipart = size >= self.transfer.multipart_threshold
-        parts: list[bytes] = []
-        whole = hashlib.sha256()
-        hasher = threading.Thread(target=self._hash_parts, args=(source, size, parts, whole), daemon=True)
-        if multipart and self.checksum == "sha256":
-            hasher.start()  # the local part digests, computed while the upload reads the same pages
+        local = _LocalDigests(part_size_for(size, self.transfer.multipart_chunksize))
+        hasher = threading.Thread(target=local.read, args=(source,), daemon=True)
+        hasher.start()  # the local digests, computed while the upload reads the same pages
 
         def callback(moved: int) -> None:
             self._throttle(moved)
@@ -123,78 +166,70 @@ class S3Target:
         except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise self._fail(key, exc) from exc
         finally:
-            if hasher.is_alive():
-                hasher.join()
-        reported = self._reported_checksum(key)
-        if reported is None:
-            actual = self.sha256(key)  # the store reports nothing: read it back
-            ok = actual == sha256
-        elif multipart and parts:
-            # Real S3 appends "-<parts>" to a composite checksum; some compatible stores do not.
-            expected = composite_sha256(parts).split("-")[0]
-            ok = reported.split("-")[0] == expected and whole.hexdigest() == sha256
-        else:
-            ok = reported == _hex_to_b64(sha256)
-        if not ok:
+            hasher.join()
+        multipart = size >= self.transfer.multipart_threshold
+        if local.failed or local.whole.hexdigest() != sha256:
+            why = local.failed or "the local file changed since it was verified"
+            self.delete(key)
+            raise IntegrityError(f"{self.name}:{key}: not copied as verified ({why}); tried again later")
+        if not self._proved(key, sha256, local, multipart):
             self.delete(key)
             raise IntegrityError(f"{self.name}:{key}: stored object does not match sha256 {sha256}")
 
-    def _hash_parts(self, source: Path, size: int, parts: list[bytes], whole: Any) -> None:
-        part = part_size_for(size, self.transfer.multipart_chunksize)
-        with open(source, "rb") as handle:
-            while True:
-                digest = hashlib.sha256()
-                left = part
-                while left:
-                    piece = handle.read(min(_READ, left))
-                    if not piece:
-                        break
-                    digest.update(piece)
-                    whole.update(piece)
-                    left -= len(piece)
-                if left == part:
-                    return
-                parts.append(digest.digest())
-
-    def _reported_checksum(self, key: str) -> str | None:
-        if self.checksum != "sha256":
-            return None
+    def _proved(self, key: str, sha256: str, local: _LocalDigests, multipart: bool) -> bool:
+        """True when the stored object is proved to hold the bytes whose SHA-256 is `sha256` (see `proof`)."""
+        if self.proof == "read-back":
+            return self.sha256(key) == sha256
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(key, exc) from exc
-        value = head.get("ChecksumSHA256")
-        return str(value) if value else None
+        reported = head.get("ChecksumSHA256")
+        # Real S3 appends "-<parts>" to a composite checksum; some compatible stores do not.
+        expected = composite_sha256(local.part_sha) if multipart else _hex_to_b64(sha256)
+        if reported and str(reported).split("-")[0] != expected.split("-")[0]:
+            return False  # a store that checked disagrees: nothing to prove further
+        if self.proof == "checksum":
+            return bool(reported) or self.sha256(key) == sha256
+        if str(head.get("ETag", "")).strip('"') == local.etag(multipart):
+            return True  # the store's own MD5 of what it received
+        return self.sha256(key) == sha256  # not an MD5 (SSE-KMS...) or bytes changed in transit: the bytes decide
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        """Store a small object (one PUT is atomic)."""
+        """Store a small object (one PUT is atomic), sent with its MD5 for the store to check, and proved by the
+        ETag the store answers with (or, where that is no MD5, by reading it back)."""
+        md5 = hashlib.md5(data, usedforsecurity=False)
         extra: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"} if self.checksum == "sha256" else {}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentMD5=base64.b64encode(md5.digest()).decode(),
+                **extra,
+            )  # fmt: skip
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(key, exc) from exc
+        if str(answer.get("ETag", "")).strip('"') != md5.hexdigest() and self.get_bytes(key) != data:
+            self.delete(key)
+            raise IntegrityError(f"{self.name}:{key}: the stored object does not hold the bytes sent")
 
-    def get_file(self, key: str, destination: Path, progress: Progress | None = None) -> None:
-        """Download to a temp file beside `destination`, fsync, rename."""
-        temp = temp_path_for(destination)
+    def read_into(self, key: str, out: int, progress: Progress | None = None) -> None:
+        """Download into the open file `out` (parts written in place; see the protocol)."""
         try:
-            self.client.download_file(self.bucket, self._key(key), str(temp), Config=self.transfer, Callback=progress)
-            with open(temp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temp, destination)
-            fsync_dir(destination.parent)
-        except (BotoCoreError, ClientError, Boto3Error) as exc:  # Fix: download_file may raise boto3's own errors too
+            with open(out, "wb", closefd=False) as handle:
+                self.client.download_fileobj(self.bucket, self._key(key), handle, Config=self.transfer,
+                                             Callback=progress)  # fmt: skip
+        except (BotoCoreError, ClientError, Boto3Error) as exc:  # Fix: download may raise boto3's own errors too
             raise self._fail(key, exc) from exc
         except OSError as exc:
             raise MirrorError(f"{self.name}:{key}: {exc}") from exc
-        finally:
-            temp.unlink(missing_ok=True)
 
     def get_bytes(self, key: str) -> bytes:
-        """Read a small object."""
+        """Read a small object (at most SMALL_OBJECT_MAX bytes)."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            return bytes(body.read())
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if int(answer.get("ContentLength", 0)) > SMALL_OBJECT_MAX:
+                answer["Body"].close()
+                raise MirrorError(f"{self.name}:{key} is over {SMALL_OBJECT_MAX} bytes; not a ckptd index or sidecar")
+            return bytes(answer["Body"].read())
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(key, exc) from exc
 

@@ -37,6 +37,9 @@ if str(TESTS) not in sys.path:  # `import checkpoints` whether or not pytest put
 
 import checkpoints  # noqa: E402
 
+from ckptd import sidecar  # noqa: E402
+from ckptd.catalog import decode, encode  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
 CKPTD = Path(sys.executable).parent / "ckptd"
@@ -72,8 +75,8 @@ def sha256_of(path: Path) -> str:
 
 
 def sidecar_of(checkpoint: Path) -> Path:
-    """Where ckptd puts the sidecar of `checkpoint`."""
-    return checkpoint.with_name(checkpoint.name + ".ckptd.json")
+    """Where ckptd puts the sidecar of `checkpoint` (`<name>.ckptd.json`, shortened for names near NAME_MAX)."""
+    return sidecar.sidecar_path(checkpoint)
 
 
 def read_sidecar(checkpoint: Path) -> dict[str, Any] | None:
@@ -314,10 +317,11 @@ class Catalog:
         self.path = state_dir / "catalog.sqlite3"
 
     def query(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        """Rows of `sql` as dicts."""
+        """Rows of `sql` as dicts (names that are not UTF-8 pass through the catalog's own text encoding)."""
         with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as db:
             db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute(sql, args)]
+            db.text_factory = lambda data: decode(data.decode("utf-8"))
+            return [dict(r) for r in db.execute(sql, [encode(a) if isinstance(a, str) else a for a in args])]
 
     def row(self, path: Path) -> dict[str, Any] | None:
         """The checkpoint row of `path`, or None."""
