@@ -608,25 +608,25 @@ def _rezip(source: Path, target: Path, replace: dict[str, tuple[int, int]]) -> N
                     out.write(piece[: min(len(piece), size - at)])
 
 
-def zip_bomb(path: str | os.PathLike[str], *, inflated: int = 256 << 20) -> Path:
-    """Write a torch checkpoint whose tensor record holds `inflated` zero bytes deflated (about 1000:1)."""
+def _deflated_record(path: str | os.PathLike[str], suffix: str, inflated: int) -> Path:
+    """A small torch checkpoint whose record ending in `suffix` is replaced by `inflated` zero bytes, deflated."""
     target = _prepare(path)
     plain = target.with_name(target.name + ".plain")
     torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}}, plain)
-    _rezip(plain, target, {"/data/0": (inflated, zipfile.ZIP_DEFLATED)})
+    _rezip(plain, target, {suffix: (inflated, zipfile.ZIP_DEFLATED)})
     plain.unlink()
     return target
+
+
+def zip_bomb(path: str | os.PathLike[str], *, inflated: int = 256 << 20) -> Path:
+    """Write a torch checkpoint whose tensor record holds `inflated` zero bytes deflated (about 1000:1)."""
+    return _deflated_record(path, "/data/0", inflated)
 
 
 def deflated_pickle(path: str | os.PathLike[str], *, inflated: int = 512 << 20) -> Path:
     """Write a torch checkpoint whose data.pkl record is `inflated` bytes deflated (zeros after the real pickle
     would not load, but nothing should inflate it whole to find out)."""
-    target = _prepare(path)
-    plain = target.with_name(target.name + ".plain")
-    torch.save({"epoch": 1, "model_state_dict": {"w": torch.ones(4)}}, plain)
-    _rezip(plain, target, {"/data.pkl": (inflated, zipfile.ZIP_DEFLATED)})
-    plain.unlink()
-    return target
+    return _deflated_record(path, "/data.pkl", inflated)
 
 
 def deep_safetensors_header(path: str | os.PathLike[str], *, depth: int = 200_000) -> Path:

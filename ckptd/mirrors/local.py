@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptd.fsutil import TEMP_MARK, open_regular, temp_name
+from ckptd.fsutil import TEMP_MARK, atomic_write_bytes, open_regular, temp_name
 from ckptd.mirrors import SMALL_OBJECT_MAX, IntegrityError, MirrorError, NotFound, Progress, RemoteObject
 from ckptd.throttle import Throttle
 from ckptd.untrusted import UntrustedInput, relative
@@ -169,23 +169,16 @@ class LocalTarget:
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store a small object atomically."""
         parts = self._parts(key)
-        with self._folder(parts[:-1], create=True) as folder:
-            temp = temp_name(parts[-1])
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                             dir_fd=folder)  # fmt: skip
-                try:
-                    os.write(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(temp, parts[-1], src_dir_fd=folder, dst_dir_fd=folder)
-                os.fsync(folder)
-            except OSError as exc:
-                raise MirrorError(f"{self.name}:{key}: {exc}") from exc
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp, dir_fd=folder)
+        with self._folder(parts[:-1], create=True):
+            pass  # its folders exist, and none of them is a link; the write walks down again without following one
+        try:
+            atomic_write_bytes(self.root.joinpath(*parts), data, root=self.root)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise MirrorError(
+                    f"{self.name}:{key}: a folder on the way is a link or no folder; not followed"
+                ) from None
+            raise MirrorError(f"{self.name}:{key}: {exc}") from exc
 
     def read_into(self, key: str, out: int, progress: Progress | None = None) -> None:
         """Copy the object's bytes into the open file `out`, from its start."""
