@@ -22,7 +22,7 @@ from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog, Row
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import identity_at
-from ckptd.fsutil import fsync_dir, open_folder, sha256_fd, temp_name
+from ckptd.fsutil import fsync_dir, open_confined, open_folder, sha256_fd, temp_name
 from ckptd.mirrors import MirrorError, Target
 from ckptd.model import Identity
 from ckptd.throttle import Throttle
@@ -42,16 +42,22 @@ class ScrubReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def hash_throttled(path: Path, throttle: Throttle) -> str:
-    """SHA-256 of a file, or of a directory checkpoint (its digest), read at the throttle's rate."""
+def hash_throttled(path: Path, throttle: Throttle, root: Path) -> str:
+    """SHA-256 of a file, or of a directory checkpoint (its digest), read at the throttle's rate, every file
+    opened from the watched folder `root` down without following a link (fsutil.open_confined)."""
     if path.is_dir():
-        files = {rel: hash_throttled(path / rel, throttle) for rel in discover.directory_files(path)}
+        files = {rel: hash_throttled(path / rel, throttle, root) for rel in discover.directory_files(path)}
         return discover.directory_digest(files)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(_PIECE):
+    fd = open_confined(root, path)
+    try:
+        at = 0
+        while piece := os.pread(fd, _PIECE, at):
             digest.update(piece)
+            at += len(piece)
             throttle(len(piece))
+    finally:
+        os.close(fd)
     return digest.hexdigest()
 
 
@@ -89,7 +95,11 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
         report.skipped.append(row.path)  # rewritten since verified: the daemon verifies it again, not rot
         return
     report.checked += 1
-    actual = hash_throttled(path, throttle)
+    try:
+        actual = hash_throttled(path, throttle, watch.path)
+    except (OSError, ValueError):  # gone, or its folder is a link now: not rot, and never read through it
+        report.skipped.append(row.path)
+        return
     if discover.identity(path) != found:
         report.skipped.append(row.path)
         return

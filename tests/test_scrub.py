@@ -201,10 +201,10 @@ def test_hash_throttled_charges_every_byte_and_matches_the_sidecar(tmp_path: Pat
 
     zipped = checkpoints.torch_zip(tmp_path / "a.pt")
     dcp = checkpoints.dcp_checkpoint(tmp_path / "dcp")
-    assert hash_throttled(zipped, Counting(0)) == sha(zipped) == verify(zipped).sha256
+    assert hash_throttled(zipped, Counting(0), tmp_path) == sha(zipped) == verify(zipped).sha256
     assert sum(charged) == zipped.stat().st_size
     charged.clear()
-    assert hash_throttled(dcp, Counting(0)) == verify(dcp).sha256
+    assert hash_throttled(dcp, Counting(0), tmp_path) == verify(dcp).sha256
     assert sum(charged) == sum(p.stat().st_size for p in dcp.iterdir())
 
 
@@ -439,9 +439,9 @@ def test_scrub_resumes_after_a_restart_with_the_least_recently_scrubbed(
     order: list[str] = []
     real_hash = scrubbing.hash_throttled
 
-    def recording_hash(path: Path, limit: Throttle) -> str:
+    def recording_hash(path: Path, limit: Throttle, root: Path) -> str:
         order.append(path.name)
-        return real_hash(path, limit)
+        return real_hash(path, limit, root)
 
     monkeypatch.setattr(scrubbing, "hash_throttled", recording_hash)
 
