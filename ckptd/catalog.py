@@ -16,7 +16,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     first_seen  REAL NOT NULL,
     verified_at REAL,
     gone_at     REAL,
-    pinned      INTEGER NOT NULL DEFAULT 0
+    pinned      INTEGER NOT NULL DEFAULT 0,
+    device      INTEGER NOT NULL DEFAULT 0,
+    needs       TEXT NOT NULL DEFAULT '[]'  -- JSON list: names beside it that its trainer still needs (its best)
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
@@ -170,6 +172,7 @@ class Row:
     gone_at: float | None
     pinned: bool
     device: int = 0
+    needs: list[str] = field(default_factory=list)
 
     @property
     def mtime(self) -> float:
@@ -182,6 +185,7 @@ class Row:
             path=self.path, run=self.run, status=self.status, size=self.size, mtime=self.mtime, sha256=self.sha256,
             epoch=self.epoch, step=self.step, metrics=self.metrics, pinned=self.pinned, format=self.format,
             verified=self.status is not None, mtime_ns=self.mtime_ns, inode=self.inode, device=self.device,
+            needs=tuple(self.needs),
         )  # fmt: skip
 
 
@@ -189,6 +193,7 @@ def _row(values: sqlite3.Row) -> Row:
     data: dict[str, Any] = dict(values)
     data["metrics"] = json.loads(data["metrics"])
     data["problems"] = json.loads(data["problems"])
+    data["needs"] = json.loads(data.get("needs") or "[]")
     data["pinned"] = bool(data["pinned"])
     return Row(**data)
 
@@ -215,7 +220,7 @@ class Catalog:
         """Bring a catalog made by an older ckptd up to this schema: new columns only, never a data loss."""
         added = {
             "mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"},
-            "checkpoints": {"device": "INTEGER NOT NULL DEFAULT 0"},
+            "checkpoints": {"device": "INTEGER NOT NULL DEFAULT 0", "needs": "TEXT NOT NULL DEFAULT '[]'"},
             "journal": {
                 "device": "INTEGER", "inode": "INTEGER", "mtime_ns": "INTEGER",
                 "folder": "TEXT", "trash": "TEXT",
@@ -262,20 +267,22 @@ class Catalog:
         self._exec(
             """
             INSERT INTO checkpoints (path, watch, run, kind, link_target, format, status, size, mtime_ns, inode,
-                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at, device)
-            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)
+                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at, device, needs)
+            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)
             ON CONFLICT (path) DO UPDATE SET
                 watch = excluded.watch, run = excluded.run, kind = excluded.kind, link_target = NULL,
                 format = excluded.format, status = excluded.status, size = excluded.size,
                 mtime_ns = excluded.mtime_ns, inode = excluded.inode, device = excluded.device,
                 sha256 = excluded.sha256,
                 epoch = excluded.epoch, step = excluded.step, metrics = excluded.metrics,
-                problems = excluded.problems, verified_at = excluded.verified_at, gone_at = NULL
+                problems = excluded.problems, verified_at = excluded.verified_at, gone_at = NULL,
+                needs = excluded.needs
             """,
             (
                 v.path, watch, run, "directory" if v.is_directory else "file", v.format, v.status,
                 v.size_bytes, mtime_ns, v.inode, v.sha256, v.epoch, v.global_step,
                 json.dumps(v.metrics, allow_nan=True), json.dumps(v.problems), now, now, v.device,
+                json.dumps(v.needs),
             ),
         )  # fmt: skip
 
@@ -347,10 +354,13 @@ class Catalog:
         return (before["latest"], before["best"]) if before else (None, None)
 
     def runs(self, watch: str | None = None) -> list[dict[str, Any]]:
-        """Every run's latest and best, by run folder."""
-        query, args = "SELECT * FROM runs", list[Any]()
+        """Every run's latest and best, by run folder: the runs that still have a checkpoint on disk."""
+        query = (
+            "SELECT * FROM runs WHERE EXISTS (SELECT 1 FROM checkpoints c WHERE c.run = runs.run AND c.gone_at IS NULL)"
+        )
+        args = list[Any]()
         if watch is not None:
-            query, args = query + " WHERE watch = ?", [watch]
+            query, args = query + " AND watch = ?", [watch]
         return [dict(r) for r in self._exec(query + " ORDER BY run", args)]
 
     def counts(self, watch: str) -> dict[str, int]:

@@ -23,7 +23,7 @@ from ckptd.errors import CkptdError, ConfigError, ExitCode, NoAnswer, UsageError
 if TYPE_CHECKING:
     from ckptd.config import Config
     from ckptd.model import Entry, Verification
-    from ckptd.sidecar import Sidecar
+    from ckptd.sidecar import Sidecar, Store
 
 DEFAULT_CONFIGS = (Path("config.toml"), Path("/etc/ckptd/config.toml"))
 _GB = 1 << 30
@@ -170,6 +170,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
     from ckptd.catalog import Catalog
     from ckptd.config import DEFAULT_PATTERNS
     from ckptd.scan import reconcile
+    from ckptd.sidecar import Store, store_of
     from ckptd.verify import engine_versions
     from ckptd.verify import verify as engine_verify
 
@@ -191,11 +192,14 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
     failed = False
     with Catalog(state_dir) as catalog:
         for watch_name, root, patterns in targets:
+            watch = config.watch_named(watch_name) if config else None
             report = reconcile(
                 root, watch=watch_name, patterns=patterns, catalog=catalog,
                 verifier=functools.partial(engine_verify, trusted=trusted, root=root if root.is_dir() else root.parent),
                 engine=engine_versions,
                 boundaries=[w.path for w in config.watch] if config else (),
+                store=store_of(config) if config else Store(),
+                placement=watch.sidecars if watch else "auto",
             )  # fmt: skip
             failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
             summary[str(root)] = {
@@ -224,14 +228,37 @@ def _watch_of(config: Config | None, path: Path) -> Any:
 # ------------------------------------------------------------------------------------ read-only questions
 
 
+def _reading_store() -> Store:
+    """Where sidecars are, for the read-only commands: the config's state folder too when a config is found
+    (some trainers' sidecars live there, see docs/layouts.md); beside the checkpoints only without one. A config
+    that does not load is no reason to refuse an answer: then only sidecars beside checkpoints are read."""
+    from ckptd.sidecar import Store, store_of
+
+    path = _config_path(None)
+    if path is None:
+        return Store()
+    try:
+        from ckptd.config import load_config
+
+        return store_of(load_config(path, check_folders=False))
+    except CkptdError:
+        return Store()
+
+
 def _entries(folder: Path) -> list[tuple[Sidecar, Entry]]:
-    from ckptd import sidecar
     from ckptd.model import Entry
 
     return [
-        (parsed, Entry.of(parsed.verification, str(parsed.checkpoint.parent), parsed.pinned, verified=current))
-        for parsed, current in sidecar.find(folder)
+        (parsed, Entry.of(parsed.verification, _run_of(parsed), parsed.pinned, verified=current))
+        for parsed, current in _reading_store().find(folder.absolute())
     ]
+
+
+def _run_of(parsed: Sidecar) -> str:
+    """The run of a checkpoint: the folder its trainer writes checkpoints into (see ckptd.layouts)."""
+    from ckptd import layouts
+
+    return str(layouts.run_of(parsed.checkpoint, parsed.verification.layout))
 
 
 def _existing_folder(path: Path) -> Path:
@@ -297,12 +324,14 @@ def show(checkpoint: Path, as_json: bool) -> int:
     """Show what ckptd knows of one checkpoint (its sidecar)."""
     from ckptd import sidecar
 
-    parsed = sidecar.read(checkpoint.absolute())
-    if parsed is None:
+    store = _reading_store()
+    parsed = store.read(checkpoint.absolute())
+    where = store.path_of(checkpoint.absolute())
+    if parsed is None or where is None:
         raise NoAnswer(f"{checkpoint}: not verified yet (no sidecar); run: ckptd verify {checkpoint}")
-    current = any(s.checkpoint == parsed.checkpoint and c for s, c in sidecar.find(checkpoint.absolute().parent))
+    current = sidecar.is_current(parsed, checkpoint.absolute())
     if as_json:
-        click.echo(sidecar.sidecar_path(checkpoint).read_text(), nl=False)
+        click.echo(where.read_text(), nl=False)
     else:
         from ckptd import tables
 
@@ -418,9 +447,9 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
     with Catalog(config.daemon.state_dir) as catalog:
         if not catalog.set_pinned(str(path), pinned):
             raise NoAnswer(f"{checkpoint}: not in the catalog yet; verify it first: ckptd scan {checkpoint.parent}")
-    found = sidecar.read(path)
-    if found is not None:
-        sidecar.set_pinned(path, pinned)
+    store = sidecar.store_of(config)
+    if store.read(path) is not None:
+        store.set_pinned(path, pinned)
     click.echo(f"{'pinned' if pinned else 'unpinned'}: {path}")
     return ExitCode.OK
 

@@ -190,6 +190,10 @@ class WatchConfig(_Model):
     metric: MetricConfig | None = None
     retention: RetentionConfig | None = None
     mirror: WatchMirrorConfig | None = None
+    # Where sidecars go: "auto" beside each checkpoint except where its trainer would trip over a file there
+    # (accelerate's checkpoints folder, torchtitan's step-<N> folders: then the state folder); "beside" or
+    # "state" for every checkpoint of the watch. See docs/layouts.md.
+    sidecars: Literal["auto", "beside", "state"] = "auto"
 
 
 class Config(_Model):

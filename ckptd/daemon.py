@@ -56,7 +56,8 @@ def _iso(timestamp: float) -> str:
 
 
 def _complete(candidate: Candidate) -> bool:
-    """Files found without an event count as closed (settling still applies); directories need their marker."""
+    """Files found without an event count as closed (settling still applies); a folder checkpoint is complete
+    when its layout says the trainer finished it (the tracker asks again until it is)."""
     return candidate.kind != "directory" or discover.directory_complete(candidate.path)
 
 
@@ -331,7 +332,7 @@ class Daemon:
                 continue
             self.catalog.mark_gone(row.path, time.time())
             try:
-                removed = sidecar.remove(Path(row.path), watch.path)
+                removed = sidecar.store_of(self.config).remove(Path(row.path), watch.path)
             except (OSError, ValueError):  # its folder is a link now, or gone: nothing of ours to remove there
                 removed = False
             runs.add(row.run)
@@ -359,7 +360,7 @@ class Daemon:
         free = self.config.daemon.workers - len(self.in_flight)
         if free <= 0:
             return
-        for watch_name, candidate in self.tracker.due(now, identity_of, limit=free):
+        for watch_name, candidate in self.tracker.due(now, identity_of, limit=free, complete=_complete):
             key = str(candidate.path)
             watch = self.config.watch_named(watch_name)
             if watch is None:
@@ -489,7 +490,7 @@ class Daemon:
     ) -> None:  # fmt: skip
         assert self.catalog is not None
         record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time(),
-               root=watch.path)  # fmt: skip
+               root=watch.path, store=sidecar.store_of(self.config), placement=watch.sidecars)  # fmt: skip
         self.stats.verified[verification.status] += 1
         self._dirty = True
         fields: dict[str, Any] = {
@@ -533,21 +534,22 @@ class Daemon:
         started = time.monotonic()
         try:
             found = survey(
-                watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots()
-            )
+                watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots(),
+                store=sidecar.store_of(self.config),
+            )  # fmt: skip
         except Exception as exc:  # one watch that cannot be surveyed never stops the others
             self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=repr(exc))
             return
         for failure in found.failed:
             self.log.warning("checkpoint unreadable", watch=watch.name, error=failure)
-        for candidate in found.to_verify:
+        for candidate in [*found.to_verify, *found.incomplete]:
             key = str(candidate.path)
             if key in self.in_flight or key in self.tracker:
                 # Fix: already on its way. Tracked again, a checkpoint being hashed when a rescan came was
                 # hashed a second time once that finished (a change meanwhile still raises CheckpointChanged).
                 continue
             self._track(watch, candidate, closed=_complete(candidate))
-        for run in {str(Path(p).parent) for p in found.gone}:
+        for run in found.gone_runs:
             self._update_run(watch, run)
         self.stats.last_reconciliation[watch.name] = _iso(time.time())
         self._dirty = True

@@ -168,17 +168,30 @@ def execute(removal: Removal, catalog: Catalog, state_dir: Path, *, now: float, 
 
 
 def _finish(removal: Removal, dir_fd: int, trash: str, name: str, state_dir: Path, now: float) -> str | None:
-    """Delete or quarantine the moved checkpoint and its sidecar; fsync the folder."""
+    """Delete or quarantine the moved checkpoint and its sidecar (beside it, or in the state folder); fsync the
+    folder."""
     side = sidecar.sidecar_name(name)
     detail = None
     if removal.action == "quarantine":
         detail = str(_quarantine(removal, dir_fd, trash, side, state_dir, now))
     else:
         remove_at(dir_fd, trash)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(side, dir_fd=dir_fd)
+    _remove_sidecar(removal, dir_fd, name, state_dir)
     fsync_dir(dir_fd)
     return detail
+
+
+def _state_sidecar(removal: Removal, state_dir: Path) -> Path | None:
+    """Where the checkpoint's sidecar is when it lives in the state folder (sidecar.Store.in_state)."""
+    return sidecar.Store(state_dir, ((removal.watch, removal.root),)).in_state(Path(removal.path))
+
+
+def _remove_sidecar(removal: Removal, dir_fd: int, name: str, state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sidecar.sidecar_name(name), dir_fd=dir_fd)
+    in_state = _state_sidecar(removal, state_dir)
+    if in_state is not None:
+        in_state.unlink(missing_ok=True)
 
 
 def remove_at(dir_fd: int, name: str) -> None:
@@ -244,8 +257,9 @@ def _quarantine(removal: Removal, dir_fd: int, trash: str, side: str, state_dir:
         "original_path": removal.path, "quarantined_at": datetime.fromtimestamp(now, UTC).isoformat(),
         "reasons": list(removal.reasons), "sha256": removal.sha256, "size_bytes": removal.identity.size,
     }  # fmt: skip
+    in_state = _state_sidecar(removal, state_dir)
     with contextlib.suppress(OSError, ValueError):
-        fd = open_regular(side, dir_fd=dir_fd)
+        fd = open_regular(side, dir_fd=dir_fd) if in_state is None or not in_state.exists() else open_regular(in_state)
         with os.fdopen(fd, "rb") as handle:
             found = sidecar.parse(handle.read(sidecar.MAX_SIDECAR_BYTES))
         note["problems"] = found.verification.problems
@@ -255,6 +269,8 @@ def _quarantine(removal: Removal, dir_fd: int, trash: str, side: str, state_dir:
     try:
         with contextlib.suppress(FileNotFoundError):
             _move(dir_fd, side, target_fd, sidecar.sidecar_name(target.name))
+        if in_state is not None and in_state.exists():  # both in the state folder: a rename
+            in_state.replace(sidecar.sidecar_path(target))
         try:
             _move(dir_fd, trash, target_fd, target.name, size=removal.identity.size)
         except BaseException:
@@ -364,8 +380,11 @@ def _finish_one(entry: Mapping[str, Any], root: Path | None, state_dir: Path, no
         if _exists_at(dir_fd, name):
             return "skipped", "interrupted before acting"
         if entry["action"] == "delete":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sidecar.sidecar_name(name), dir_fd=dir_fd)
+            removal = Removal(
+                action="delete", watch=entry["watch"], root=root, path=entry["path"], run=entry["run"],
+                identity=Identity(entry["size"], 0, 0), sha256=entry["sha256"], reasons=(),
+            )  # fmt: skip
+            _remove_sidecar(removal, dir_fd, name, state_dir)
         return "done", "completed after an interruption"
     finally:
         os.close(dir_fd)

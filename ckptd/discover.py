@@ -1,9 +1,11 @@
 """Finding checkpoints on disk, and telling whether one changed. No torch, no catalog.
 
-A checkpoint is a file matching the watch's patterns, or a directory holding a format marker (DCP's
-`.metadata`, a `*.safetensors.index.json`, Orbax's `commit_success.txt`). Its run is the folder that holds
-it. Symbolic links are reported as links to their target and never followed; a link whose target lies
-outside every watched folder is ignored. Hidden folders (such as a `.ckptd` state folder) are skipped.
+A checkpoint is whatever one save of a trainer produced: a file matching the watch's patterns, or a folder a
+trainer writes as one save (a `checkpoint-<step>/` of the Hugging Face Trainer, a DCP step folder...: see
+ckptd.layouts), recognised while it is still being written so that none of its files is taken for a checkpoint
+of its own. Its run is the folder the trainer writes its checkpoints into (usually the one that holds it).
+Symbolic links are reported as links to their target and never followed; a link whose target lies outside
+every watched folder is ignored. Hidden folders (such as a `.ckptd` state folder) are skipped.
 Only regular files are checkpoints: a FIFO, socket or device is never opened (a FIFO would block its
 reader for good); inside a directory checkpoint one is listed by `special_files` and makes it unsupported.
 """
@@ -19,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ckptd import formats
-from ckptd.formats.safetensors import SafetensorsError, parse_index
+from ckptd import layouts
 from ckptd.fsutil import TEMP_MARK, TRASH_PREFIX, kind_of, unlink_confined
+from ckptd.layouts import hf_trainer, nshtrainer, pretrained
 from ckptd.model import Identity
 from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of
 
@@ -148,16 +150,33 @@ def classify(path: Path, root: Roots, patterns: Sequence[str]) -> Candidate | No
         return None
     if path.is_symlink():
         target = path.resolve()
-        if not matches(name, patterns) and not (target.is_dir() and formats.detect_directory(target)):
+        if not matches(name, patterns) and not (target.is_dir() and layouts.detect(target)):
             return None
         if not target.exists() or not _inside_any(target, root):
             return None  # never follow a link out of the watched folders
-        return Candidate(path, "link", path.parent, target)
+        return Candidate(path, "link", layouts.run_of(path, None), target)
     if path.is_dir():
-        return Candidate(path, "directory", path.parent) if formats.detect_directory(path) else None
-    if path.is_file() and matches(name, patterns):
-        return Candidate(path, "file", path.parent)
+        layout = layouts.detect(path)
+        return Candidate(path, "directory", layout.run_of(path)) if layout is not None else None
+    if path.is_file() and matches(name, patterns) and not part_of_a_save(name) and not _final_model(path):
+        return Candidate(path, "file", layouts.run_of(path, None))
     return None
+
+
+def part_of_a_save(name: str) -> bool:
+    """True for files that are never a checkpoint of their own, wherever they lie: a shard of sharded weights
+    (`model-00001-of-00003.safetensors`) and the Trainer's arguments (`training_args.bin`)."""
+    return pretrained.SHARD.search(name) is not None or name == "training_args.bin"
+
+
+def _final_model(path: Path) -> bool:
+    """True for the weights a Trainer's `save_model(output_dir)` leaves beside its `checkpoint-<step>/` folders:
+    the product of the run, not one of its rotating checkpoints, so retention must never take it for the oldest
+    one (it has no step). Like the shards of a sharded final model, it is left alone."""
+    if path.name not in hf_trainer.WEIGHTS:
+        return False
+    beside = layouts.entries(path.parent)
+    return any(hf_trainer.NAME.match(name) and (path.parent / name).is_dir() for name in beside)
 
 
 def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Iterator[Candidate]:
@@ -174,7 +193,7 @@ def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None)
         if link is not None:
             yield link
         return
-    top = classify(root, root.parent, patterns) if root.is_file() or formats.detect_directory(root) else None
+    top = classify(root, root.parent, patterns) if root.is_file() or layouts.detect(root) else None
     if top is not None:
         yield top
         return
@@ -226,17 +245,10 @@ def stale_temps(root: Path, *, older_than: float, now: float) -> list[Path]:
 
 
 def directory_complete(folder: Path) -> bool:
-    """True when a directory checkpoint's writer has finished: DCP's `.metadata` is in place (DCP writes
-    `.metadata.tmp` and renames it), every shard a safetensors index names exists, or Orbax committed."""
-    kind = formats.detect_directory(folder)
-    if kind == "safetensors_sharded":
-        index = formats.hf_index_in(folder)
-        try:
-            shards = set(parse_index(index).values()) if index else set()
-        except SafetensorsError:
-            return False
-        return all((folder / str(shard)).is_file() for shard in shards)
-    return kind is not None
+    """True when a folder checkpoint's trainer has finished writing it (see each layout's `complete`)."""
+    names = layouts.entries(folder)
+    layout = layouts.detect(folder, names)
+    return layout is not None and layout.complete(folder, names)
 
 
 def candidate_for(path: Path, root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Candidate | None:
@@ -248,9 +260,11 @@ def candidate_for(path: Path, root: Path, patterns: Sequence[str], boundary: Roo
     below = [p for p in path.parents if p != root and p.is_relative_to(root)]
     if any(p.is_symlink() or is_ckptd_file(p.name) for p in below):
         return None
-    for parent in path.parents:
-        if parent == root or not parent.is_relative_to(root):
-            break
-        if formats.detect_directory(parent):
-            return Candidate(parent, "directory", parent.parent)
+    for parent in reversed(below):  # the outermost folder checkpoint: a DeepSpeed tag inside a Trainer's one
+        layout = layouts.detect(parent)
+        if layout is not None:
+            return Candidate(parent, "directory", layout.run_of(parent))
+    described = nshtrainer.checkpoint_of(path)  # its record lands after it: verify it again with its metrics
+    if described is not None and not path.is_symlink() and described.is_file() and not described.is_symlink():
+        path = described
     return classify(path, boundary or root, patterns) if path.exists() or path.is_symlink() else None

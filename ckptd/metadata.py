@@ -33,6 +33,9 @@ class Extracted:
     producer: str | None = None
     keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was cut to stay small, for the record's warnings
+    # Checkpoints beside this one that the trainer's records say it still needs (the Trainer's
+    # best_model_checkpoint, ModelCheckpoint's best_model_path): bare names, never paths.
+    needs: list[str] = field(default_factory=list)
 
 
 def scalar(value: Any) -> float | None:
@@ -73,6 +76,27 @@ def name_values(filename: str) -> dict[str, float]:
     return {m["name"]: float(m["value"]) for m in _NAME_VALUE.finditer(stem)}
 
 
+def sibling_name(value: Any) -> str | None:
+    """The bare name of a path a trainer recorded (`out/checkpoint-40` -> `checkpoint-40`), or None when it is no
+    usable name. Only the last part is kept: a record never points ckptd anywhere but beside the checkpoint."""
+    if not isinstance(value, str) or not value or len(value) > 4096 or "\0" in value:
+        return None
+    name = value.rstrip("/").rsplit("/", 1)[-1]
+    return name if name not in ("", ".", "..") and len(name.encode("utf-8", "surrogateescape")) <= 255 else None
+
+
+def _lightning_best(callbacks: Any) -> list[str]:
+    """The names of ModelCheckpoint's best_model_path: `trainer.test(ckpt_path="best")` loads it."""
+    found: list[str] = []
+    if isinstance(callbacks, Mapping):
+        for key, state in itertools.islice(callbacks.items(), 64):
+            if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
+                name = sibling_name(state.get("best_model_path"))
+                if name is not None and name not in found:
+                    found.append(name)
+    return found
+
+
 def _lightning_scores(callbacks: Any) -> dict[str, float]:
     """Return {monitor: current_score} from Lightning's ModelCheckpoint callback states."""
     scores: dict[str, float] = {}
@@ -101,12 +125,14 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
     step = _integer(from_name.get("step", from_name.get("global_step")))
     keys: list[str] = []
     found = 0  # how many metrics the checkpoint declares, when more than were read
+    needs: list[str] = []
     if isinstance(obj, Mapping):
         keys = [str(k) for k in list(obj.keys())[:_MAX_KEYS]]
         best = scalar(obj.get("best_metric"))
         if best is not None:
             metrics["best_metric"] = best
         metrics.update(_lightning_scores(obj.get("callbacks")))
+        needs = [name for name in _lightning_best(obj.get("callbacks")) if name != filename]
         declared = obj.get("metrics")
         if isinstance(declared, Mapping):
             # Read no more than can be kept: a hostile mapping may hold millions.
@@ -122,8 +148,9 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
             producer = "lightning" if lightning else "torch"
     metrics, notes = capped_metrics(metrics, found)
     return Extracted(
-        epoch=epoch, global_step=step, metrics=metrics, producer=producer or "torch", keys=keys, notes=notes
-    )
+        epoch=epoch, global_step=step, metrics=metrics, producer=producer or "torch", keys=keys, notes=notes,
+        needs=needs,
+    )  # fmt: skip
 
 
 def capped_metrics(metrics: Mapping[str, float], found: int = 0) -> tuple[dict[str, float], list[str]]:

@@ -40,6 +40,7 @@ from ckptd.model import Entry
 from ckptd.untrusted import UntrustedInput, component, load_json, relative
 
 INDEX = "index.json"
+_BESIDE = sidecar.Store()
 INDEX_SCHEMA = 1
 MAX_BACKOFF = 3600.0
 
@@ -187,15 +188,20 @@ def _files_of(checkpoint: Path) -> list[tuple[str, Path]]:
     return [(f"{checkpoint.name}/{rel}", checkpoint / rel) for rel in directory_files(checkpoint)]
 
 
-def _read_confined(root: Path, path: Path) -> bytes:
-    fd = open_confined(root, path)
+def _sidecar_bytes(store: sidecar.Store, root: Path, checkpoint: Path) -> bytes:
+    """The bytes of a checkpoint's sidecar: from the state folder, or from beside it through no link."""
+    where = store.path_of(checkpoint)
+    if where is None:
+        raise FileNotFoundError(f"{checkpoint} has no sidecar")
+    fd = open_confined(root, where) if where.is_relative_to(root) else os.open(where, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, sidecar.MAX_SIDECAR_BYTES + 1)
     finally:
         os.close(fd)
 
 
-def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: sidecar.Sidecar, root: Path) -> None:
+def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: sidecar.Sidecar, root: Path,
+                    store: sidecar.Store = _BESIDE) -> None:  # fmt: skip
     """Copy one checkpoint, then its sidecar, proving each file against the sidecar's hashes.
 
     Every local file is opened from the watched folder `root` down without following a link (a run folder
@@ -207,7 +213,7 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
     # removed meanwhile (the checkpoint deleted by save_top_k) raised FileNotFoundError out of mirror_pass and
     # left the uploaded checkpoint on the target without sidecar or index entry.
     try:
-        sidecar_data = _read_confined(root, sidecar.sidecar_path(checkpoint))
+        sidecar_data = _sidecar_bytes(store, root, checkpoint)
         files = _files_of(checkpoint)
     except (OSError, ValueError) as exc:
         raise MirrorError(f"{checkpoint}: {exc}") from exc
@@ -248,6 +254,7 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
     """
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
+    store = sidecar.store_of(config)
     for item in catalog.mirror_due(now() if due_only else None):
         if stop():
             break
@@ -256,7 +263,7 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
         path = Path(item["path"])
         if watch is None or target is None:
             continue
-        found = sidecar.read(path)
+        found = store.read(path)
         if found is None or found.verification.sha256 != item["sha256"] or not path.exists():
             catalog.mirror_finish(item, state="dropped", now=now(), error="changed or gone before it was copied")
             report.dropped.append(str(path))
@@ -268,7 +275,7 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
         started = time.monotonic()
         try:
             if not (item["copied"] and target.stat(f"{prefix}/{sidecar.sidecar_name(path.name)}")):
-                copy_checkpoint(target, prefix, path, found, watch.path)
+                copy_checkpoint(target, prefix, path, found, watch.path, store)
             ours = catalog.mirrored_names(target=target.name, run=item["run"])
             doomed = _update_index(target, prefix, item, found, config, now(), ours)
         except MirrorError as exc:
@@ -432,14 +439,15 @@ def repair_copy(config: Config, catalog: Catalog, target: Target, prefix: str, n
     run, watch = local_run(config, prefix), config.watch_named(prefix.partition("/")[0])
     row = next((r for r in catalog.in_run(run) if Path(r.path).name == name and r.sha256 == sha
                 and r.status == "ok"), None) if run else None  # fmt: skip
-    found = sidecar.read(Path(row.path)) if row is not None else None
+    store = sidecar.store_of(config)
+    found = store.read(Path(row.path)) if row is not None else None
     if row is None or watch is None or found is None or found.verification.sha256 != sha:
         return None  # renamed since (ckptd migrate), rotted or gone: no good local source
     # Fix: a repair that fails (the local file deleted by hand under its sidecar, the target going down) is
     # reported as not repaired; it raised out of verify_target and ended `ckptd mirror --verify` with a
     # traceback before the other copies were checked.
     try:
-        copy_checkpoint(target, prefix, Path(row.path), found, watch.path)
+        copy_checkpoint(target, prefix, Path(row.path), found, watch.path, store)
         index = read_index(target, prefix)
         if index is not None and index["copies"].get(name, {}).get("sha256") != sha:
             index["copies"].setdefault(name, {})["sha256"] = sha

@@ -74,6 +74,9 @@ class Verification:
     tensors: TensorStats = field(default_factory=TensorStats)
     files: dict[str, str] | None = None
     seconds: float = 0.0
+    layout: str | None = None  # the trainer layout of a folder checkpoint (ckptd.layouts), None for a file
+    # Names of checkpoints beside this one that its trainer's records say it still needs (its best): kept.
+    needs: list[str] = field(default_factory=list)
 
     @property
     def is_directory(self) -> bool:
@@ -128,6 +131,7 @@ class Entry:
     mtime_ns: int = 0
     inode: int = 0
     device: int = 0
+    needs: tuple[str, ...] = ()  # names beside it the trainer still needs (see Verification.needs)
 
     @property
     def identity(self) -> Identity:
@@ -141,5 +145,5 @@ class Entry:
         return cls(
             path=v.path, run=run, status=v.status, size=v.size_bytes, mtime=v.mtime, sha256=v.sha256,
             epoch=v.epoch, step=v.global_step, metrics=dict(v.metrics), pinned=pinned, format=v.format,
-            verified=verified, mtime_ns=v.mtime_ns, inode=v.inode, device=v.device,
+            verified=verified, mtime_ns=v.mtime_ns, inode=v.inode, device=v.device, needs=tuple(v.needs),
         )  # fmt: skip

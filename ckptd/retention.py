@@ -3,7 +3,8 @@
 The rules are a union of what to keep; a checkpoint is deleted only when no rule keeps it, or when the
 watch is over `max_size` and it is among the oldest that no invariant protects. Invariants hold whatever
 the policy says: a run's latest ok checkpoint, its best, a pinned one, one not yet verified, one a mirror
-still has to copy, the only ok checkpoint of a run, and the target of a link are never deleted. Corrupt
+still has to copy, the only ok checkpoint of a run, the best that the trainer's records in the latest name
+(its `best_model_checkpoint`, `best_model_path`), and the target of a link are never deleted. Corrupt
 checkpoints are never deleted silently: they follow `on_corrupt` with their problem as the reason.
 Applying a plan is `ckptd.prune`'s job; nothing here touches the disk, the clock or the log.
 """
@@ -26,6 +27,7 @@ PINNED = "pinned"
 UNVERIFIED = "not verified yet"
 AWAITING_MIRROR = "awaiting mirror"
 ONLY_OK = "only ok checkpoint of the run"
+TRAINER_NEEDS = "the trainer's best"
 NO_RULE = ("no keep rule applies",)
 _INVARIANT_PREFIXES = (
     LATEST,
@@ -34,6 +36,7 @@ _INVARIANT_PREFIXES = (
     UNVERIFIED,
     AWAITING_MIRROR,
     ONLY_OK,
+    TRAINER_NEEDS,
     "target of link",
     "status ",
     "corrupt",
@@ -126,7 +129,16 @@ def _plan_run(
     newest_first = sorted(ok, key=selection.recency, reverse=True)
     reasons: dict[str, list[str]] = {}
     if newest_first:
-        reasons.setdefault(newest_first[0].path, []).append(LATEST)
+        newest = newest_first[0]
+        reasons.setdefault(newest.path, []).append(LATEST)
+        if newest.needs:  # the trainer's own records name its best (load_best_model_at_end, ckpt_path="best")
+            folder = newest.path.rpartition("/")[0]
+            for entry in entries:
+                name = entry.path.rpartition("/")[2]
+                if name in newest.needs and entry.path.rpartition("/")[0] == folder:
+                    reasons.setdefault(entry.path, []).append(
+                        f"{TRAINER_NEEDS} (named by {newest.path.rpartition('/')[2]})"
+                    )
     if len(ok) == 1:
         reasons.setdefault(ok[0].path, []).append(ONLY_OK)
     if policy.metric:

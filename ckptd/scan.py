@@ -21,6 +21,8 @@ from ckptd.catalog import Catalog
 from ckptd.discover import Candidate
 from ckptd.model import CheckpointChanged, Verification
 
+_BESIDE = sidecar.Store()  # no state folder: every sidecar beside its checkpoint
+
 Verifier = Callable[[Path], Verification]
 """Verifies one checkpoint; may raise CheckpointChanged."""
 
@@ -59,18 +61,20 @@ class Survey:
     """How the disk differs from the catalog under one folder; nothing hashed yet."""
 
     to_verify: list[Candidate] = field(default_factory=list)
+    incomplete: list[Candidate] = field(default_factory=list)  # folder checkpoints the trainer has not finished
     unchanged: int = 0
     links: int = 0
     gone: list[str] = field(default_factory=list)
+    gone_runs: set[str] = field(default_factory=set)  # the runs of the checkpoints in `gone`
     removed_sidecars: list[str] = field(default_factory=list)
     removed_temps: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # could not be looked at (permissions, I/O errors)
 
 
-def needs_verify(candidate: Candidate, catalog: Catalog) -> bool:
+def needs_verify(candidate: Candidate, catalog: Catalog, store: sidecar.Store = _BESIDE) -> bool:
     """True unless the catalog has this exact checkpoint (size, mtime, inode) verified and its sidecar exists."""
     found = discover.identity(candidate.path)
-    if sidecar.read(candidate.path) is None:  # missing or damaged: write it again
+    if store.read(candidate.path) is None:  # missing or damaged: write it again
         return True
     return not catalog.unchanged(str(candidate.path), found.size, found.mtime_ns, found.inode)
 
@@ -93,11 +97,13 @@ def survey(
     catalog: Catalog,
     now: Callable[[], float] = time.time,
     boundaries: Sequence[Path] = (),
+    store: sidecar.Store = _BESIDE,
 ) -> Survey:
     """Compare `root` with the catalog: list what needs verifying, record links, mark vanished checkpoints
     gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing.
 
     `boundaries` are every watched folder: a link into any of them is recorded (it protects its target).
+    `store` says where sidecars are (beside checkpoints, or some in the state folder).
     """
     result = Survey()
     seen: set[str] = set()
@@ -107,7 +113,9 @@ def survey(
             if candidate.kind == "link":
                 record_link(candidate, watch=watch, catalog=catalog, now=now())
                 result.links += 1
-            elif needs_verify(candidate, catalog):
+            elif candidate.kind == "directory" and not discover.directory_complete(candidate.path):
+                result.incomplete.append(candidate)  # never verified half-written: it would pass for `latest`
+            elif needs_verify(candidate, catalog, store):
                 result.to_verify.append(candidate)
             else:
                 result.unchanged += 1
@@ -119,12 +127,17 @@ def survey(
         if row.path not in seen and not Path(row.path).exists() and not Path(row.path).is_symlink():
             catalog.mark_gone(row.path, now())
             result.gone.append(row.path)
+            result.gone_runs.add(row.run)
     for orphan in discover.orphan_sidecars(root):
         try:
             if fsutil.unlink_confined(root, orphan):
                 result.removed_sidecars.append(str(orphan))
         except (OSError, ValueError):  # its folder became a link meanwhile: never followed
             continue
+    watched = next((r for name, r in store.watches if name == watch), None)
+    for orphan in store.orphans(watch, watched) if watched is not None and watched == root else ():
+        orphan.unlink(missing_ok=True)
+        result.removed_sidecars.append(str(orphan))
     result.removed_temps = [str(p) for p in discover.stale_temps(root, older_than=60.0, now=now())]
     return result
 
@@ -138,11 +151,15 @@ def record(
     engine: dict[str, str],
     now: float,
     root: Path,
+    store: sidecar.Store = _BESIDE,
+    placement: sidecar.Placement = "auto",
 ) -> None:
-    """Write the sidecar of a fresh verification (below `root`, through no link), then its catalog row (a pin
-    is kept)."""
+    """Write the sidecar of a fresh verification (beside it below `root`, through no link, or in the state
+    folder, as `placement` and its layout say), then its catalog row (a pin is kept)."""
     row = catalog.get(str(candidate.path))
-    sidecar.write(candidate.path, sidecar_bytes(verification, engine, now, row.pinned if row else False), root)
+    data = sidecar_bytes(verification, engine, now, row.pinned if row else False)
+    state = sidecar.placed_in_state(placement, candidate.path, verification.layout)
+    store.write(candidate.path, data, root=root, state=state)
     catalog.record_verified(
         watch=watch, run=str(candidate.run), verification=verification,
         mtime_ns=verification.mtime_ns, now=now,
@@ -159,12 +176,15 @@ def reconcile(
     engine: Callable[[], dict[str, str]],
     now: Callable[[], float] = time.time,
     boundaries: Sequence[Path] = (),
+    store: sidecar.Store = _BESIDE,
+    placement: sidecar.Placement = "auto",
 ) -> ScanReport:
     """Survey `root`, then verify and record every new or changed checkpoint in this process."""
-    found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries)
+    found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries, store=store)
     report = ScanReport(
         unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars,
         failed=list(found.failed),
+        busy=[str(c.path) for c in found.incomplete],  # a save the trainer has not finished: left for later
     )  # fmt: skip
     for candidate in found.to_verify:
         try:
@@ -177,6 +197,7 @@ def reconcile(
         except OSError as exc:
             report.failed.append(f"{candidate.path}: {exc}")
             continue
-        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root)
+        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root,
+               store=store, placement=placement)  # fmt: skip
         report.verified.append(verification)
     return report

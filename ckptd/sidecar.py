@@ -17,10 +17,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ckptd.fsutil import atomic_write_bytes, opened, unlink_confined
 from ckptd.model import Verification
@@ -166,13 +167,9 @@ def set_pinned(checkpoint: Path, pinned: bool) -> None:
 
 
 def read(checkpoint: Path) -> Sidecar | None:
-    """Return the sidecar of `checkpoint`, or None when it has none or it is unreadable."""
-    try:
-        found = parse(_read_bounded(sidecar_path(checkpoint)))
-    except (OSError, SidecarError):
-        return None
-    # The folder may have moved since: the sidecar's location, not its stored path, names the checkpoint.
-    return dataclasses.replace(found, verification=dataclasses.replace(found.verification, path=str(checkpoint)))
+    """Return the sidecar beside `checkpoint`, or None when it has none or it is unreadable (see Store.read for
+    sidecars that may be in the state folder)."""
+    return Store().read(checkpoint)
 
 
 def remove(checkpoint: Path, root: Path) -> bool:
@@ -216,3 +213,153 @@ def is_current(found: Sidecar, checkpoint: Path, stat: os.stat_result | None = N
 
     now = identity(checkpoint)
     return now.size == found.verification.size_bytes and now.mtime == found.verification.mtime
+
+
+# ------------------------------------------------------------------------------------------ where they live
+
+Placement = Literal["auto", "beside", "state"]
+STATE_FOLDER = "sidecars"
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where the sidecars of the watched folders live: beside each checkpoint (`<checkpoint>.ckptd.json`), or,
+    for a checkpoint whose trainer would trip over a file beside it (see ckptd.layouts) or whose watch says
+    `sidecars = "state"`, at `<state_dir>/sidecars/<watch>/<path relative to the watched folder>.ckptd.json`.
+
+    Readers look in both places, so `ckptd latest`, `list` and `show` find a sidecar wherever it is, given the
+    config; without one (`Store()`) only sidecars beside checkpoints are found.
+    """
+
+    state_dir: Path | None = None
+    watches: tuple[tuple[str, Path], ...] = ()
+
+    def in_state(self, checkpoint: Path) -> Path | None:
+        """Where the sidecar of `checkpoint` goes in the state folder, or None when it is in no watched folder."""
+        if self.state_dir is None:
+            return None
+        for name, root in self.watches:
+            if checkpoint != root and checkpoint.is_relative_to(root):
+                rel = checkpoint.relative_to(root)
+                return self.state_dir / STATE_FOLDER / name / rel.parent / sidecar_name(rel.name)
+        return None
+
+    def _places(self, checkpoint: Path) -> list[Path]:
+        state = self.in_state(checkpoint)
+        return [sidecar_path(checkpoint), *([state] if state is not None else [])]
+
+    def read(self, checkpoint: Path) -> Sidecar | None:
+        """The sidecar of `checkpoint` from wherever it is, or None (see the module's `read`)."""
+        for place in self._places(checkpoint):
+            try:
+                found = parse(_read_bounded(place))
+            except (OSError, SidecarError):
+                continue
+            # The folder may have moved since: the sidecar's location, not its stored path, names the checkpoint.
+            moved = dataclasses.replace(found.verification, path=str(checkpoint))
+            return dataclasses.replace(found, verification=moved)
+        return None
+
+    def path_of(self, checkpoint: Path) -> Path | None:
+        """The file holding the sidecar of `checkpoint` now, or None."""
+        return next((p for p in self._places(checkpoint) if p.is_file() and not p.is_symlink()), None)
+
+    def write(self, checkpoint: Path, data: bytes, *, root: Path, state: bool) -> Path:
+        """Write a sidecar atomically, in the state folder when `state` (and the checkpoint is watched), else
+        beside it (through no link below `root`); the copy in the other place, if any, is removed."""
+        target = self.in_state(checkpoint) if state else None
+        if target is None:
+            written = sidecar_path(checkpoint)
+            atomic_write_bytes(written, data, root=root)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, data)
+            written = target
+        for other in self._places(checkpoint):
+            if other != written:
+                self._unlink(other, root)
+        return written
+
+    def remove(self, checkpoint: Path, root: Path) -> bool:
+        """Delete the sidecar of `checkpoint` wherever it is; True if there was one."""
+        return any([self._unlink(place, root) for place in self._places(checkpoint)])
+
+    def _unlink(self, place: Path, root: Path) -> bool:
+        if self.state_dir is not None and place.is_relative_to(self.state_dir):
+            try:
+                place.unlink()
+            except FileNotFoundError:
+                return False
+            return True
+        return unlink_confined(root, place)
+
+    def set_pinned(self, checkpoint: Path, pinned: bool) -> None:
+        """Rewrite a sidecar (atomically, where it is) with its `pinned` flag set; nothing else changes."""
+        target = self.path_of(checkpoint)
+        if target is None:
+            raise FileNotFoundError(f"{checkpoint} has no sidecar")
+        body = _parse_body(_read_bounded(target))
+        body["pinned"] = pinned
+        atomic_write_bytes(target, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
+
+    def find(self, folder: Path) -> list[tuple[Sidecar, bool]]:
+        """Every sidecar of a checkpoint under `folder`, beside it or in the state folder, each with whether it
+        is still current (see the module's `find`); one per checkpoint."""
+        found = {str(s.checkpoint): (s, c) for s, c in find(folder)}
+        for checkpoint in self._state_checkpoints(folder):
+            if str(checkpoint) in found:
+                continue
+            parsed = self.read(checkpoint)
+            try:
+                if parsed is not None:
+                    found[str(checkpoint)] = (parsed, is_current(parsed, checkpoint))
+            except OSError:
+                continue
+        return [found[key] for key in sorted(found)]
+
+    def _state_checkpoints(self, folder: Path) -> Iterator[Path]:
+        """The checkpoints under `folder` (that still exist) whose sidecars are in the state folder."""
+        if self.state_dir is None:
+            return
+        for name, root in self.watches:
+            if not (folder.is_relative_to(root) or root.is_relative_to(folder)):
+                continue
+            base = self.state_dir / STATE_FOLDER / name
+            start = base / folder.relative_to(root) if folder.is_relative_to(root) else base
+            for sidecar in sorted(start.rglob(f"*{SIDECAR_SUFFIX}")) if start.is_dir() else []:
+                checkpoint = _state_checkpoint(sidecar, base, root)
+                if checkpoint is not None and checkpoint.is_relative_to(folder) and checkpoint.exists():
+                    yield checkpoint
+
+    def orphans(self, watch: str, root: Path) -> Iterator[Path]:
+        """Sidecars of one watch in the state folder whose checkpoint is gone."""
+        if self.state_dir is None:
+            return
+        base = self.state_dir / STATE_FOLDER / watch
+        for sidecar in sorted(base.rglob(f"*{SIDECAR_SUFFIX}")) if base.is_dir() else []:
+            checkpoint = _state_checkpoint(sidecar, base, root)
+            if checkpoint is None or not (checkpoint.exists() or checkpoint.is_symlink()):
+                yield sidecar
+
+
+def _state_checkpoint(sidecar: Path, base: Path, root: Path) -> Path | None:
+    """The checkpoint a sidecar in the state folder belongs to (mirroring its place below the watched folder)."""
+    inside = checkpoint_of(sidecar)
+    return root / inside.relative_to(base) if inside is not None else None
+
+
+def placed_in_state(placement: Placement, checkpoint: Path, layout: str | None) -> bool:
+    """Whether a checkpoint's sidecar goes to the state folder: by the watch's `sidecars` setting, or for "auto"
+    by its layout (only where a sidecar beside it would trip its trainer)."""
+    if placement != "auto":
+        return placement == "state"
+    if layout is None:
+        return False
+    from ckptd import layouts
+
+    return any(each.name == layout and each.sidecar_in_state(checkpoint) for each in layouts.layouts())
+
+
+def store_of(config: Any) -> Store:
+    """The sidecar store of a config (its state folder and watched folders)."""
+    return Store(config.daemon.state_dir, tuple((w.name, w.path) for w in config.watch))

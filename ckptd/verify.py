@@ -23,6 +23,7 @@ is `unsupported` and never opened.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import importlib
@@ -36,12 +37,12 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from ckptd import formats
+from ckptd import formats, layouts
 from ckptd.discover import directory_digest, directory_files, identity, special_files
 from ckptd.formats import safetensors as st_format
 from ckptd.formats import torch_zip
@@ -51,11 +52,13 @@ from ckptd.formats.pickles import (
     PickleStructureError,
     RestrictedUnpickler,
     globals_in,
+    plain_values,
 )
 from ckptd.fsutil import NotRegularFile, kind_of, open_confined, open_regular
+from ckptd.layouts import dcp, nshtrainer
 from ckptd.metadata import Extracted, extract
 from ckptd.model import CheckpointChanged, Format, Identity, Status, TensorStats, Verification
-from ckptd.untrusted import UntrustedInput, relative
+from ckptd.untrusted import UntrustedInput, load_json, relative
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +71,7 @@ _SCAN_ELEMENTS = 16 << 20  # elements per NaN/Inf reduction: bounded, and no tem
 MAX_VISITS = 10_000_000  # nodes of a loaded object walked for its tensors (a real checkpoint: ~10 per tensor)
 MAX_PICKLE_BYTES = 64 << 20  # a data.pkl holds structure, not tensor bytes; real ones are KBs to a few MB
 MAX_LISTED = 100  # problems, warnings and unsafe globals kept in a record; the rest summed up in one line
+MAX_JSON_MEMBER = 64 << 20  # a trainer_state.json, an index, a config: structure, not tensors
 TIMEOUT_BASE = 60.0
 TIMEOUT_RATE = 100e6  # bytes per second added to the base: a slow disk still finishes well inside
 
@@ -116,6 +120,8 @@ class _Findings:
     tensors: TensorStats = field(default_factory=TensorStats)
     sha256: str | None = None
     files: dict[str, str] | None = None
+    layout: str | None = None
+    loaded: Any = None  # the object a weights-only load gave, while it is still needed
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -197,6 +203,8 @@ def verify(
         keys=meta.keys,
         tensors=findings.tensors,
         files=findings.files,
+        layout=findings.layout,
+        needs=meta.needs[:16],
         seconds=round(time.monotonic() - started, 6),
     )
 
@@ -272,41 +280,98 @@ def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None, 
         return _Findings(problems=[f"{path.name}: empty file (0 bytes)"], sha256=hashlib.sha256().hexdigest())
     with _mapped(path, scope) as (mapped, source), ThreadPoolExecutor(2, thread_name_prefix="ckptd-verify") as pool:
         sha = pool.submit(_sha256, mapped, progress, scope)
-        kind = formats.detect_file(bytes(mapped[:64]), size)
-        if kind == "torch_zip":
-            findings = _check_torch_zip(path, mapped, source, pool, trusted, scope)
-        elif kind == "torch_legacy":
-            findings = _check_torch_legacy(path, source, trusted, scope)
-        elif kind == "safetensors":
-            findings = _check_safetensors(path, mapped, source, scope)
-        elif formats.is_checkpoint_name(path.name):
-            findings = _Findings(
-                problems=[f"{path.name}: not a torch, safetensors or DCP checkpoint (starts {mapped[:8].hex()})"]
-            )
-        else:
-            findings = _Findings(unsupported=f"{path.name}: not a checkpoint format ckptd knows")
+        findings = _check_file(path.name, mapped, source, trusted, scope, pool=pool)
+        if findings.loaded is not None:
+            findings.extracted = extract(findings.loaded, path.name)
+            findings.tensors = _stats_of(findings, path.name, scope)
+        if nshtrainer.run_of_file(path) is not None:
+            findings.extracted = _with_nshtrainer_record(findings.extracted, path, scope)
         findings.sha256 = sha.result()
     return findings
 
 
-def _check_torch_zip(
-    path: Path, mapped: mmap.mmap, source: str, pool: ThreadPoolExecutor, trusted: Sequence[str], scope: _Scope
-) -> _Findings:
+def _with_nshtrainer_record(found: Extracted, path: Path, scope: _Scope) -> Extracted:
+    """Add what nshtrainer's `.metadata.json` beside the checkpoint records (its metrics: the file names and
+    the checkpoint itself hold none); what the checkpoint says wins."""
+    try:
+        fd = scope.open(nshtrainer.metadata_of(path))
+    except (OSError, ValueError):
+        return found  # not written yet, or not a regular file: the checkpoint's own values stand
+    try:
+        data = os.read(fd, MAX_JSON_MEMBER + 1)
+    finally:
+        os.close(fd)
+    try:
+        record = nshtrainer.extracted(load_json(data, what=path.name, max_bytes=MAX_JSON_MEMBER))
+    except UntrustedInput:
+        return found
+    return dataclasses.replace(
+        found,
+        epoch=found.epoch if found.epoch is not None else record.epoch,
+        global_step=found.global_step if found.global_step is not None else record.global_step,
+        metrics={**record.metrics, **found.metrics},
+        notes=[*found.notes, *record.notes],
+    )
+
+
+def _check_file(name: str, mapped: mmap.mmap, source: str, trusted: Sequence[str], scope: _Scope, *,
+                extra: frozenset[str] = frozenset(), load: bool = True,
+                pool: ThreadPoolExecutor | None = None) -> _Findings:  # fmt: skip
+    """Check one file by its content: a torch zip, a legacy torch file or safetensors; `name` is how problems
+    name it. `extra` globals are normal in this file (a trainer's own, see ckptd.layouts) without being loaded;
+    `load` asks for the object (in `.loaded`) when the pickle allows a weights-only load."""
+    kind = formats.detect_file(bytes(mapped[:64]), len(mapped))
+    if kind == "torch_zip":
+        return _check_torch_zip(name, mapped, source, trusted, scope, extra=extra, load=load, pool=pool)
+    if kind == "torch_legacy":
+        return _check_torch_legacy(name, source, trusted, scope, extra=extra, load=load)
+    if kind == "safetensors":
+        return _check_safetensors(name, mapped, source, scope)
+    head = bytes(mapped[:8])
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return _check_plain_pickle(name, source, trusted, scope, extra=extra)
+    if not any(head) and not any(mapped[: 1 << 20]):
+        return _Findings(problems=[f"{name}: only zero bytes where a checkpoint should be (a write that never landed)"])
+    text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    what = "text" if text else f"bytes {head.hex()}"
+    return _Findings(unsupported=f"{name}: not a checkpoint format ckptd knows (it starts with {what})")
+
+
+def _check_torch_zip(name: str, mapped: mmap.mmap, source: str, trusted: Sequence[str], scope: _Scope, *,
+                     extra: frozenset[str], load: bool, pool: ThreadPoolExecutor | None) -> _Findings:  # fmt: skip
     findings = _Findings(format="torch_zip")
     try:
         records = torch_zip.read_records(mapped)
     except torch_zip.ZipStructureError as exc:
-        findings.problems.append(f"{path.name}: {exc}")
+        findings.problems.append(f"{name}: {exc}")
         return findings
-    crcs = pool.submit(torch_zip.crc_problems, mapped, records, scope.check)
+    recorded = torch_zip.crcs_recorded(records)
+    crcs: Future[list[str]] | None = None
+    if recorded and pool is not None:
+        crcs = pool.submit(torch_zip.crc_problems, mapped, records, scope.check)
     refused = torch_zip.inflation_refusals(records)
+    pickled = torch_zip.find_record(records, "data.pkl")
     if refused:
-        findings.unsupported = f"{path.name}: {next(iter(refused.values()))}"
+        findings.unsupported = f"{name}: {next(iter(refused.values()))}"
     elif torch_zip.is_torchscript(records):
-        findings.unsupported = f"{path.name}: a TorchScript archive; loading it would run its code"
+        findings.unsupported = f"{name}: a TorchScript archive; loading it would run its code"
+    elif pickled is None:
+        findings.format = None
+        findings.unsupported = f"{name}: a zip archive without data.pkl, not a torch checkpoint (an .npz?)"
     else:
-        _load_torch_zip(path, mapped, source, records, trusted, findings, scope)
-    findings.problems[:0] = [f"{path.name}: {p}" for p in crcs.result()]
+        names = _scan_pickle(mapped, pickled, name, findings, scope)
+        beyond = _disallowed(names, trusted) if names is not None else []
+        findings.unsafe_globals = [g for g in beyond if g not in extra]
+        if names is not None and not beyond and load:
+            findings.loaded = _torch_load(source, name, trusted, findings, mmap_mode=True)
+    if recorded:
+        problems = crcs.result() if crcs is not None else torch_zip.crc_problems(mapped, records, scope.check)
+        findings.problems[:0] = [f"{name}: {p}" for p in problems]
+    else:
+        findings.warnings.append(
+            f"{name}: its CRC-32s were not recorded (torch.serialization.set_crc32_options(False)); only its"
+            " SHA-256 protects it"
+        )
     return findings
 
 
@@ -327,32 +392,8 @@ def _scan_pickle(mapped: Buffer, record: torch_zip.ZipRecord, where: str, findin
         return None
 
 
-def _load_torch_zip(
-    path: Path,
-    mapped: mmap.mmap,
-    source: str,
-    records: list[torch_zip.ZipRecord],
-    trusted: Sequence[str],
-    findings: _Findings,
-    scope: _Scope,
-) -> None:
-    pickled = torch_zip.find_record(records, "data.pkl")
-    if pickled is None:
-        findings.problems.append(f"{path.name}: zip archive without a data.pkl record, not a torch checkpoint")
-        return
-    names = _scan_pickle(mapped, pickled, path.name, findings, scope)
-    if names is None:
-        return
-    findings.unsafe_globals = _disallowed(names, trusted)
-    if findings.unsafe_globals:
-        return
-    obj = _torch_load(source, path.name, trusted, findings, mmap_mode=True)
-    if obj is not None:
-        findings.extracted = extract(obj, path.name)
-        findings.tensors = _tensor_stats(obj, scope)
-
-
-def _check_torch_legacy(path: Path, source: str, trusted: Sequence[str], scope: _Scope) -> _Findings:
+def _check_torch_legacy(name: str, source: str, trusted: Sequence[str], scope: _Scope, *,
+                        extra: frozenset[str] = frozenset(), load: bool = True) -> _Findings:  # fmt: skip
     findings = _Findings(format="torch_legacy")
     names: list[str] = []
     try:
@@ -362,21 +403,39 @@ def _check_torch_legacy(path: Path, source: str, trusted: Sequence[str], scope: 
                 scope.check()
                 names += globals_in(handle)
     except PickleStructureError as exc:
-        findings.problems.append(f"{path.name}: legacy torch file with a broken pickle ({exc})")
+        findings.problems.append(f"{name}: legacy torch file with a broken pickle ({exc})")
         return findings
     except _PastLimit:
         findings.unsupported = (
-            f"{path.name}: its pickles pass {MAX_PICKLE_BYTES} bytes (they hold structure, not tensors); not loaded"
+            f"{name}: its pickles pass {MAX_PICKLE_BYTES} bytes (they hold structure, not tensors); not loaded"
         )
         return findings
-    findings.unsafe_globals = _disallowed(names, trusted)
-    if findings.unsafe_globals:
+    beyond = _disallowed(names, trusted)
+    findings.unsafe_globals = [g for g in beyond if g not in extra]
+    if not beyond and load:
+        # torch cannot mmap the legacy format: this load reads the storages into memory.
+        findings.loaded = _torch_load(source, name, trusted, findings, mmap_mode=False)
+    return findings
+
+
+def _check_plain_pickle(name: str, source: str, trusted: Sequence[str], scope: _Scope, *,
+                        extra: frozenset[str]) -> _Findings:  # fmt: skip
+    """A bare pickle (pickle.dump, not torch.save): never loaded, but its globals are named all the same, so a
+    payload in it is unsafe like anywhere else."""
+    findings = _Findings()
+    try:
+        with open(source, "rb") as raw:
+            scope.check()
+            names = globals_in(_Limited(raw, MAX_PICKLE_BYTES))
+    except PickleStructureError as exc:
+        findings.problems.append(f"{name}: a pickle that breaks off ({exc})")
         return findings
-    # torch cannot mmap the legacy format: this load reads the storages into memory.
-    obj = _torch_load(source, path.name, trusted, findings, mmap_mode=False)
-    if obj is not None:
-        findings.extracted = extract(obj, path.name)
-        findings.tensors = _tensor_stats(obj, scope)
+    except _PastLimit:
+        findings.unsupported = f"{name}: a bare pickle over {MAX_PICKLE_BYTES} bytes; not read"
+        return findings
+    findings.unsafe_globals = [g for g in _disallowed(names, trusted) if g not in extra]
+    if not findings.unsafe_globals:
+        findings.unsupported = f"{name}: a bare pickle (pickle.dump), not a torch checkpoint; not loaded"
     return findings
 
 
@@ -427,13 +486,13 @@ def _torch_load(source: str, name: str, trusted: Sequence[str], findings: _Findi
     return None
 
 
-def _check_safetensors(path: Path, mapped: mmap.mmap, source: str, scope: _Scope) -> _Findings:
+def _check_safetensors(name: str, mapped: mmap.mmap, source: str, scope: _Scope) -> _Findings:
     findings = _Findings(format="safetensors")
-    header = _safetensors_header(path, mapped, source, findings)
+    header = _safetensors_header(name, mapped, source, findings)
     if header is not None:
-        findings.tensors = _safetensors_stats(mapped, header.tensors, scope)
+        findings.tensors = _safetensors_stats(name, mapped, header.tensors, scope, findings)
         numeric = {k: v for k, v in header.metadata.items() if _is_number(v)}
-        found = extract({k: float(v) for k, v in numeric.items()}, path.name, producer="huggingface")
+        found = extract({k: float(v) for k, v in numeric.items()}, name, producer="huggingface")
         findings.extracted = Extracted(
             epoch=found.epoch,
             global_step=found.global_step,
@@ -444,12 +503,13 @@ def _check_safetensors(path: Path, mapped: mmap.mmap, source: str, scope: _Scope
     return findings
 
 
-def _safetensors_header(path: Path, mapped: Buffer, source: str, findings: _Findings) -> st_format.Header | None:
-    """Parse a safetensors header, then open the file with the format's own reader as a second opinion."""
+def _safetensors_header(name: str, mapped: Buffer, source: str, findings: _Findings) -> st_format.Header | None:
+    """Parse a safetensors header, then open the file with the format's own reader as a second opinion (which
+    may not know a dtype newer than it: a warning, not a problem)."""
     try:
         header = st_format.parse_header(mapped)
     except st_format.SafetensorsError as exc:
-        findings.problems.append(f"{path.name}: {exc}")
+        findings.problems.append(f"{name}: {exc}")
         return None
     from safetensors import safe_open
 
@@ -457,7 +517,11 @@ def _safetensors_header(path: Path, mapped: Buffer, source: str, findings: _Find
         with safe_open(source, framework="pt") as reader:
             reader.keys()
     except Exception as exc:  # the reader raises its own SafetensorError and OSError
-        findings.problems.append(f"{path.name}: the safetensors reader refuses it: {_first_line(str(exc))}")
+        message = _first_line(str(exc))
+        if "dtype" in message.lower():
+            findings.warnings.append(f"{name}: this ckptd's safetensors reader cannot read a dtype in it ({message})")
+            return header
+        findings.problems.append(f"{name}: the safetensors reader refuses it: {message}")
         return None
     return header
 
@@ -466,21 +530,26 @@ def _safetensors_header(path: Path, mapped: Buffer, source: str, findings: _Find
 
 
 def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
-    kind = formats.detect_directory(folder)
+    names = layouts.entries(folder)
+    layout = layouts.detect(folder, names)
     specials = special_files(folder)
     if specials:
-        findings = _Findings(format=kind, unsupported=f"{folder.name}: holds {', '.join(specials)}; never read")
+        findings = _Findings(unsupported=f"{folder.name}: holds {', '.join(specials)}; never read")
         findings.files = {}
-    elif kind == "dcp":
-        findings = _check_dcp(folder, trusted, progress, scope)
-    elif kind == "safetensors_sharded":
-        findings = _check_sharded(folder, progress, scope)
-    elif kind == "orbax":
+    elif layout is None:
+        findings = _Findings(unsupported=f"{folder.name}: a folder no trainer layout claims")
+        findings.files = {}
+    elif layout.name == "orbax":
         findings = _Findings(format="orbax", unsupported=f"{folder.name}: Orbax checkpoints are not verified yet")
         findings.files = _hash_files(folder, directory_files(folder), progress, scope)
     else:
-        findings = _Findings(unsupported=f"{folder.name}: a folder without a checkpoint marker")
-        findings.files = {}
+        findings = _check_unit(folder, layout, names, trusted, progress, scope)
+        if not layout.complete(folder, names):  # asked for by hand: the daemon and scan wait for it instead
+            findings.problems.append(
+                f"{folder.name}: incomplete {layout.name} checkpoint: the trainer has not finished this save (it is"
+                " still being written, or the save crashed); the daemon and `ckptd scan` wait until it is complete"
+            )
+    findings.layout = layout.name if layout is not None else None
     if findings.files is not None:
         findings.sha256 = directory_digest(findings.files)
     return findings
@@ -503,49 +572,196 @@ def _mapped_or_empty(path: Path, scope: _Scope) -> Iterator[tuple[Buffer, str]]:
         yield found
 
 
-def _check_sharded(folder: Path, progress: Progress | None, scope: _Scope) -> _Findings:
-    findings = _Findings(format="safetensors_sharded")
-    index = formats.hf_index_in(folder)
-    assert index is not None
-    names = directory_files(folder)
+def _unit_format(layout: layouts.Layout, names: frozenset[str]) -> Format | None:
+    if layout.name in ("dcp", "lightning_sharded"):
+        return "dcp"
+    if layout.name == "pretrained" and any(n.endswith(formats.HF_INDEX_SUFFIX) for n in names):
+        return "safetensors_sharded"
+    return None
+
+
+def _check_unit(
+    folder: Path,
+    layout: layouts.Layout,
+    names: frozenset[str],
+    trusted: Sequence[str],
+    progress: Progress | None,
+    scope: _Scope,
+) -> _Findings:
+    """Check a folder checkpoint member by member, each like a checkpoint of its own kind, and as a whole (DCP's
+    `.metadata` and its items, a sharded index against its shards); the trainer's records give step, epoch and
+    metrics. Every problem names the member it concerns; the status is the worst of them."""
+    findings = _Findings(format=_unit_format(layout, names))
+    files = directory_files(folder)
+    stats: list[TensorStats] = []
+    loaded: dict[str, Any] = {}
+    dcp_roots = sorted({rel.rpartition("/")[0] for rel in files if rel.rpartition("/")[2] == formats.DCP_MARKER})
+    items = Extracted()
     with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
-        hashes = pool.submit(_hash_files, folder, names, progress, scope)
-        try:
-            weight_map = st_format.parse_index(index)
-        except st_format.SafetensorsError as exc:
-            findings.problems.append(str(exc))
-            weight_map = {}
-        stats: list[TensorStats] = []
-        expected: dict[str, set[str]] = {}
-        for tensor, shard in weight_map.items():
-            expected.setdefault(shard, set()).add(tensor)
-        for shard in sorted(expected):
-            shard_path = folder / shard
-            if shard not in names:
-                findings.problems.append(f"{index.name} names shard {shard!r}, which is missing")
-                continue
-            shard_findings = _Findings()
-            with _mapped_or_empty(shard_path, scope) as (mapped, source):
-                header = _safetensors_header(shard_path, mapped, source, shard_findings)
-                if header is not None:
-                    stats.append(_safetensors_stats(mapped, header.tensors, scope))
-                    missing = expected[shard] - {t.name for t in header.tensors}
-                    if missing:
-                        shard_findings.problems.append(
-                            f"{shard}: lacks {len(missing)} tensor(s) the index maps to it, e.g. {min(missing)!r}"
-                        )
-            findings.problems += shard_findings.problems
+        hashes = pool.submit(_hash_files, folder, files, progress, scope)
+        for root in dcp_roots:
+            sub = _Findings()
+            where = folder / root if root else folder
+            metadata = _dcp_metadata(where, sub, scope)
+            if metadata is not None:
+                _check_dcp_items(where, metadata, [*trusted, *dcp.ITEMS], sub, scope)
+            _merge_into(findings, sub, f"{root}/" if root else "")
+            stats.append(sub.tensors)
+            if not root:
+                items = sub.extracted
+        tensor_names: list[str] = []
+        for rel in files:
+            if rel.endswith((formats.HF_INDEX_SUFFIX, ".bin.index.json")):
+                tensor_names += _check_index(folder, rel, files, findings, scope)
+        for rel in files:
+            parent, _, leaf = rel.rpartition("/")
+            if leaf.endswith(".distcp") or (parent in dcp_roots and leaf == formats.DCP_MARKER):
+                continue  # checked with its DCP folder, item by item (without `.metadata`, only hashed)
+            _check_member(folder, rel, layout.member(rel), trusted, findings, scope, stats, loaded)
         findings.files = hashes.result()
     findings.tensors = _merge_stats(stats)
-    found = extract({}, folder.name, producer="huggingface")
+    found = layout.metadata(folder, _Reader(folder, layout, trusted, scope, loaded))
     findings.extracted = Extracted(
-        epoch=found.epoch,
-        global_step=found.global_step,
-        metrics=found.metrics,
-        producer="huggingface",
-        keys=sorted(weight_map)[:200],
-    )
+        epoch=found.epoch if found.epoch is not None else items.epoch,
+        global_step=found.global_step if found.global_step is not None else items.global_step,
+        metrics={**items.metrics, **found.metrics},
+        producer=found.producer or items.producer,
+        keys=found.keys or items.keys or sorted(tensor_names)[:200] or sorted(names)[:200],
+        notes=[*items.notes, *found.notes],
+        needs=found.needs,
+    )  # fmt: skip
     return findings
+
+
+def _merge_into(findings: _Findings, sub: _Findings, prefix: str) -> None:
+    """Add what the checks of a part (a member, a DCP sub-folder) found, each line naming that part."""
+    findings.problems += [f"{prefix}{p}" for p in sub.problems]
+    findings.warnings += [f"{prefix}{w}" for w in sub.warnings]
+    findings.unsafe_globals += sub.unsafe_globals
+    if sub.unsafe_globals:
+        findings.warnings.append(f"{prefix or './'}: its pickle needs {', '.join(sorted(set(sub.unsafe_globals)))}")
+    if sub.unsupported and not findings.unsupported:
+        findings.unsupported = f"{prefix}{sub.unsupported}"
+
+
+def _check_member(folder: Path, rel: str, member: layouts.Member, trusted: Sequence[str], findings: _Findings,
+                  scope: _Scope, stats: list[TensorStats], loaded: dict[str, Any]) -> None:  # fmt: skip
+    """Check one file of a folder checkpoint like a checkpoint of its own kind; problems name it by `rel`."""
+    path = folder / rel
+    size = path.lstat().st_size
+    checkpoint_like = formats.is_checkpoint_name(path.name)
+    if size == 0:
+        if checkpoint_like or rel.endswith(".json"):
+            findings.problems.append(f"{rel}: empty file (0 bytes)")
+        return
+    if rel.endswith(".json"):
+        try:
+            with open(scope.open(path), "rb") as handle:
+                load_json(handle.read(MAX_JSON_MEMBER + 1), what=rel, max_bytes=MAX_JSON_MEMBER)
+        except UntrustedInput as exc:
+            findings.problems.append(str(exc))
+        return
+    if not checkpoint_like and member.role == "other":
+        return  # a script, a text file: hashed, nothing to check
+    with _mapped(path, scope) as (mapped, source):
+        sub = _check_file(rel, mapped, source, trusted, scope, extra=member.allowed,
+                          load=member.role in ("weights", "record"))  # fmt: skip
+        if sub.unsupported and not checkpoint_like:
+            return  # a file of the trainer's own that is no checkpoint format (latest, a tokenizer): hashed only
+        if sub.loaded is not None:
+            loaded[rel] = sub.loaded
+            if member.role == "weights":
+                stats.append(_stats_of(sub, rel, scope))
+            sub.loaded = None
+        elif sub.format == "safetensors":
+            stats.append(sub.tensors)
+    _merge_into(findings, sub, "")
+
+
+def _check_index(folder: Path, rel: str, files: Sequence[str], findings: _Findings, scope: _Scope) -> list[str]:
+    """A sharded index against its shards: every shard it names is there and holds the tensors mapped to it.
+    Returns the tensor names it maps."""
+    index = folder / rel
+    base = rel.rpartition("/")[0]
+    try:
+        weight_map = st_format.parse_index(index)
+    except st_format.SafetensorsError as exc:
+        findings.problems.append(f"{rel}: {exc}")
+        return []
+    expected: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        expected.setdefault(shard, set()).add(tensor)
+    for shard in sorted(expected):
+        try:
+            shard_rel = "/".join(p for p in (base, *relative(shard, what="a shard the index names")) if p)
+        except UntrustedInput as exc:
+            findings.problems.append(f"{rel}: {exc}")
+            continue
+        if shard_rel not in files:
+            findings.problems.append(f"{rel} names shard {shard!r}, which is missing")
+            continue
+        if not shard.endswith(".safetensors"):
+            continue  # a .bin shard: its pickle is checked as a member; the tensors' names need a load
+        with _mapped_or_empty(folder / shard_rel, scope) as (mapped, _source):
+            try:
+                header = st_format.parse_header(mapped)
+            except st_format.SafetensorsError:
+                continue  # the member check reports it
+            missing = expected[shard] - {t.name for t in header.tensors}
+            if missing:
+                findings.problems.append(
+                    f"{shard_rel}: lacks {len(missing)} tensor(s) the index maps to it, e.g. {min(missing)!r}"
+                )
+    return list(weight_map)
+
+
+class _Reader:
+    """Bounded, safe reads of a folder checkpoint's files for its layout's metadata (see layouts.Reader)."""
+
+    def __init__(self, folder: Path, layout: layouts.Layout, trusted: Sequence[str], scope: _Scope,
+                 loaded: Mapping[str, Any]) -> None:  # fmt: skip
+        self.folder, self.layout, self.trusted, self.scope, self._loaded = folder, layout, trusted, scope, loaded
+
+    def _bytes(self, rel: str, limit: int) -> bytes | None:
+        try:
+            fd = self.scope.open(self.folder / rel)
+        except (OSError, ValueError):
+            return None
+        try:
+            data = os.read(fd, limit + 1)
+        finally:
+            os.close(fd)
+        return data if len(data) <= limit else None
+
+    def json(self, rel: str) -> Any:
+        data = self._bytes(rel, MAX_JSON_MEMBER)
+        try:
+            return load_json(data, what=rel, max_bytes=MAX_JSON_MEMBER) if data is not None else None
+        except UntrustedInput:
+            return None
+
+    def text(self, rel: str) -> str | None:
+        data = self._bytes(rel, 4096)
+        return data.decode("utf-8", "replace") if data is not None else None
+
+    def loaded(self, rel: str) -> Any:
+        return self._loaded.get(rel)
+
+    def plain(self, rel: str) -> Any:
+        from torch import _weights_only_unpickler as wou
+
+        allowed = set(wou._get_allowed_globals()) | set(self.trusted) | set(self.layout.member(rel).allowed)
+        try:
+            with _mapped(self.folder / rel, self.scope) as (mapped, _source):
+                records = torch_zip.read_records(mapped)
+                pickled = torch_zip.find_record(records, "data.pkl")
+                if pickled is None or pickled.file_size > MAX_PICKLE_BYTES or torch_zip.inflation_refusals(records):
+                    return None
+                return plain_values(torch_zip.record_stream(mapped, pickled, self.scope.check), frozenset(allowed))
+        except OverBudget:
+            raise
+        except Exception:  # a missing file, a broken pickle, a global not allowed: nothing found
+            return None
 
 
 def _dcp_allowed() -> dict[str, Any]:
@@ -802,8 +1018,9 @@ def _tensors(obj: Any, scope: _Scope) -> Iterator[torch.Tensor]:
             stack.extend(item.values() if isinstance(item, Mapping) else item)
 
 
-def _tensor_stats(obj: Any, scope: _Scope) -> TensorStats:
-    """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf."""
+def _tensor_stats(obj: Any, scope: _Scope, unscanned: set[str] | None = None) -> TensorStats:
+    """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf. Dtypes this torch
+    cannot scan (float4 and other packed ones) are added to `unscanned`, never raised."""
     count = parameters = total_bytes = nonfinite = 0
     dtypes: Counter[str] = Counter()
     scanned: dict[tuple[int, int, str], bool] = {}
@@ -821,9 +1038,24 @@ def _tensor_stats(obj: Any, scope: _Scope) -> TensorStats:
             if key[:2] not in counted:
                 counted.add(key[:2])
                 total_bytes += storage.nbytes()
-            scanned[key] = _storage_nonfinite(storage, tensor.dtype)
+            try:
+                scanned[key] = _storage_nonfinite(storage, tensor.dtype)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):
+                scanned[key] = False
+                if unscanned is not None:
+                    unscanned.add(str(tensor.dtype).removeprefix("torch."))
         nonfinite += scanned[key]
     return TensorStats(count, parameters, total_bytes, dict(dtypes), nonfinite)
+
+
+def _stats_of(findings: _Findings, name: str, scope: _Scope) -> TensorStats:
+    """The tensor statistics of the object `findings` loaded; a dtype that cannot be scanned is a warning."""
+    unscanned: set[str] = set()
+    stats = _tensor_stats(findings.loaded, scope, unscanned)
+    if unscanned:
+        findings.warnings.append(f"{name}: tensors of dtype {', '.join(sorted(unscanned))} not scanned for NaN/Inf")
+    findings.loaded = None
+    return stats
 
 
 def _storage_nonfinite(storage: torch.UntypedStorage, dtype: torch.dtype) -> bool:
@@ -859,23 +1091,32 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _safetensors_stats(mapped: Buffer, tensors: Sequence[st_format.TensorEntry], scope: _Scope) -> TensorStats:
+def _safetensors_stats(name: str, mapped: Buffer, tensors: Sequence[st_format.TensorEntry], scope: _Scope,
+                       findings: _Findings) -> TensorStats:  # fmt: skip
     import torch
 
     dtypes: Counter[str] = Counter()
     nonfinite = 0
+    unscanned: set[str] = set()
     for entry in tensors:
         scope.check()
-        name = _ST_DTYPES.get(entry.dtype, entry.dtype.lower())
-        dtypes[name] += 1
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype) or entry.end == entry.start:
+        dtype_name = _ST_DTYPES.get(entry.dtype, entry.dtype.lower())
+        dtypes[dtype_name] += 1
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            unscanned.add(entry.dtype)  # a dtype this torch does not have (F4, F8_E8M0...)
             continue
-        if dtype.is_floating_point or dtype.is_complex:
+        if entry.end == entry.start or not (dtype.is_floating_point or dtype.is_complex):
+            continue
+        try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the mapping is read-only; frombuffer only reads it
                 flat = torch.frombuffer(memoryview(mapped)[entry.start : entry.end], dtype=dtype)
             nonfinite += _has_nonfinite(torch.view_as_real(flat).reshape(-1) if dtype.is_complex else flat)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            unscanned.add(entry.dtype)
+    if unscanned:
+        findings.warnings.append(f"{name}: tensors of dtype {', '.join(sorted(unscanned))} not scanned for NaN/Inf")
     return TensorStats(
         count=len(tensors),
         parameters=sum(math.prod(t.shape) for t in tensors),

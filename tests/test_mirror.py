@@ -602,7 +602,7 @@ def test_a_directory_checkpoint_is_mirrored_file_by_file_and_restored_whole(
     tmp_path: Path, s3_bucket: Bucket, backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A sharded safetensors folder goes up file by file; restore rebuilds it exactly, and refuses a corrupted one."""
-    folder = tmp_path / "runs" / "hf" / "checkpoint-100"
+    folder = tmp_path / "runs" / "hf" / "model-100"
     checkpoints.safetensors_sharded(folder, shards=2)
     settings = _local(tmp_path / "backup") if backend == "local" else _s3(s3_bucket)
     config_path = _write_config(tmp_path, {backend: settings})
@@ -611,16 +611,16 @@ def test_a_directory_checkpoint_is_mirrored_file_by_file_and_restored_whole(
     target = targets_of(load_config(config_path))[backend]
     names = sorted(p.name for p in folder.iterdir())
     assert list(target.list("runs/hf/")) == sorted(
-        [*(f"runs/hf/checkpoint-100/{n}" for n in names), "runs/hf/checkpoint-100.ckptd.json", "runs/hf/index.json"]
+        [*(f"runs/hf/model-100/{n}" for n in names), "runs/hf/model-100.ckptd.json", "runs/hf/index.json"]
     )
     code, out, err = ckptd(capsys, "restore", backend, "runs/hf", "--latest", "--to", tmp_path / "back",
                            "--config", config_path)  # fmt: skip
     assert code == 0, err
     restored = Path(out.strip())
-    assert restored == tmp_path / "back" / "checkpoint-100"
+    assert restored == tmp_path / "back" / "model-100"
     assert sorted(p.name for p in restored.iterdir()) == names
     assert all((restored / n).read_bytes() == (folder / n).read_bytes() for n in names)
-    target.put_bytes(f"runs/hf/checkpoint-100/{names[0]}", b"not a shard")
+    target.put_bytes(f"runs/hf/model-100/{names[0]}", b"not a shard")
     code, _out, err = ckptd(capsys, "restore", backend, "runs/hf", "--latest", "--to", tmp_path / "again",
                             "--config", config_path)  # fmt: skip
     assert code == 1 and "does not match" in err

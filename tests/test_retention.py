@@ -522,3 +522,17 @@ def test_the_latest_is_by_step_then_mtime() -> None:
         "epoch=1.pt": ("delete", NO_RULE),
         "epoch=2.pt": ("delete", NO_RULE),
     }
+
+
+def test_the_best_that_the_trainers_records_name_is_kept_whatever_the_policy() -> None:
+    """The Trainer's best_model_checkpoint (load_best_model_at_end loads it at the end of training) is named in
+    the latest checkpoint's trainer_state.json: nothing deletes it, max_size included. Only the latest's records
+    count (an older checkpoint's best is history), and only a name beside it (never a path elsewhere)."""
+    entries = _run(5)
+    entries[4] = replace(entries[4], needs=("epoch=1.pt", "../other/epoch=0.pt"))
+    entries[3] = replace(entries[3], needs=("epoch=0.pt",))
+    result = plan(entries, Policy(keep_last=1, keep_best=0, max_size=0), NOW)
+    actions = _actions(result)
+    assert actions["epoch=1.pt"] == ("keep", ("the trainer's best (named by epoch=4.pt)",))
+    assert actions["epoch=0.pt"][0] == actions["epoch=2.pt"][0] == actions["epoch=3.pt"][0] == "delete"
+    assert actions["epoch=4.pt"] == ("keep", ("latest", "keep_last 1/1"))

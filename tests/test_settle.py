@@ -189,3 +189,29 @@ def test_zero_settle_closed_file_is_due_on_first_look(disk: FakeDisk) -> None:
     disk.write(ckpt, 100)
     tracker.touch(ckpt, watch="runs", settle=0.0, closed=True, now=0.0)
     assert _due_paths(tracker, 0.0, disk) == [str(ckpt.path)]
+
+
+def test_folder_checkpoint_waits_for_its_layout_to_call_it_complete(disk: FakeDisk) -> None:
+    """A still folder checkpoint is handed out only once its layout says the trainer finished it (DeepSpeed's
+    `latest` lands after the folder went still), however long past UNCLOSED_GRACE that takes; while it waits it
+    is looked at once a second, not at every tick."""
+    folder = Candidate(Path("/runs/exp/global_step4"), "directory", Path("/runs/exp"))
+    finished = {"yes": False}
+    asked: list[float] = []
+
+    def complete(candidate: Candidate) -> bool:
+        asked.append(now)
+        return finished["yes"]
+
+    tracker = SettleTracker()
+    disk.write(folder, 100)
+    tracker.touch(folder, watch="runs", settle=SETTLE, closed=True, now=0.0)
+    for now in (0.0, SETTLE, SETTLE + 0.1, SETTLE + 0.5, UNCLOSED_GRACE * 3):
+        assert tracker.due(now, disk, complete=complete) == []
+    assert asked == [SETTLE, UNCLOSED_GRACE * 3]  # not again within the second after an unfinished look
+    finished["yes"] = True
+    now = UNCLOSED_GRACE * 3 + 0.5
+    assert tracker.due(now, disk, complete=complete) == []  # the next look is a second after the last
+    now = UNCLOSED_GRACE * 3 + 1.0
+    assert tracker.due(now, disk, complete=complete) == [("runs", folder)]
+    assert len(tracker) == 0

@@ -351,14 +351,27 @@ def test_verify_dcp_flipped_tensor_byte_is_corrupt_by_crc(dcp: Path) -> None:
     assert_corrupt(verify(dcp), "__0_0.distcp bytes", "CRC-32 mismatch")
 
 
-def test_verify_checkpoint_extension_no_format_parses_is_corrupt(tmp_path: Path) -> None:
-    """A file with a checkpoint extension (.pt, .ckpt, .safetensors...) that no format parses is corrupt."""
-    for name in ("junk.ckpt", "junk.pt", "junk.safetensors", "junk.bin"):
-        path = tmp_path / name
-        path.write_bytes(b"this is not a checkpoint at all\n")
-        result = verify(path)
-        assert_corrupt(result, name)
-        assert result.sha256 == sha256(path)
+def test_a_file_that_is_no_checkpoint_at_all_is_unsupported_not_corrupt(tmp_path: Path) -> None:
+    """A file named like a checkpoint whose content is no checkpoint format (a text .pth path file, an .npz, an
+    ONNX model) is `unsupported` with a reason, never `corrupt`: corrupt is for bytes that start as a checkpoint
+    and then break. A file of zeros where a checkpoint was (a crash that left the blocks unwritten) is corrupt."""
+    import numpy
+
+    (tmp_path / "site.pth").write_text("/usr/lib/python3/dist-packages\n")
+    numpy.savez(tmp_path / "arrays.npz", a=numpy.zeros(3))
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.pt")
+    (tmp_path / "model.onnx.bin").write_bytes(bytes.fromhex("0807120c") + b"pytorch" + bytes(64))
+    reasons = {
+        "site.pth": "not a checkpoint format ckptd knows (it starts with text)",
+        "arrays.pt": "a zip archive without data.pkl, not a torch checkpoint (an .npz?)",
+        "model.onnx.bin": "not a checkpoint format ckptd knows (it starts with bytes 0807120c7079746f)",
+    }
+    for name, reason in reasons.items():
+        result = verify(tmp_path / name)
+        assert (result.status, result.problems) == ("unsupported", [f"{name}: {reason}"])
+        assert result.sha256 == sha256(tmp_path / name)
+    (tmp_path / "zeroed.ckpt").write_bytes(bytes(4096))
+    assert_corrupt(verify(tmp_path / "zeroed.ckpt"), "zeroed.ckpt: only zero bytes where a checkpoint should be")
 
 
 # ---------------------------------------------------------------------------------------------- warnings
@@ -376,6 +389,47 @@ def test_verify_nan_and_inf_are_a_warning_and_status_stays_ok(tmp_path: Path, bu
     assert (result.status, result.problems) == ("ok", [])
     assert result.tensors.nonfinite == 2
     assert len(result.warnings) == 1 and "NaN" in result.warnings[0]
+
+
+def test_a_file_saved_without_crcs_is_ok_with_a_warning(tmp_path: Path) -> None:
+    """torch.serialization.set_crc32_options(False) writes zero CRC fields: not corrupt, but said in warnings,
+    since only the SHA-256 then protects the file."""
+    path = tmp_path / "nocrc.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.ones(8), "epoch": 2}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    result = verify(path)
+    assert (result.status, result.problems, result.epoch) == ("ok", [], 2)
+    assert result.warnings == [
+        "nocrc.pt: its CRC-32s were not recorded (torch.serialization.set_crc32_options(False)); only its SHA-256"
+        " protects it"
+    ]
+
+
+def test_float8_and_float4_tensors_verify_without_a_traceback(tmp_path: Path) -> None:
+    """float8 variants are scanned; float4 and float8_e8m0 (no NaN to look for, or no way to look) are counted
+    and named in a warning: the status stays ok in torch and safetensors files alike."""
+    from safetensors.torch import save_file
+
+    packed = torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    torch.save({"a": torch.ones(8).to(torch.float8_e4m3fn), "b": torch.ones(4).to(torch.float8_e5m2fnuz)},
+               tmp_path / "f8.pt")  # fmt: skip
+    torch.save({"w": packed, "s": torch.ones(2).to(torch.float8_e8m0fnu)}, tmp_path / "f4.pt")
+    save_file({"w": torch.ones(8).to(torch.float8_e4m3fn), "u": torch.ones(2).to(torch.float8_e8m0fnu)},
+              str(tmp_path / "f8.safetensors"))  # fmt: skip
+    save_file({"w": packed}, str(tmp_path / "f4.safetensors"))
+    expected = {
+        "f8.pt": [],
+        "f4.pt": ["f4.pt: tensors of dtype float4_e2m1fn_x2 not scanned for NaN/Inf"],
+        "f8.safetensors": ["f8.safetensors: tensors of dtype F8_E8M0 not scanned for NaN/Inf"],
+        "f4.safetensors": ["f4.safetensors: tensors of dtype F4 not scanned for NaN/Inf"],
+    }
+    for name, warned in expected.items():
+        result = verify(tmp_path / name)
+        assert (result.status, result.problems, result.warnings) == ("ok", [], warned), name
+        assert result.tensors.count == (1 if name == "f4.safetensors" else 2)
 
 
 # ---------------------------------------------------------------------------------------------- safety

@@ -1,26 +1,23 @@
 """Checkpoint formats, recognised by content rather than by name.
 
 Each module here knows one format's structure (stdlib only, no torch): `torch_zip` the zip archives that
-`torch.save` writes, `torch_legacy` torch's older pickle stream, `safetensors` single files and sharded
-Hugging Face folders, `dcp` torch.distributed.checkpoint folders, `pickles` the static scan and restricted
-unpickler that keep checkpoint code from ever running. The verify engine (`ckptd.verify`) drives them.
+`torch.save` writes, `safetensors` single files and the index of sharded ones, `pickles` the static scan and
+the allow-list unpicklers that keep checkpoint code from ever running. Which files form one checkpoint folder
+is ckptd.layouts' business. The verify engine (`ckptd.verify`) drives them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ckptd.model import Format
 
-# Names that only a checkpoint would have: a file with one of these that no format parses is corrupt,
-# not merely unsupported.
+# Names that only a checkpoint would have: inside a folder checkpoint, a file with one of these that no format
+# parses is checked as damage, where any other file of the trainer's is only hashed.
 CHECKPOINT_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar", ".pkl"})
 
 DCP_MARKER = ".metadata"
 HF_INDEX_SUFFIX = ".safetensors.index.json"
-HF_INDEX = "model.safetensors.index.json"
-ORBAX_MARKER = "commit_success.txt"
 
 ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy format starts with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2, LONG1).
@@ -43,32 +40,6 @@ def detect_file(head: bytes, size: int) -> Format | None:
         return "torch_legacy"
     if looks_like_safetensors(head, size):
         return "safetensors"
-    return None
-
-
-def hf_index_in(folder: Path) -> Path | None:
-    """Return the sharded-safetensors index file of `folder`, if it has one."""
-    preferred = folder / HF_INDEX
-    if preferred.is_file():
-        return preferred
-    try:
-        entries = sorted(os.listdir(folder))
-    except OSError:  # gone, or not a folder
-        return None
-    for entry in entries:
-        if entry.endswith(HF_INDEX_SUFFIX) and (folder / entry).is_file():
-            return folder / entry
-    return None
-
-
-def detect_directory(folder: Path) -> Format | None:
-    """Return the format of a directory checkpoint from its marker files, or None if it is none."""
-    if (folder / DCP_MARKER).is_file():
-        return "dcp"
-    if hf_index_in(folder) is not None:
-        return "safetensors_sharded"
-    if (folder / ORBAX_MARKER).is_file():
-        return "orbax"
     return None
 
 

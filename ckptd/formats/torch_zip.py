@@ -197,6 +197,12 @@ def record_crc(buffer: Buffer, record: ZipRecord, check: Check | None = None) ->
     return crc
 
 
+def crcs_recorded(records: list[ZipRecord]) -> bool:
+    """False when the archive's writer recorded no CRC-32s (torch.serialization.set_crc32_options(False) leaves
+    every field 0): there is nothing to check them against, which is not damage."""
+    return any(r.crc != 0 for r in records if r.file_size > 0) or not any(r.file_size > 0 for r in records)
+
+
 def crc_problems(buffer: Buffer, records: list[ZipRecord], check: Check | None = None) -> list[str]:
     """Check every record's CRC-32; return one line per record whose bytes do not match it.
 
