@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS runs (
     best        TEXT,                     -- best ok checkpoint by the watch's metric
     best_metric TEXT,
     best_value  REAL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    rotated_at  REAL                      -- when a checkpoint of the run vanished not by ckptd: its trainer rotates
 );
 """
 
@@ -220,10 +221,11 @@ class Catalog:
         """Bring a catalog made by an older ckptd up to this schema: new columns only, never a data loss."""
         added = {
             "mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"},
+            "runs": {"rotated_at": "REAL"},
             "checkpoints": {"device": "INTEGER NOT NULL DEFAULT 0", "needs": "TEXT NOT NULL DEFAULT '[]'"},
             "journal": {
                 "device": "INTEGER", "inode": "INTEGER", "mtime_ns": "INTEGER",
-                "folder": "TEXT", "trash": "TEXT",
+                "folder": "TEXT", "trash": "TEXT", "trash_folder": "TEXT",
             },
         }  # fmt: skip
         for table, columns in added.items():
@@ -315,6 +317,37 @@ class Catalog:
         """Record that `path` no longer exists on disk."""
         self._exec("UPDATE checkpoints SET gone_at = ? WHERE path = ? AND gone_at IS NULL", (now, path))
 
+    def vanished(self, row: Row, now: float, *, deleted: bool) -> bool:
+        """Record that the checkpoint of `row` is gone from disk.
+
+        When it was `deleted` from a folder that stays (not moved or removed with its run: see
+        discover.vanishing), and not by a deletion of ckptd's, its run's trainer rotates its own checkpoints
+        (HF save_total_limit, accelerate total_limit, torchtitan keep_latest_k, Lightning top-k): retention
+        then leaves that run to the trainer (see `rotating_runs`). True when that was first learnt now.
+        """
+        self.mark_gone(row.path, now)
+        if row.kind == "link" or not deleted or self.deleted_by_ckptd(row):
+            return False
+        return (
+            self._exec("UPDATE runs SET rotated_at = ? WHERE run = ? AND rotated_at IS NULL", (now, row.run)).rowcount
+            > 0
+        )
+
+    def rotating_runs(self) -> frozenset[str]:
+        """The runs whose trainer was seen deleting its own checkpoints (see `vanished`)."""
+        return frozenset(r["run"] for r in self._exec("SELECT run FROM runs WHERE rotated_at IS NOT NULL"))
+
+    def deleted_by_ckptd(self, row: Row) -> bool:
+        """True when a deletion of ckptd's names the checkpoint of `row` (under way, or done: a row read just
+        before the deletion finished is still present for its reader). The inode tells it from a checkpoint
+        written under the same name since."""
+        found = self._exec(
+            "SELECT 1 FROM journal WHERE path = ? AND state IN ('pending', 'done')"
+            " AND COALESCE(NULLIF(inode, 0), ?) = ? LIMIT 1",
+            (row.path, row.inode, row.inode),
+        ).fetchone()
+        return found is not None
+
     def present(self, *, watch: str | None = None, under: str | None = None) -> Iterator[Row]:
         """Rows of checkpoints still on disk, for one watch and/or below one folder, by path."""
         query, args = "SELECT * FROM checkpoints WHERE gone_at IS NULL", list[Any]()
@@ -397,6 +430,7 @@ class Catalog:
     def journal_intent(
         self, *, action: str, watch: str, run: str, path: str, sha256: str | None, size: int, reasons: list[str],
         now: float, identity: Identity | None = None, folder: str | None = None, trash: str | None = None,
+        trash_folder: str | None = None,
     ) -> int:  # fmt: skip
         """Write down a deletion or quarantine before doing it; return the journal entry's id.
 
@@ -408,9 +442,10 @@ class Catalog:
         try:
             cursor = self._exec(
                 "INSERT INTO journal (planned_at, state, action, watch, run, path, sha256, size, reasons, device,"
-                " inode, mtime_ns, folder, trash) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " inode, mtime_ns, folder, trash, trash_folder)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (now, action, watch, run, path, sha256, size, json.dumps(reasons), ident.device, ident.inode,
-                 ident.mtime_ns, folder, trash),
+                 ident.mtime_ns, folder, trash, trash_folder),
             )  # fmt: skip
         finally:
             self._exec("PRAGMA synchronous=NORMAL")

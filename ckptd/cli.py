@@ -228,13 +228,13 @@ def _watch_of(config: Config | None, path: Path) -> Any:
 # ------------------------------------------------------------------------------------ read-only questions
 
 
-def _reading_store() -> Store:
+def _reading_store(config_file: Path | None) -> Store:
     """Where sidecars are, for the read-only commands: the config's state folder too when a config is found
     (some trainers' sidecars live there, see docs/layouts.md); beside the checkpoints only without one. A config
     that does not load is no reason to refuse an answer: then only sidecars beside checkpoints are read."""
     from ckptd.sidecar import Store, store_of
 
-    path = _config_path(None)
+    path = _config_path(config_file)
     if path is None:
         return Store()
     try:
@@ -245,12 +245,12 @@ def _reading_store() -> Store:
         return Store()
 
 
-def _entries(folder: Path) -> list[tuple[Sidecar, Entry]]:
+def _entries(folder: Path, config_file: Path | None) -> list[tuple[Sidecar, Entry]]:
     from ckptd.model import Entry
 
     return [
         (parsed, Entry.of(parsed.verification, _run_of(parsed), parsed.pinned, verified=current))
-        for parsed, current in _reading_store().find(folder.absolute())
+        for parsed, current in _reading_store(config_file).find(folder.absolute())
     ]
 
 
@@ -269,14 +269,15 @@ def _existing_folder(path: Path) -> Path:
 
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
-def latest(run: Path) -> int:
+@config_option
+def latest(run: Path, config_file: Path | None) -> int:
     """Print the path of RUN's newest ok checkpoint (by step, then mtime); exit 1 if there is none.
 
     Made for launch scripts: python train.py --resume "$(ckptd latest runs/exp1)"
     """
     from ckptd import selection
 
-    found = selection.latest(e for _s, e in _entries(_existing_folder(run)))
+    found = selection.latest(e for _s, e in _entries(_existing_folder(run), config_file))
     if found is None:
         raise NoAnswer(f"{run}: no verified ok checkpoint yet (is the daemon running? try: ckptd scan {run})")
     _echo_path(found.path)
@@ -287,11 +288,13 @@ def latest(run: Path) -> int:
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--metric", required=True, help="Metric name, such as val_loss.")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
-def best(run: Path, metric: str, mode: str) -> int:
+@config_option
+def best(run: Path, metric: str, mode: str, config_file: Path | None) -> int:
     """Print the path of RUN's best ok checkpoint by METRIC; exit 1 if none has that metric."""
     from ckptd import selection
 
-    found = selection.best((e for _s, e in _entries(_existing_folder(run))), metric, "min" if mode == "min" else "max")
+    entries = (e for _s, e in _entries(_existing_folder(run), config_file))
+    found = selection.best(entries, metric, "min" if mode == "min" else "max")
     if found is None:
         raise NoAnswer(f"{run}: no verified ok checkpoint has the metric {metric!r}")
     _echo_path(found.path)
@@ -301,9 +304,10 @@ def best(run: Path, metric: str, mode: str) -> int:
 @cli.command(name="list")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-def list_(folder: Path, as_json: bool) -> int:
+@config_option
+def list_(folder: Path, as_json: bool, config_file: Path | None) -> int:
     """List the verified checkpoints under a run or a folder of runs, from their sidecars."""
-    found = _entries(_existing_folder(folder))
+    found = _entries(_existing_folder(folder), config_file)
     if as_json:
         from ckptd.sidecar import jsonable
 
@@ -320,11 +324,12 @@ def list_(folder: Path, as_json: bool) -> int:
 @cli.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar's JSON.")
-def show(checkpoint: Path, as_json: bool) -> int:
+@config_option
+def show(checkpoint: Path, as_json: bool, config_file: Path | None) -> int:
     """Show what ckptd knows of one checkpoint (its sidecar)."""
     from ckptd import sidecar
 
-    store = _reading_store()
+    store = _reading_store(config_file)
     parsed = store.read(checkpoint.absolute())
     where = store.path_of(checkpoint.absolute())
     if parsed is None or where is None:
@@ -374,7 +379,13 @@ def status(config_file: Path | None, as_json: bool) -> int:
             report["watches"][watch.name] = {
                 "folder": str(watch.path),
                 "checkpoints": catalog.counts(watch.name),
-                "runs": [{k: r[k] for k in ("run", "latest", "best", "best_metric", "best_value")} for r in runs],
+                "runs": [
+                    {
+                        **{k: r[k] for k in ("run", "latest", "best", "best_metric", "best_value")},
+                        "trainer_rotates": r["rotated_at"] is not None,
+                    }
+                    for r in runs
+                ],
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
             }
@@ -560,8 +571,10 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
         if catalog is not None:
             catalog.close()
     restored = found.path
-    result = engine_verify(restored, trusted=config.daemon.trusted_globals)
-    sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
+    # Its hashes proved it whole; a completion marker outside it (DeepSpeed's `latest`) was not restored.
+    result = engine_verify(restored, trusted=config.daemon.trusted_globals, require_complete=False)
+    if not sidecar.placed_in_state("auto", restored, result.layout):  # never a name a trainer would count
+        sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
     if result.status != "ok":
         raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
     click.echo(f"ckptd: sha256 {found.sidecar.verification.sha256} proved against {found.proof}", err=True)

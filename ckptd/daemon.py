@@ -328,9 +328,12 @@ class Daemon:
         rows = list(self.catalog.present(under=str(path)))
         runs = set()
         for row in rows:
-            if Path(row.path).exists() or Path(row.path).is_symlink():
+            how = discover.vanishing(Path(row.path))
+            if how == "present":
                 continue
-            self.catalog.mark_gone(row.path, time.time())
+            if self.catalog.vanished(row, time.time(), deleted=how == "deleted"):
+                self.log.info("trainer rotates its checkpoints", run=row.run, path=row.path,
+                              retention="left to the trainer")  # fmt: skip
             try:
                 removed = sidecar.store_of(self.config).remove(Path(row.path), watch.path)
             except (OSError, ValueError):  # its folder is a link now, or gone: nothing of ours to remove there
@@ -549,6 +552,8 @@ class Daemon:
                 # hashed a second time once that finished (a change meanwhile still raises CheckpointChanged).
                 continue
             self._track(watch, candidate, closed=_complete(candidate))
+        for run in found.rotating:
+            self.log.info("trainer rotates its checkpoints", run=run, retention="left to the trainer")
         for run in found.gone_runs:
             self._update_run(watch, run)
         self.stats.last_reconciliation[watch.name] = _iso(time.time())

@@ -9,9 +9,11 @@ Other users may write the watched folders while ckptd (root) deletes, so nothing
    the identity it had when the plan was made, not when it was last seen: a file rewritten since, even if
    re-verified meanwhile, is another checkpoint and is refused.
 3. A journal intent naming that identity and a trash name is written, durably, before anything moves.
-4. The checkpoint is renamed to the hidden trash name in the same folder (atomic), and the identity of what
-   was moved is checked again. Anything else (swapped in the instant between 2 and 4) is put back, never
-   deleted. The trash name holds nothing a trainer's discovery could match (no step number, no prefix).
+4. The checkpoint is renamed to a hidden trash name in its run folder (atomic; the same folder for most
+   trainers, the project folder above accelerate's `checkpoints/`, which accelerate counts entry by entry),
+   and the identity of what was moved is checked again. Anything else (swapped in the instant between 2 and
+   4) is put back, never deleted. The trash name holds nothing a trainer's discovery could match (no step
+   number, no prefix), and it is never in a folder whose every entry a trainer counts.
 5. Only then is it deleted or moved to `<state_dir>/quarantine/<watch>/<relative path>`, its sidecar with
    it, and the journal entry closed (marking the catalog row gone) in one transaction.
 
@@ -30,7 +32,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +115,33 @@ def _open_parent(root: Path, parts: tuple[str, ...]) -> int:
         raise
 
 
+def _trash_parts(root: Path, parts: tuple[str, ...], run: str) -> tuple[str, ...]:
+    """Where the trash goes, below `root`: the run folder when it holds the checkpoint's folder (accelerate's
+    project folder above `checkpoints/`), else the checkpoint's own folder."""
+    try:
+        above = Path(run).relative_to(root).parts
+    except ValueError:
+        return parts[:-1]
+    return above if parts[: len(above)] == above and len(above) < len(parts) else parts[:-1]
+
+
+@contextlib.contextmanager
+def _folders(root: Path, parts: tuple[str, ...], trash_parts: tuple[str, ...]) -> Iterator[tuple[int, int]]:
+    """The open folder of the checkpoint and the one its trash goes to (the same descriptor when they are)."""
+    dir_fd = _open_parent(root, parts)
+    try:
+        if trash_parts == parts[:-1]:
+            yield dir_fd, dir_fd
+            return
+        trash_fd = _open_parent(root, (*trash_parts, parts[-1]))
+        try:
+            yield dir_fd, trash_fd
+        finally:
+            os.close(trash_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _check(dir_fd: int, name: str, planned: Identity) -> None:
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -134,50 +163,61 @@ def execute(removal: Removal, catalog: Catalog, state_dir: Path, *, now: float, 
     """
     parts = _parts(removal.root, removal.path)
     name = parts[-1]
-    dir_fd = _open_parent(removal.root, parts)
-    try:
+    trash_parts = _trash_parts(removal.root, parts, removal.run)
+    with _folders(removal.root, parts, trash_parts) as (dir_fd, trash_fd):
         _check(dir_fd, name, removal.identity)
         if dry_run:
             return None
         trash = f"{TRASH_PREFIX}{secrets.token_hex(8)}"
+        trash_folder = str(removal.root.joinpath(*trash_parts))
         entry = catalog.journal_intent(
             action=removal.action, watch=removal.watch, run=removal.run, path=removal.path,
             sha256=removal.sha256, size=removal.identity.size, reasons=list(removal.reasons), now=now,
             identity=removal.identity, folder=str(Path(removal.path).parent), trash=trash,
+            trash_folder=trash_folder if trash_fd != dir_fd else None,
         )  # fmt: skip
         try:
-            os.rename(name, trash, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.rename(name, trash, src_dir_fd=dir_fd, dst_dir_fd=trash_fd)
         except FileNotFoundError:
             catalog.journal_finish(entry, state="skipped", now=now, detail="gone before it was moved")
             raise Refused("already gone") from None
-        moved = identity_at(dir_fd, trash)
+        at = _Trash(trash_fd, trash)
+        moved = identity_at(trash_fd, trash)
         if not same(removal.identity, moved):
-            why = "another file took its name in the instant before the move; " + _put_back(dir_fd, trash, name)
+            why = "another file took its name in the instant before the move; " + _put_back(at, dir_fd, name)
             catalog.journal_finish(entry, state="skipped", now=now, detail=why)
             raise Refused(why)
         try:
-            where = _finish(removal, dir_fd, trash, name, state_dir, now)
+            where = _finish(removal, dir_fd, at, name, state_dir, now)
         except OSError:
-            _put_back(dir_fd, trash, name)
+            _put_back(at, dir_fd, name)
             catalog.journal_finish(entry, state="skipped", now=now, detail="failed; put back")
             raise
         catalog.journal_finish(entry, state="done", now=now, detail=where)
         return where
-    finally:
-        os.close(dir_fd)
 
 
-def _finish(removal: Removal, dir_fd: int, trash: str, name: str, state_dir: Path, now: float) -> str | None:
+@dataclass(frozen=True)
+class _Trash:
+    """Where a checkpoint being removed lies: its trash name in an open folder."""
+
+    folder: int
+    name: str
+
+
+def _finish(removal: Removal, dir_fd: int, trash: _Trash, name: str, state_dir: Path, now: float) -> str | None:
     """Delete or quarantine the moved checkpoint and its sidecar (beside it, or in the state folder); fsync the
-    folder."""
+    folders."""
     side = sidecar.sidecar_name(name)
     detail = None
     if removal.action == "quarantine":
         detail = str(_quarantine(removal, dir_fd, trash, side, state_dir, now))
     else:
-        remove_at(dir_fd, trash)
+        remove_at(trash.folder, trash.name)
     _remove_sidecar(removal, dir_fd, name, state_dir)
     fsync_dir(dir_fd)
+    if trash.folder != dir_fd:
+        fsync_dir(trash.folder)
     return detail
 
 
@@ -214,23 +254,23 @@ def _exists_at(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
+def _rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
     """renameat2(RENAME_NOREPLACE): fails with EEXIST instead of replacing `dst`. Raises OSError; EINVAL or
     ENOSYS where the file system or libc lacks it."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except AttributeError:
         raise OSError(errno.ENOSYS, "renameat2 is not available") from None
-    if renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), ctypes.c_uint(_RENAME_NOREPLACE)) != 0:
+    if renameat2(src_fd, os.fsencode(src), dst_fd, os.fsencode(dst), ctypes.c_uint(_RENAME_NOREPLACE)) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), dst)
 
 
-def _put_back(dir_fd: int, trash: str, name: str) -> str:
+def _put_back(trash: _Trash, dir_fd: int, name: str) -> str:
     """Move what was taken back under its name, without replacing anything there now; say what happened."""
-    kept = f"what was moved is kept as {trash} (its name was taken again meanwhile)"
+    kept = f"what was moved is kept as {trash.name} (its name was taken again meanwhile)"
     try:
-        _rename_noreplace(dir_fd, trash, name)
+        _rename_noreplace(trash.folder, trash.name, dir_fd, name)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return kept
@@ -238,7 +278,7 @@ def _put_back(dir_fd: int, trash: str, name: str) -> str:
             raise
         if _exists_at(dir_fd, name):  # no RENAME_NOREPLACE here: check, then rename
             return kept
-        os.rename(trash, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(trash.name, name, src_dir_fd=trash.folder, dst_dir_fd=dir_fd)
     return "put back"
 
 
@@ -249,7 +289,7 @@ def _quarantine_target(removal: Removal, state_dir: Path, now: float) -> Path:
     return target
 
 
-def _quarantine(removal: Removal, dir_fd: int, trash: str, side: str, state_dir: Path, now: float) -> Path:
+def _quarantine(removal: Removal, dir_fd: int, trash: _Trash, side: str, state_dir: Path, now: float) -> Path:
     """Move the checkpoint (at `trash`) and its sidecar into the quarantine folder, with a note; return where."""
     target = _quarantine_target(removal, state_dir, now)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +312,7 @@ def _quarantine(removal: Removal, dir_fd: int, trash: str, side: str, state_dir:
         if in_state is not None and in_state.exists():  # both in the state folder: a rename
             in_state.replace(sidecar.sidecar_path(target))
         try:
-            _move(dir_fd, trash, target_fd, target.name, size=removal.identity.size)
+            _move(trash.folder, trash.name, target_fd, target.name, size=removal.identity.size)
         except BaseException:
             note_path.unlink(missing_ok=True)
             raise
@@ -361,22 +401,23 @@ def _finish_one(entry: Mapping[str, Any], root: Path | None, state_dir: Path, no
         raise Refused(f"its watch {entry['watch']!r} is no longer configured")
     parts = _parts(root, entry["path"])
     name, trash = parts[-1], entry.get("trash")
-    dir_fd = _open_parent(root, parts)
-    try:
-        if trash and _exists_at(dir_fd, trash):
+    trash_parts = _parts(root, entry["trash_folder"] + "/-")[:-1] if entry.get("trash_folder") else parts[:-1]
+    with _folders(root, parts, trash_parts) as (dir_fd, trash_fd):
+        if trash and _exists_at(trash_fd, trash):
             planned = Identity(entry["size"], entry["mtime_ns"] or 0, entry["inode"] or 0, entry["device"] or 0)
-            found = identity_at(dir_fd, trash)
-            if stat.S_ISDIR(os.stat(trash, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            found = identity_at(trash_fd, trash)
+            if stat.S_ISDIR(os.stat(trash, dir_fd=trash_fd, follow_symlinks=False).st_mode):
                 # A folder half removed has lost files (and size) but is still the folder that was moved.
                 found = found._replace(size=planned.size, mtime_ns=planned.mtime_ns)
             if not same(planned, found):
-                kept = _put_back(dir_fd, trash, name)
+                kept = _put_back(_Trash(trash_fd, trash), dir_fd, name)
                 return "skipped", f"interrupted; what was moved is not what was planned: {kept}"
             removal = Removal(
                 action=entry["action"], watch=entry["watch"], root=root, path=entry["path"], run=entry["run"],
                 identity=planned, sha256=entry["sha256"], reasons=tuple(entry["reasons"]),
             )  # fmt: skip
-            return "done", _finish(removal, dir_fd, trash, name, state_dir, now) or "completed after an interruption"
+            done = _finish(removal, dir_fd, _Trash(trash_fd, trash), name, state_dir, now)
+            return "done", done or "completed after an interruption"
         if _exists_at(dir_fd, name):
             return "skipped", "interrupted before acting"
         if entry["action"] == "delete":
@@ -386,5 +427,3 @@ def _finish_one(entry: Mapping[str, Any], root: Path | None, state_dir: Path, no
             )  # fmt: skip
             _remove_sidecar(removal, dir_fd, name, state_dir)
         return "done", "completed after an interruption"
-    finally:
-        os.close(dir_fd)

@@ -216,6 +216,28 @@ def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None)
                 yield found
 
 
+Vanishing = Literal["present", "deleted", "moved"]
+
+
+def vanishing(checkpoint: Path) -> Vanishing:
+    """Whether a cataloged checkpoint is still there; if not, whether it was deleted from a folder that stays
+    (what a trainer's own rotation does) or went with its folder (a run moved, removed or swapped for a link).
+    Asked twice around the folder's check: a folder away for an instant is no deletion."""
+
+    def there() -> bool:
+        return checkpoint.exists() or checkpoint.is_symlink()
+
+    if there():
+        return "present"
+    try:
+        stays = stat.S_ISDIR(checkpoint.parent.lstat().st_mode)
+    except OSError:
+        stays = False
+    if not stays:
+        return "moved"
+    return "present" if there() else "deleted"
+
+
 def orphan_sidecars(root: Path) -> Iterator[Path]:
     """Sidecars under `root` whose checkpoint is gone."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

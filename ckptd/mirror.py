@@ -279,6 +279,11 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
             ours = catalog.mirrored_names(target=target.name, run=item["run"])
             doomed = _update_index(target, prefix, item, found, config, now(), ours)
         except MirrorError as exc:
+            if not (path.exists() or path.is_symlink()):  # deleted while copied (a trainer's rotation): nothing lost
+                catalog.mirror_finish(item, state="dropped", now=now(), error="gone while it was copied")
+                report.dropped.append(str(path))
+                logger.info("mirror copy dropped", path=str(path), target=target.name, reason="gone from disk")
+                continue
             delay = min(MAX_BACKOFF, 5.0 * 2 ** min(int(item["attempts"]), 12))
             catalog.mirror_retry(item, error=str(exc), next_try=now() + delay)
             report.failed.append(f"{path} -> {target.name}: {exc}")

@@ -59,7 +59,7 @@ def plan_watch(
     rows = [r for r in catalog.present(watch=watch.name) if r.kind != "link"]
     return plan(
         [r.entry() for r in rows], policy_of(watch, retention), now,
-        awaiting_mirror=awaiting_mirror, link_targets=catalog.link_targets(),
+        awaiting_mirror=awaiting_mirror, link_targets=catalog.link_targets(), rotating=catalog.rotating_runs(),
     )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ The rules are a union of what to keep; a checkpoint is deleted only when no rule
 watch is over `max_size` and it is among the oldest that no invariant protects. Invariants hold whatever
 the policy says: a run's latest ok checkpoint, its best, a pinned one, one not yet verified, one a mirror
 still has to copy, the only ok checkpoint of a run, the best that the trainer's records in the latest name
-(its `best_model_checkpoint`, `best_model_path`), and the target of a link are never deleted. Corrupt
+(its `best_model_checkpoint`, `best_model_path`), and the target of a link are never deleted; nor is anything
+in a run whose trainer was seen deleting its own old checkpoints (deleting beside it would race it). Corrupt
 checkpoints are never deleted silently: they follow `on_corrupt` with their problem as the reason.
 Applying a plan is `ckptd.prune`'s job; nothing here touches the disk, the clock or the log.
 """
@@ -28,6 +29,7 @@ UNVERIFIED = "not verified yet"
 AWAITING_MIRROR = "awaiting mirror"
 ONLY_OK = "only ok checkpoint of the run"
 TRAINER_NEEDS = "the trainer's best"
+TRAINER_ROTATES = "its trainer deletes this run's old checkpoints itself"
 NO_RULE = ("no keep rule applies",)
 _INVARIANT_PREFIXES = (
     LATEST,
@@ -37,6 +39,7 @@ _INVARIANT_PREFIXES = (
     AWAITING_MIRROR,
     ONLY_OK,
     TRAINER_NEEDS,
+    TRAINER_ROTATES,
     "target of link",
     "status ",
     "corrupt",
@@ -98,11 +101,13 @@ def plan(
     *,
     awaiting_mirror: frozenset[str] = frozenset(),
     link_targets: Mapping[str, str] | None = None,
+    rotating: frozenset[str] = frozenset(),
 ) -> Plan:
     """Plan retention for one watch.
 
     Given its checkpoints (links excluded), the policy, the current time, the paths a mirror still has to
-    copy, and {target: link} for checkpoints that links point to. Returns a decision for every entry.
+    copy, {target: link} for checkpoints that links point to, and the runs whose trainer deletes its own old
+    checkpoints (ckptd never races it: everything there is kept). Returns a decision for every entry.
     """
     targets = link_targets or {}
     by_run: dict[str, list[Entry]] = {}
@@ -112,7 +117,11 @@ def plan(
     decisions: list[Decision] = []
     for run in sorted(by_run):
         ordered += by_run[run]
-        decisions += _plan_run(by_run[run], policy, now, awaiting_mirror, targets)
+        if run in rotating:
+            decisions += [Decision(e.path, run, "keep", (TRAINER_ROTATES,), e.size, e.sha256, e.identity)
+                          for e in by_run[run]]  # fmt: skip
+        else:
+            decisions += _plan_run(by_run[run], policy, now, awaiting_mirror, targets)
     warnings: list[str] = []
     if policy.max_size is not None:
         decisions, warnings = _enforce_max_size(decisions, ordered, policy.max_size)

@@ -66,6 +66,7 @@ class Survey:
     links: int = 0
     gone: list[str] = field(default_factory=list)
     gone_runs: set[str] = field(default_factory=set)  # the runs of the checkpoints in `gone`
+    rotating: set[str] = field(default_factory=set)  # runs just seen deleting checkpoints of their own
     removed_sidecars: list[str] = field(default_factory=list)
     removed_temps: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # could not be looked at (permissions, I/O errors)
@@ -124,8 +125,10 @@ def survey(
         except OSError as exc:  # one unreadable checkpoint never stops the survey of the others
             result.failed.append(f"{candidate.path}: {exc}")
     for row in catalog.present(under=str(root)):
-        if row.path not in seen and not Path(row.path).exists() and not Path(row.path).is_symlink():
-            catalog.mark_gone(row.path, now())
+        how = "present" if row.path in seen else discover.vanishing(Path(row.path))
+        if how != "present":
+            if catalog.vanished(row, now(), deleted=how == "deleted"):
+                result.rotating.add(row.run)
             result.gone.append(row.path)
             result.gone_runs.add(row.run)
     for orphan in discover.orphan_sidecars(root):

@@ -144,9 +144,10 @@ def print_status(report: dict[str, Any]) -> None:
             best = "-"
             if run["best"]:
                 best = f"{Path(run['best']).name} ({run['best_metric']}={run['best_value']:.4g})"
-            table.add_row(
-                _relative(run["run"], Path(watch["folder"])), Path(run["latest"]).name if run["latest"] else "-", best
-            )
+            name = _relative(run["run"], Path(watch["folder"]))
+            if run.get("trainer_rotates"):
+                name += " (its trainer rotates it)"
+            table.add_row(name, Path(run["latest"]).name if run["latest"] else "-", best)
         if watch["runs"]:
             console.print(table)
     for problem in report.get("scrub_problems", [])[:20]:

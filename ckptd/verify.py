@@ -134,6 +134,7 @@ def verify(
     progress: Progress | None = None,
     timeout: float | None = None,
     root: Path | None = None,
+    require_complete: bool = True,
 ) -> Verification:
     """Verify the checkpoint at `path` (a file or a directory checkpoint; a link is not followed).
 
@@ -143,7 +144,9 @@ def verify(
     swapped for a link to a folder of root's is never read). Returns the record; never raises for a bad
     checkpoint. Raises FileNotFoundError when `path` is missing, TrustError when a trusted name cannot be
     imported, and CheckpointChanged when the checkpoint changed while it was read (it is still being
-    written: retry later, do not call it corrupt) or is now reached through a link.
+    written: retry later, do not call it corrupt) or is now reached through a link. A folder checkpoint its
+    trainer has not finished is corrupt, unless `require_complete` is False (a restored copy, proved whole by
+    its hashes, whose completion marker lay outside it).
     """
     started = time.monotonic()
     resolve_trusted(trusted)  # a bad name raises TrustError here, not a load failure that reads as corrupt
@@ -154,7 +157,7 @@ def verify(
     scope = _Scope(timeout if timeout is not None else default_timeout(before[""].size), root)
     try:
         if stat_module.S_ISDIR(mode):
-            findings = _verify_directory(path, trusted, progress, scope)
+            findings = _verify_directory(path, trusted, progress, scope, require_complete)
         elif stat_module.S_ISREG(mode):
             findings = _verify_file(path, trusted, progress, scope)
         else:
@@ -529,7 +532,8 @@ def _safetensors_header(name: str, mapped: Buffer, source: str, findings: _Findi
 # --------------------------------------------------------------------------------------- directory formats
 
 
-def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
+def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope,
+                      require_complete: bool) -> _Findings:  # fmt: skip
     names = layouts.entries(folder)
     layout = layouts.detect(folder, names)
     specials = special_files(folder)
@@ -544,7 +548,7 @@ def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress |
         findings.files = _hash_files(folder, directory_files(folder), progress, scope)
     else:
         findings = _check_unit(folder, layout, names, trusted, progress, scope)
-        if not layout.complete(folder, names):  # asked for by hand: the daemon and scan wait for it instead
+        if require_complete and not layout.complete(folder, names):  # by hand: the daemon and scan wait instead
             findings.problems.append(
                 f"{folder.name}: incomplete {layout.name} checkpoint: the trainer has not finished this save (it is"
                 " still being written, or the save crashed); the daemon and `ckptd scan` wait until it is complete"

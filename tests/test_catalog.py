@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptd.catalog import CATALOG_NAME, Catalog, decode, encode
-from ckptd.model import Verification
+from ckptd.catalog import CATALOG_NAME, Catalog, Row, decode, encode
+from ckptd.model import Identity, Verification
 
 MTIME_NS = 1_700_000_000_123_456_789
 
@@ -209,3 +209,41 @@ def test_a_name_that_is_not_utf8_is_recorded_and_found(catalog: Catalog) -> None
     assert {r.path for r in catalog.present(under="/r")} == {weird, "/r/" + "x" * 255}
     catalog.mark_gone(weird, 200.0)
     assert catalog.get(weird).gone_at == 200.0  # type: ignore[union-attr]
+
+
+def test_a_checkpoint_deleted_not_by_ckptd_marks_its_run_as_rotated_by_its_trainer(catalog: Catalog) -> None:
+    """A checkpoint deleted from a folder that stays, by something other than ckptd, tells that the run's trainer
+    rotates its own checkpoints (learnt once). Moved away with its folder, deleted by ckptd (pending or just done,
+    same inode), or a link: no such thing. A run known to rotate keeps that flag."""
+    for name in ("a", "b", "c", "d", "e"):
+        _record(catalog, f"/runs/{name}/1.pt")
+        _record(catalog, f"/runs/{name}/2.pt", inode=43)
+        catalog.set_run(run=f"/runs/{name}", watch="w", latest=None, best=None, metric=None, value=None, now=1.0)
+
+    def row(path: str) -> Row:
+        found = catalog.get(path)
+        assert found is not None
+        return found
+
+    assert catalog.vanished(row("/runs/a/1.pt"), 2.0, deleted=False) is False  # its run folder moved away
+
+    def intent(run: str) -> int:
+        same = Identity(1000, MTIME_NS, 42, 0)
+        return catalog.journal_intent(action="delete", watch="w", run=run, path=f"{run}/1.pt", sha256=None,
+                                      size=1000, reasons=[], now=2.0, identity=same)  # fmt: skip
+
+    entry = intent("/runs/b")
+    assert catalog.vanished(row("/runs/b/1.pt"), 2.0, deleted=True) is False  # ckptd's own, under way
+    catalog.journal_finish(entry, state="done", now=3.0)
+    entry = intent("/runs/c")
+    before = row("/runs/c/1.pt")
+    catalog.journal_finish(entry, state="done", now=3.0)
+    assert catalog.vanished(before, 3.0, deleted=True) is False  # read just before done
+    catalog.record_link(watch="w", run="/runs/d", path="/runs/d/last.pt", target="/runs/d/1.pt", size=1,
+                        mtime_ns=1, inode=7, now=1.0)  # fmt: skip
+    assert catalog.vanished(row("/runs/d/last.pt"), 2.0, deleted=True) is False  # a link is no checkpoint
+    assert catalog.rotating_runs() == frozenset()
+    assert catalog.vanished(row("/runs/e/1.pt"), 2.0, deleted=True) is True  # the trainer's rotation
+    assert catalog.vanished(row("/runs/e/2.pt"), 2.0, deleted=True) is False  # known already
+    assert catalog.rotating_runs() == frozenset({"/runs/e"})
+    assert [r.path for r in catalog.present(under="/runs/e")] == []

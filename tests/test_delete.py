@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 from test_prune import LOSSES, Env, _checkpoint, journal, prune, scan, snapshot, trash
 from test_prune import env as env  # the fixture: five verified checkpoints of runs/exp1
+from trainer_fixtures import CopyOutput
 
 from ckptd import delete
 from ckptd.catalog import Catalog
 from ckptd.config import load_config
+from ckptd.model import Identity
 from ckptd.prune import plan_watch
 from ckptd.retention import Decision, Plan
+from ckptd.verify import verify
 
 
 def planned(env: Env) -> Plan:
@@ -172,3 +175,39 @@ def test_a_link_in_one_watch_protects_its_target_in_another(tmp_path: Path) -> N
     assert (tmp_path / "runs-a" / "exp" / "epoch=1.pt").exists() and not (
         tmp_path / "runs-a" / "exp" / "epoch=2.pt"
     ).exists()
+
+
+def test_an_accelerate_save_is_trashed_beside_checkpoints_never_in_it(
+    copy_output: CopyOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accelerate counts every entry of its checkpoints/ folder (total_limit parses a number out of each name):
+    a save being deleted is moved to its trash name in the project folder above, never beside its siblings,
+    and an interrupted deletion is completed from there."""
+    out = copy_output("accelerate")
+    unit = out.root / "checkpoints" / "checkpoint_0"
+    verification = verify(unit)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def interrupted(folder: int, name: str) -> None:
+        seen.append((os.listdir(out.root / "checkpoints"), os.listdir(out.root)))
+        raise KeyboardInterrupt  # killed between the move and the removal
+
+    with Catalog(tmp_path / "state") as catalog:
+        catalog.record_verified(watch="w", run=str(out.root), verification=verification,
+                                mtime_ns=verification.mtime_ns, now=1.0)  # fmt: skip
+        removal = delete.Removal(
+            action="delete", watch="w", root=out.root.parent, path=str(unit), run=str(out.root),
+            identity=Identity(verification.size_bytes, verification.mtime_ns, verification.inode, verification.device),
+            sha256=verification.sha256, reasons=("keep_last",),
+        )  # fmt: skip
+        monkeypatch.setattr(delete, "remove_at", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            delete.execute(removal, catalog, tmp_path / "state", now=2.0)
+        monkeypatch.undo()
+        [(in_checkpoints, in_project)] = seen
+        assert sorted(in_checkpoints) == ["checkpoint_1"]
+        assert [n for n in in_project if n.startswith(delete.TRASH_PREFIX)] != []
+        [pending] = catalog.journal(state="pending")
+        assert pending["trash_folder"] == str(out.root)
+        assert delete.finish_pending(catalog, {"w": out.root.parent}, tmp_path / "state") == 1
+    assert sorted(os.listdir(out.root)) == ["checkpoints"] and not unit.exists()

@@ -536,3 +536,15 @@ def test_the_best_that_the_trainers_records_name_is_kept_whatever_the_policy() -
     assert actions["epoch=1.pt"] == ("keep", ("the trainer's best (named by epoch=4.pt)",))
     assert actions["epoch=0.pt"][0] == actions["epoch=2.pt"][0] == actions["epoch=3.pt"][0] == "delete"
     assert actions["epoch=4.pt"] == ("keep", ("latest", "keep_last 1/1"))
+
+
+def test_a_run_whose_trainer_rotates_its_checkpoints_is_left_to_it() -> None:
+    """Once its trainer was seen deleting its own old checkpoints, a run keeps everything whatever the policy
+    (max_size included): deleting beside the trainer's rotation would race it. Other runs are planned as ever."""
+    rotating, other = _run(4, run="/runs/hf"), _run(4, run="/runs/other")
+    result = plan([*rotating, *other], Policy(keep_last=1, keep_best=0, max_size=0), NOW,
+                  rotating=frozenset({"/runs/hf"}))  # fmt: skip
+    kept = {d.path: d.reasons for d in result.decisions if d.run == "/runs/hf"}
+    assert kept == {e.path: ("its trainer deletes this run's old checkpoints itself",) for e in rotating}
+    assert all(d.action == "keep" for d in result.decisions if d.run == "/runs/hf")
+    assert [d.action for d in result.decisions if d.run == "/runs/other"].count("delete") == 3
