@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from ckptd.layouts import NUMPY_ARRAYS, Member, Reader, writing
+from ckptd.layouts import NUMPY_ARRAYS, Member, Reader, deepspeed, writing
 from ckptd.metadata import Extracted, capped_metrics, scalar, sibling_name
 
 NAME = re.compile(r"^(?:tmp-)?checkpoint-(\d+)$")
@@ -40,11 +40,6 @@ TRAINING_ARGS = frozenset({
     "transformers.debug_utils.DebugOption", "transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig",
     "transformers.integrations.deepspeed.HfDeepSpeedConfig", "accelerate.state.PartialState",
     "accelerate.utils.dataclasses.DistributedType", "accelerate.utils.dataclasses.DeepSpeedPlugin",
-})  # fmt: skip
-# Under DeepSpeed the optimizer lives in the tag folder (see ckptd/layouts/deepspeed.py).
-DEEPSPEED_STATE = frozenset({
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
 })  # fmt: skip
 _RNG = re.compile(r"^rng_state(_\d+)?\.pth$")
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
@@ -81,8 +76,8 @@ class HfTrainer:
             return Member("state", TRAINING_ARGS)
         if _RNG.match(name):
             return Member("state", NUMPY_ARRAYS)
-        if name.endswith(("_optim_states.pt", "_model_states.pt")):  # a DeepSpeed tag folder inside
-            return Member("weights" if name.endswith("_model_states.pt") else "state", DEEPSPEED_STATE)
+        if name.endswith(("_optim_states.pt", "_model_states.pt")):  # a DeepSpeed tag folder (HF with DeepSpeed)
+            return Member("weights" if name.endswith("_model_states.pt") else "state", deepspeed.STATE)
         if name.endswith((".pt", ".pth", ".bin", ".safetensors")):
             return Member("state")
         return Member("other")
