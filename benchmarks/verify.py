@@ -1,6 +1,10 @@
 """Benchmark: `ckptd verify` against one read of the file (the floor) and against a naive load-then-hash.
 
-Run as `.venv/bin/python benchmarks/verify.py [--size-gib 2] [--second-gib 0.5] [--repeats 5]`.
+Run as `.venv/bin/python benchmarks/verify.py [--size-gib 2] [--second-gib 0.5] [--repeats 5] [--trainer-folder]`.
+
+With `--trainer-folder` the checkpoint is a Hugging Face Trainer `checkpoint-<step>/` folder of that size instead
+(model.safetensors, optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json): the floor reads every file
+once, ckptd checks each member like a checkpoint of its own kind, and naive loads each `.pt`/`.safetensors`.
 
 For each size, a torch checkpoint written by `torch.save` (a dict of 64 MiB float32 tensors, a few small ones,
 an epoch and a global_step) is created once under /tmp/ckptd-bench and read once so that it is in the page
@@ -52,19 +56,52 @@ SAMPLE_INTERVAL = 0.005
 TARGET_RATIO = 1.15
 TARGET_ANON_MB = 400
 
+# `files`: the checkpoint, or every file of a folder checkpoint, sorted. The floor reads each once.
+FILES_SNIPPET = (
+    "import os, sys\n"
+    "root = sys.argv[1]\n"
+    "files = sorted(os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns) if os.path.isdir(root) else [root]\n"
+)
 HASH_SNIPPET = (
-    "h = hashlib.sha256()\n"
-    "with open(path, 'rb') as f:\n"
-    "    while chunk := f.read(8 << 20):\n"
-    "        h.update(chunk)\n"
-    "print(h.hexdigest())\n"
+    "for path in files:\n"
+    "    h = hashlib.sha256()\n"
+    "    with open(path, 'rb') as f:\n"
+    "        while chunk := f.read(8 << 20):\n"
+    "            h.update(chunk)\n"
+    "    print(h.hexdigest())\n"
 )
-FLOOR_CODE = "import sys, torch, hashlib\npath = sys.argv[1]\n" + HASH_SNIPPET
+FLOOR_CODE = "import torch, hashlib\n" + FILES_SNIPPET + HASH_SNIPPET
 NAIVE_CODE = (
-    "import sys, torch, hashlib\n"
-    "path = sys.argv[1]\n"
-    "obj = torch.load(path, weights_only=True, map_location='cpu')\n" + HASH_SNIPPET
+    "import torch, hashlib\n"
+    "from safetensors.torch import load_file\n" + FILES_SNIPPET + "for path in files:\n"
+    "    if path.endswith('.safetensors'):\n"
+    "        load_file(path)\n"
+    "    elif path.endswith(('.pt', '.pth', '.bin')):\n"
+    "        torch.load(path, weights_only=True, map_location='cpu')\n" + HASH_SNIPPET
 )
+# A Hugging Face Trainer `checkpoint-<step>/` (argv: folder total_bytes): the weights as safetensors (a third),
+# AdamW's two moments in optimizer.pt (two thirds), scheduler.pt, rng_state.pth, trainer_state.json written last.
+CREATE_FOLDER_CODE = """
+import json, os, shutil, sys, torch
+from safetensors.torch import save_file
+folder, total = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+n = max(1, total // 3 // (64 << 20))
+weights = {f"layers.{i}.weight": torch.randn(16 << 20).view(-1, 4096) for i in range(n)}
+tmp = folder + ".partial"
+shutil.rmtree(tmp, ignore_errors=True)
+os.makedirs(tmp)
+save_file(weights, os.path.join(tmp, "model.safetensors"))
+moments = {i: {"step": torch.tensor(100.0), "exp_avg": torch.randn_like(w), "exp_avg_sq": torch.rand_like(w)}
+           for i, w in enumerate(weights.values())}
+torch.save({"state": moments, "param_groups": [{"lr": 1e-4, "params": list(range(n))}]},
+           os.path.join(tmp, "optimizer.pt"))
+torch.save({"last_epoch": 100, "_step_count": 101}, os.path.join(tmp, "scheduler.pt"))
+torch.save({"python": 1, "cpu": torch.get_rng_state()}, os.path.join(tmp, "rng_state.pth"))
+with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+    json.dump({"global_step": 100, "epoch": 1.0, "log_history": [{"step": 100, "eval_loss": 0.5}]}, f)
+os.replace(tmp, folder)
+"""
 
 # ---------------------------------------------------------------------------------------------- checkpoint
 
@@ -73,6 +110,25 @@ def _expected_payload(size_gib: float) -> tuple[int, int]:
     n_big = max(1, round(size_gib * (1 << 30) / BIG_TENSOR))
     payload = n_big * BIG_TENSOR + SMALL_TENSORS * SMALL_ELEMENTS * 4
     return n_big, payload
+
+
+def _cache(files: list[Path]) -> None:
+    for path in files:
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
+def ensure_folder(size_gib: float) -> Path:
+    """Create the Trainer-like checkpoint folder once (reused while it exists); read it into the cache."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    folder = CACHE_DIR / f"hf-{round(size_gib * 1024)}MiB" / "checkpoint-100"
+    if not (folder / "trainer_state.json").exists():
+        print(f"creating {folder} ...", flush=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([PYTHON, "-c", CREATE_FOLDER_CODE, str(folder), str(int(size_gib * (1 << 30)))], check=True)
+    _cache(sorted(p for p in folder.iterdir()))
+    return folder
 
 
 def ensure_checkpoint(size_gib: float) -> Path:
@@ -88,9 +144,7 @@ def ensure_checkpoint(size_gib: float) -> Path:
         args = [str(path), str(n_big), str(BIG_TENSOR // 4), str(SMALL_TENSORS), str(SMALL_ELEMENTS)]
         subprocess.run([PYTHON, "-c", CREATE_CODE, *args], check=True)
         print(f"  created in {time.monotonic() - started:.1f} s", flush=True)
-    with open(path, "rb") as f:
-        while f.read(8 << 20):
-            pass
+    _cache([path])
     return path
 
 
@@ -276,6 +330,9 @@ def main() -> int:
         help="a second size, to show memory does not grow with size (default 0.5; 0 skips it)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per command and size (default 5)")
+    parser.add_argument(
+        "--trainer-folder", action="store_true", help="verify a Trainer checkpoint-<step>/ folder instead of one file"
+    )
     args = parser.parse_args()
     if not Path(CKPTD).exists():
         raise SystemExit(f"{CKPTD} not found: run `make` (or install the package into .venv) first")
@@ -283,11 +340,12 @@ def main() -> int:
     sizes = [args.size_gib] + ([args.second_gib] if args.second_gib > 0 else [])
     reports = []
     for size in sizes:
-        path = ensure_checkpoint(size)
+        path = ensure_folder(size) if args.trainer_folder else ensure_checkpoint(size)
         load_before = loadavg()
         runs = bench(path, args.repeats)
         load = f"{load_before} before, {loadavg()} after"
-        reports.append(table(f"{size:g} GiB target", path.stat().st_size, runs, load))
+        total = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+        reports.append(table(f"{size:g} GiB target{' folder' if path.is_dir() else ''}", total, runs, load))
 
     print()
     print(f"Machine: {machine()}")

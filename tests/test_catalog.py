@@ -247,3 +247,12 @@ def test_a_checkpoint_deleted_not_by_ckptd_marks_its_run_as_rotated_by_its_train
     assert catalog.vanished(row("/runs/e/2.pt"), 2.0, deleted=True) is False  # known already
     assert catalog.rotating_runs() == frozenset({"/runs/e"})
     assert [r.path for r in catalog.present(under="/runs/e")] == []
+
+
+def test_a_run_whose_checkpoints_are_all_gone_leaves_the_list_of_runs(catalog: Catalog) -> None:
+    """`status` lists the runs that still have a checkpoint on disk; a run folder deleted whole disappears."""
+    for run in ("/runs/kept", "/runs/removed"):
+        _record(catalog, f"{run}/1.pt")
+        catalog.set_run(run=run, watch="w", latest=f"{run}/1.pt", best=None, metric=None, value=None, now=1.0)
+    catalog.mark_gone("/runs/removed/1.pt", 2.0)
+    assert [r["run"] for r in catalog.runs("w")] == ["/runs/kept"]

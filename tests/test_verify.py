@@ -12,7 +12,10 @@ import checkpoints as ck
 import pytest
 import torch
 
+from ckptd import sidecar
+from ckptd.catalog import Catalog
 from ckptd.model import CheckpointChanged, Verification
+from ckptd.scan import reconcile
 from ckptd.verify import TrustError, directory_digest, verify
 
 NUMPY_TRUST = ["numpy._core.multiarray.scalar", "numpy.dtype"]
@@ -430,6 +433,11 @@ def test_float8_and_float4_tensors_verify_without_a_traceback(tmp_path: Path) ->
         result = verify(tmp_path / name)
         assert (result.status, result.problems, result.warnings) == ("ok", [], warned), name
         assert result.tensors.count == (1 if name == "f4.safetensors" else 2)
+    with Catalog(tmp_path / "state") as catalog:  # and the daemon's record step writes their sidecars
+        report = reconcile(tmp_path, watch="w", patterns=["*.pt", "*.safetensors"], catalog=catalog, verifier=verify,
+                           engine=dict)  # fmt: skip
+    assert sorted(Path(v.path).name for v in report.verified) == sorted(expected)
+    assert all(sidecar.read(tmp_path / name) is not None for name in expected)
 
 
 # ---------------------------------------------------------------------------------------------- safety
