@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,19 @@ def test_accelerate_with_total_limit_never_trips_over_ckptd(site: Site) -> None:
     with ckptd verifying and mirroring beside it (sidecars in the state folder), it never fails; ckptd sees it
     rotate and leaves retention of that run to it; load_state resumes from `latest` and from the mirror."""
     run = site.runs / "acc"
-    # A save every 1.2 s: each is verified before the trainer rotates it, so ckptd sees the rotation.
-    report = run_trainer("accelerate_state", "--project-dir", run, "--saves", 5, "--total-limit", 2,
-                         "--step-sleep", 0.6)  # fmt: skip
+    go = site.base / "acc.go"
+    # The trainer holds after its first save until ckptd has verified it; its next saves follow within
+    # milliseconds, well inside the settle time, so the trainer's third save rotates checkpoint_0 before ckptd's
+    # keep_last = 1 could take it: ckptd sees the rotation on any machine, however slow.
+    with ThreadPoolExecutor(1) as pool:
+        trainer = pool.submit(run_trainer, "accelerate_state", "--project-dir", run, "--saves", 5,
+                              "--total-limit", 2, "--hold-after-first-save", go)  # fmt: skip
+        try:
+            wait_until(lambda: settled(site, run, {"checkpoints/checkpoint_0"}), "checkpoint_0 verified", SETTLED,
+                       on_fail=site.daemon.tail())  # fmt: skip
+        finally:
+            go.touch()  # a failed wait must not leave the trainer holding
+        report = trainer.result()
     last = Path(report["saves"][-1]["path"]).name
     kept = {f"checkpoints/{Path(p).name}" for p in report["checkpoints"]}  # the trainer's two
     assert len(kept) == 2

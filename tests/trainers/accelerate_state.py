@@ -5,6 +5,9 @@ ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True, total_li
 custom_checkpoint_0.pkl}; <i> counts saves (it is not the training step). The registered custom object is
 {"step": optimizer steps so far, "epoch": finished passes over the data}, so it is the only place the step lives.
 
+--hold-after-first-save FILE pauses after the first save until FILE exists, so a test can let a watcher see that
+save before the quick saves that follow rotate it.
+
 --resume PATH runs accelerator.load_state(PATH) ("auto" means load_state() with no path: accelerate picks the
 highest-numbered entry of checkpoints/), checks what came back, sets project_configuration.iteration to one past
 the highest existing checkpoint_<i> (accelerate does not restore it, and save_state would otherwise fail with
@@ -69,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-save", type=int, default=2, help="optimizer steps between saves")
     p.add_argument("--total-limit", type=int, default=None, help="ProjectConfiguration.total_limit")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each optimizer step")
+    p.add_argument(
+        "--hold-after-first-save",
+        type=Path,
+        default=None,
+        help="after the first save, wait (up to 120 s) until this file exists",
+    )
     p.add_argument("--resume", default=None, help='checkpoint_<i> dir to load_state() from, or "auto"')
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -138,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             path = accelerator.save_state()
         saves.append({"path": str(path), "step": progress.step, "time": time.time()})
+        if a.hold_after_first_save is not None and len(saves) == 1:
+            held = time.monotonic() + 120
+            while not a.hold_after_first_save.exists() and time.monotonic() < held:
+                time.sleep(0.05)
 
     checkpoints = sorted((str(q) for q in ckpt_root.iterdir()), key=lambda s: index_of(Path(s).name))
     report = {
