@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     gone_at     REAL,
     pinned      INTEGER NOT NULL DEFAULT 0,
     device      INTEGER NOT NULL DEFAULT 0,
-    needs       TEXT NOT NULL DEFAULT '[]'  -- JSON list: names beside it that its trainer still needs (its best)
+    needs       TEXT NOT NULL DEFAULT '[]', -- JSON list: names beside it that its trainer still needs (its best)
+    resumable   INTEGER                   -- 1: holds optimizer state, 0: weights only, NULL: not known
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
@@ -174,6 +175,7 @@ class Row:
     pinned: bool
     device: int = 0
     needs: list[str] = field(default_factory=list)
+    resumable: bool | None = None
 
     @property
     def mtime(self) -> float:
@@ -186,7 +188,7 @@ class Row:
             path=self.path, run=self.run, status=self.status, size=self.size, mtime=self.mtime, sha256=self.sha256,
             epoch=self.epoch, step=self.step, metrics=self.metrics, pinned=self.pinned, format=self.format,
             verified=self.status is not None, mtime_ns=self.mtime_ns, inode=self.inode, device=self.device,
-            needs=tuple(self.needs),
+            needs=tuple(self.needs), resumable=self.resumable,
         )  # fmt: skip
 
 
@@ -195,6 +197,7 @@ def _row(values: sqlite3.Row) -> Row:
     data["metrics"] = json.loads(data["metrics"])
     data["problems"] = json.loads(data["problems"])
     data["needs"] = json.loads(data.get("needs") or "[]")
+    data["resumable"] = None if data.get("resumable") is None else bool(data["resumable"])
     data["pinned"] = bool(data["pinned"])
     return Row(**data)
 
@@ -222,7 +225,9 @@ class Catalog:
         added = {
             "mirror_queue": {"copied": "INTEGER NOT NULL DEFAULT 0"},
             "runs": {"rotated_at": "REAL"},
-            "checkpoints": {"device": "INTEGER NOT NULL DEFAULT 0", "needs": "TEXT NOT NULL DEFAULT '[]'"},
+            "checkpoints": {
+                "device": "INTEGER NOT NULL DEFAULT 0", "needs": "TEXT NOT NULL DEFAULT '[]'", "resumable": "INTEGER",
+            },
             "journal": {
                 "device": "INTEGER", "inode": "INTEGER", "mtime_ns": "INTEGER",
                 "folder": "TEXT", "trash": "TEXT", "trash_folder": "TEXT",
@@ -269,8 +274,8 @@ class Catalog:
         self._exec(
             """
             INSERT INTO checkpoints (path, watch, run, kind, link_target, format, status, size, mtime_ns, inode,
-                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at, device, needs)
-            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)
+                sha256, epoch, step, metrics, problems, first_seen, verified_at, gone_at, device, needs, resumable)
+            VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)
             ON CONFLICT (path) DO UPDATE SET
                 watch = excluded.watch, run = excluded.run, kind = excluded.kind, link_target = NULL,
                 format = excluded.format, status = excluded.status, size = excluded.size,
@@ -278,13 +283,13 @@ class Catalog:
                 sha256 = excluded.sha256,
                 epoch = excluded.epoch, step = excluded.step, metrics = excluded.metrics,
                 problems = excluded.problems, verified_at = excluded.verified_at, gone_at = NULL,
-                needs = excluded.needs
+                needs = excluded.needs, resumable = excluded.resumable
             """,
             (
                 v.path, watch, run, "directory" if v.is_directory else "file", v.format, v.status,
                 v.size_bytes, mtime_ns, v.inode, v.sha256, v.epoch, v.global_step,
                 json.dumps(v.metrics, allow_nan=True), json.dumps(v.problems), now, now, v.device,
-                json.dumps(v.needs),
+                json.dumps(v.needs), None if v.resumable is None else int(v.resumable),
             ),
         )  # fmt: skip
 

@@ -107,6 +107,13 @@ class MetricConfig(_Model):
 
     name: str = Field(min_length=1)
     mode: Literal["min", "max"] = "min"
+    # Where the metric is, when it is not where ckptd looks (see metadata.extract): a dotted path with list
+    # indices into the loaded checkpoint, such as "history.val_dice[-1]".
+    key: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w-]*(\[-?\d+\])*(\.[A-Za-z_][\w-]*(\[-?\d+\])*)*$")
+
+    def keys(self) -> dict[str, str]:
+        """{name: key} for the verify engine, or nothing when no key is set."""
+        return {self.name: self.key} if self.key else {}
 
 
 class RetentionConfig(_Model):

@@ -1,8 +1,13 @@
 """Training metadata from a loaded checkpoint object and its file name. Pure: no I/O, no torch import.
 
 Given whatever a checkpoint unpickles to (usually a dict holding tensors) and its file name, `extract`
-returns the epoch, the global step, the metrics, the producer and the top-level keys. Tensors are handled
-by duck typing (`numel()` and `item()`), so this module works without torch.
+returns the epoch, the global step, the metrics, the producer, the top-level keys and whether it holds
+training state to resume from. Tensors are handled by duck typing (`numel()` and `item()`), so this module
+works without torch.
+
+Metrics are read where trainers keep them (see `extract`). A name starting with `best` (`best_metric`,
+`best_map`) holds the best value so far, not this checkpoint's own: it is recorded like any other, and
+selection ranks it so that the checkpoint where it was first reached wins (see ckptd.selection).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +23,19 @@ from typing import Any
 _NAME_VALUE = re.compile(
     r"(?<![A-Za-z0-9_./])(?P<name>[A-Za-z][A-Za-z0-9_./]*)=(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 )
+# `nameVALUE` parts, as nshtrainer names its files: epoch2-step12-val_loss0.1297. Read only when every
+# '-'-separated part of the name is a word followed by a number (so `model_v2` or `epoch_010_checkpoint` is not).
+_NAME_NUMBER = re.compile(r"^(?P<name>[A-Za-z][A-Za-z_]*?)(?P<value>\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?P<unit>[a-z]*)$")
+# Top-level mappings and lists that hold a series of values per metric (a loop's `history`, HF's `log_history`).
+_HISTORY = re.compile(r"(?:^|_)(?:history|logs?)$", re.IGNORECASE)
+_STEP_NAMES = ("epoch", "step", "global_step", "current_epoch")
+# Keys under which a checkpoint holds an optimizer's state: what makes it resumable, not weights only.
+TRAINING_STATE_KEYS = frozenset({
+    "optimizer_state_dict", "optimizer", "optimizers", "optimizer_states", "optimizer_state", "optim",
+    "optim_state", "optim_state_dict", "opt_state", "opt",
+})  # fmt: skip
 _MAX_KEYS = 200
+_MAX_SCANNED = 4096  # entries of a mapping looked at for metrics: a state dict may hold millions
 MAX_METRICS = 256  # a sidecar is read by every `latest` and `list`: a million metrics would make it 24 MB
 MAX_METRIC_NAME = 200
 
@@ -36,6 +53,12 @@ class Extracted:
     # Checkpoints beside this one that the trainer's records say it still needs (the Trainer's
     # best_model_checkpoint, ModelCheckpoint's best_model_path): bare names, never paths.
     needs: list[str] = field(default_factory=list)
+    resumable: bool = False  # holds an optimizer's state (training can go on from it), not weights only
+
+
+def holds_training_state(keys: Iterable[str]) -> bool:
+    """True when one of these top-level keys (or DCP item prefixes) names an optimizer's state."""
+    return any(str(key).split(".", 1)[0] in TRAINING_STATE_KEYS for key in keys)
 
 
 def scalar(value: Any) -> float | None:
@@ -67,13 +90,89 @@ def _integer(value: Any) -> int | None:
 
 
 def name_values(filename: str) -> dict[str, float]:
-    """Return the `name=value` pairs of a file name (without its extension)."""
+    """Return the `name=value` pairs of a file name (without its extension), or its `nameVALUE` parts when every
+    '-'-separated part is one (nshtrainer: `epoch2-step12-val_loss0.1297`; a part with a unit such as
+    `duration3s` is skipped)."""
     stem = filename
     for suffix in (".safetensors", ".ckpt", ".pth", ".pt", ".bin"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    return {m["name"]: float(m["value"]) for m in _NAME_VALUE.finditer(stem)}
+    found = {m["name"]: float(m["value"]) for m in _NAME_VALUE.finditer(stem)}
+    if found:
+        return found
+    parts = [_NAME_NUMBER.match(part) for part in stem.split("-")]
+    if len(parts) < 2 or not all(parts):
+        return {}
+    return {m["name"]: float(m["value"]) for m in parts if m is not None and not m["unit"]}
+
+
+def value_at(obj: Any, path: str) -> float | None:
+    """The number at a dotted path with list indices (`history.val_dice[-1]`, `metrics.map50`), or None. A
+    mapping whose keys hold dots themselves (a DCP state's flattened names) is matched on the longest key."""
+    tokens: list[str | int] = []
+    for part in path.split("."):
+        name, *indices = re.split(r"\[", part)
+        if name:
+            tokens.append(name)
+        for index in indices:
+            try:
+                tokens.append(int(index.rstrip("]")))
+            except ValueError:
+                return None
+    current, i = obj, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if isinstance(token, int):
+            if not isinstance(current, list | tuple) or not -len(current) <= token < len(current):
+                return None
+            current, i = current[token], i + 1
+            continue
+        if not isinstance(current, Mapping):
+            return None
+        for j in range(len(tokens), i, -1):  # the longest dotted name the mapping holds
+            names = tokens[i:j]
+            if all(isinstance(t, str) for t in names) and ".".join(map(str, names)) in current:
+                current, i = current[".".join(map(str, names))], j
+                break
+        else:
+            return None
+    return scalar(current)
+
+
+def _top_level_numbers(obj: Mapping[Any, Any]) -> dict[str, float]:
+    """Every plain number at the top level (`best_map`, `val_acc`, `loss`), not epoch or step, not a state dict's
+    buffers (`bn.num_batches_tracked`)."""
+    found = {}
+    for key, value in itertools.islice(obj.items(), _MAX_SCANNED):
+        if isinstance(key, str) and "." not in key and key not in _STEP_NAMES:
+            number = scalar(value)
+            if number is not None:
+                found[key] = number
+    return found
+
+
+def _history_metrics(obj: Mapping[Any, Any]) -> dict[str, float]:
+    """The last value of each series in a top-level history: `{"val_dice": [..]}` or a list of records
+    (`[{"step": 10, "eval_loss": 0.3}, ...]`, as HF's log_history)."""
+    found: dict[str, float] = {}
+    for key, value in itertools.islice(obj.items(), _MAX_SCANNED):
+        if not (isinstance(key, str) and _HISTORY.search(key)):
+            continue
+        if isinstance(value, Mapping):
+            for name, series in itertools.islice(value.items(), MAX_METRICS + 1):
+                last = series[-1] if isinstance(series, list | tuple) and series else series
+                number = scalar(last)
+                if number is not None and str(name) not in _STEP_NAMES:
+                    found[str(name)] = number
+        elif isinstance(value, list | tuple):
+            for record in value[-1000:]:
+                if isinstance(record, Mapping):
+                    for name, item in itertools.islice(record.items(), 64):
+                        number = scalar(item)
+                        if number is not None and str(name) not in _STEP_NAMES:
+                            found[str(name)] = number
+    return found
 
 
 def sibling_name(value: Any) -> str | None:
@@ -111,13 +210,17 @@ def _lightning_scores(callbacks: Any) -> dict[str, float]:
     return scores
 
 
-def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
-    """Read epoch, step, metrics, producer and keys out of a loaded checkpoint object.
+def extract(
+    obj: Any, filename: str, producer: str | None = None, keys_of: Mapping[str, str] | None = None
+) -> Extracted:
+    """Read epoch, step, metrics, producer, keys and resumability out of a loaded checkpoint object.
 
-    Given the unpickled object, the checkpoint's file name, and a producer already known from the format
-    (`"dcp"`, `"huggingface"`), if any. Sources of metrics, later ones winning: the file name's
-    `name=value` parts, `best_metric`, Lightning's ModelCheckpoint `current_score` under its monitor's
-    name, and a `metrics` mapping. Never raises on odd objects: it just finds less.
+    Given the unpickled object, the checkpoint's file name, a producer already known from the format
+    (`"dcp"`, `"huggingface"`), if any, and `keys_of`: {metric: dotted path} for metrics kept elsewhere (a
+    watch's `[watch.metric] key`). Sources of metrics, later ones winning: the file name's `name=value` (or
+    `nameVALUE`) parts, every number at the top level (`best_map`, `val_acc`), the last value of each series in
+    a `history`/`log_history`, Lightning's ModelCheckpoint `current_score` under its monitor's name, a `metrics`
+    mapping, and `keys_of`. Never raises on odd objects: it just finds less.
     """
     from_name = name_values(filename)
     metrics = {k: v for k, v in from_name.items() if k not in ("epoch", "step", "global_step")}
@@ -126,11 +229,12 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
     keys: list[str] = []
     found = 0  # how many metrics the checkpoint declares, when more than were read
     needs: list[str] = []
+    resumable = False
     if isinstance(obj, Mapping):
-        keys = [str(k) for k in list(obj.keys())[:_MAX_KEYS]]
-        best = scalar(obj.get("best_metric"))
-        if best is not None:
-            metrics["best_metric"] = best
+        keys = [str(k) for k in itertools.islice(obj.keys(), _MAX_KEYS)]
+        resumable = holds_training_state(itertools.islice(obj.keys(), _MAX_SCANNED))
+        metrics.update(_top_level_numbers(obj))
+        metrics.update(_history_metrics(obj))
         metrics.update(_lightning_scores(obj.get("callbacks")))
         needs = [name for name in _lightning_best(obj.get("callbacks")) if name != filename]
         declared = obj.get("metrics")
@@ -141,6 +245,10 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
                 if number is not None:
                     metrics[str(name)] = number
             found = max(found, len(declared))
+        for name, path in (keys_of or {}).items():
+            number = value_at(obj, path)
+            if number is not None:
+                metrics[name] = number
         epoch = _first_int(obj, ("epoch",), epoch)
         step = _first_int(obj, ("global_step", "step"), step)
         if producer is None:
@@ -149,7 +257,7 @@ def extract(obj: Any, filename: str, producer: str | None = None) -> Extracted:
     metrics, notes = capped_metrics(metrics, found)
     return Extracted(
         epoch=epoch, global_step=step, metrics=metrics, producer=producer or "torch", keys=keys, notes=notes,
-        needs=needs,
+        needs=needs, resumable=resumable,
     )  # fmt: skip
 
 

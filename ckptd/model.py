@@ -77,6 +77,9 @@ class Verification:
     layout: str | None = None  # the trainer layout of a folder checkpoint (ckptd.layouts), None for a file
     # Names of checkpoints beside this one that its trainer's records say it still needs (its best): kept.
     needs: list[str] = field(default_factory=list)
+    # Holds an optimizer's state to resume training from (False: weights only); None in sidecars written before
+    # ckptd recorded it, which count as resumable.
+    resumable: bool | None = None
 
     @property
     def is_directory(self) -> bool:
@@ -132,6 +135,7 @@ class Entry:
     inode: int = 0
     device: int = 0
     needs: tuple[str, ...] = ()  # names beside it the trainer still needs (see Verification.needs)
+    resumable: bool | None = None  # see Verification.resumable
 
     @property
     def identity(self) -> Identity:
@@ -146,4 +150,5 @@ class Entry:
             path=v.path, run=run, status=v.status, size=v.size_bytes, mtime=v.mtime, sha256=v.sha256,
             epoch=v.epoch, step=v.global_step, metrics=dict(v.metrics), pinned=pinned, format=v.format,
             verified=verified, mtime_ns=v.mtime_ns, inode=v.inode, device=v.device, needs=tuple(v.needs),
+            resumable=v.resumable,
         )  # fmt: skip

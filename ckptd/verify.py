@@ -56,7 +56,7 @@ from ckptd.formats.pickles import (
 )
 from ckptd.fsutil import NotRegularFile, kind_of, open_confined, open_regular
 from ckptd.layouts import dcp, nshtrainer
-from ckptd.metadata import Extracted, extract
+from ckptd.metadata import Extracted, extract, holds_training_state
 from ckptd.model import CheckpointChanged, Format, Identity, Status, TensorStats, Verification
 from ckptd.untrusted import UntrustedInput, load_json, relative
 
@@ -87,12 +87,14 @@ class OverBudget(Exception):
 
 class _Scope:
     """What one verification may spend and where it may read: its time scope, checked between pieces of work
-    (from any thread), and the folder below which files are opened without following links (when given)."""
+    (from any thread), and the folder below which files are opened without following links (when given). It
+    also carries what the verification was asked to read besides: {metric: dotted path} (`[watch.metric] key`)."""
 
-    def __init__(self, seconds: float, root: Path | None) -> None:
+    def __init__(self, seconds: float, root: Path | None, metric_keys: Mapping[str, str] | None = None) -> None:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.root = root
+        self.metric_keys = dict(metric_keys or {})
 
     def check(self) -> None:
         if time.monotonic() > self.deadline:
@@ -135,6 +137,7 @@ def verify(
     timeout: float | None = None,
     root: Path | None = None,
     require_complete: bool = True,
+    metric_keys: Mapping[str, str] | None = None,
 ) -> Verification:
     """Verify the checkpoint at `path` (a file or a directory checkpoint; a link is not followed).
 
@@ -146,7 +149,8 @@ def verify(
     imported, and CheckpointChanged when the checkpoint changed while it was read (it is still being
     written: retry later, do not call it corrupt) or is now reached through a link. A folder checkpoint its
     trainer has not finished is corrupt, unless `require_complete` is False (a restored copy, proved whole by
-    its hashes, whose completion marker lay outside it).
+    its hashes, whose completion marker lay outside it). `metric_keys`: {metric: dotted path} read from the
+    loaded object besides the usual places (a watch's `[watch.metric] key`).
     """
     started = time.monotonic()
     resolve_trusted(trusted)  # a bad name raises TrustError here, not a load failure that reads as corrupt
@@ -154,7 +158,7 @@ def verify(
     if stat_module.S_ISLNK(mode):
         raise CheckpointChanged(str(path), "is a symbolic link now; links are recorded, never verified")
     before = _identities(path)
-    scope = _Scope(timeout if timeout is not None else default_timeout(before[""].size), root)
+    scope = _Scope(timeout if timeout is not None else default_timeout(before[""].size), root, metric_keys)
     try:
         if stat_module.S_ISDIR(mode):
             findings = _verify_directory(path, trusted, progress, scope, require_complete)
@@ -208,6 +212,7 @@ def verify(
         files=findings.files,
         layout=findings.layout,
         needs=meta.needs[:16],
+        resumable=meta.resumable,
         seconds=round(time.monotonic() - started, 6),
     )
 
@@ -285,30 +290,40 @@ def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None, 
         sha = pool.submit(_sha256, mapped, progress, scope)
         findings = _check_file(path.name, mapped, source, trusted, scope, pool=pool)
         if findings.loaded is not None:
-            findings.extracted = extract(findings.loaded, path.name)
+            findings.extracted = extract(findings.loaded, path.name, keys_of=scope.metric_keys)
             findings.tensors = _stats_of(findings, path.name, scope)
-        if nshtrainer.run_of_file(path) is not None:
-            findings.extracted = _with_nshtrainer_record(findings.extracted, path, scope)
         findings.sha256 = sha.result()
+    if nshtrainer.run_of_file(path) is not None:
+        _add_nshtrainer_record(findings, path, scope)
     return findings
 
 
-def _with_nshtrainer_record(found: Extracted, path: Path, scope: _Scope) -> Extracted:
-    """Add what nshtrainer's `.metadata.json` beside the checkpoint records (its metrics: the file names and
-    the checkpoint itself hold none); what the checkpoint says wins."""
+def _add_nshtrainer_record(findings: _Findings, path: Path, scope: _Scope) -> None:
+    """Add what nshtrainer's `.metadata.json` beside the checkpoint records (its metrics: the checkpoint itself
+    holds none; what the checkpoint says wins), and hold the checkpoint to the SHA-256 recorded there."""
+    companion = nshtrainer.metadata_of(path)
     try:
-        fd = scope.open(nshtrainer.metadata_of(path))
+        fd = scope.open(companion)
     except (OSError, ValueError):
-        return found  # not written yet, or not a regular file: the checkpoint's own values stand
+        return  # not written yet, or not a regular file: the checkpoint's own values stand
     try:
         data = os.read(fd, MAX_JSON_MEMBER + 1)
     finally:
         os.close(fd)
     try:
-        record = nshtrainer.extracted(load_json(data, what=path.name, max_bytes=MAX_JSON_MEMBER))
-    except UntrustedInput:
-        return found
-    return dataclasses.replace(
+        raw = load_json(data, what=companion.name, max_bytes=MAX_JSON_MEMBER)
+    except UntrustedInput as exc:
+        findings.warnings.append(f"{companion.name}: not read ({exc})")
+        return
+    recorded = nshtrainer.recorded_checksum(raw)
+    if recorded is not None and findings.sha256 is not None and recorded != findings.sha256:
+        findings.problems.append(
+            f"{path.name}: its SHA-256 {findings.sha256[:16]}... differs from the checkpoint_checksum"
+            f" {recorded[:16]}... that nshtrainer recorded in {companion.name}"
+        )
+    record = nshtrainer.extracted(raw)
+    found = findings.extracted
+    findings.extracted = dataclasses.replace(
         found,
         epoch=found.epoch if found.epoch is not None else record.epoch,
         global_step=found.global_step if found.global_step is not None else record.global_step,
@@ -633,6 +648,7 @@ def _check_unit(
         keys=found.keys or items.keys or sorted(tensor_names)[:200] or sorted(names)[:200],
         notes=[*items.notes, *found.notes],
         needs=found.needs,
+        resumable=items.resumable or any(layout.member(rel).role == "optimizer" for rel in files),
     )  # fmt: skip
     return findings
 
@@ -797,23 +813,6 @@ def _dcp_allowed() -> dict[str, Any]:
     return allowed
 
 
-def _check_dcp(folder: Path, trusted: Sequence[str], progress: Progress | None, scope: _Scope) -> _Findings:
-    """Check a torch.distributed.checkpoint folder.
-
-    DCP's own FileSystemReader unpickles `.metadata` with plain pickle.load, which would run any code in
-    it; ckptd reads it with a restricted unpickler instead, then checks every item it names.
-    """
-    findings = _Findings(format="dcp")
-    names = directory_files(folder)
-    with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
-        hashes = pool.submit(_hash_files, folder, names, progress, scope)
-        metadata = _dcp_metadata(folder, findings, scope)
-        if metadata is not None:
-            _check_dcp_items(folder, metadata, trusted, findings, scope)
-        findings.files = hashes.result()
-    return findings
-
-
 def _dcp_metadata(folder: Path, findings: _Findings, scope: _Scope) -> Any:
     marker = folder / formats.DCP_MARKER
     try:
@@ -881,9 +880,10 @@ def _check_dcp_items(folder: Path, metadata: Any, trusted: Sequence[str], findin
         dtypes=dict(dtypes),
         nonfinite=findings.tensors.nonfinite,
     )
-    found = extract(values, folder.name, producer="dcp")
+    found = extract(values, folder.name, producer="dcp", keys_of=scope.metric_keys)
     keys = sorted({fqn.split(".")[0] for fqn in state})
-    findings.extracted = Extracted(found.epoch, found.global_step, found.metrics, "dcp", keys[:200])
+    findings.extracted = Extracted(found.epoch, found.global_step, found.metrics, "dcp", keys[:200],
+                                   resumable=holds_training_state(keys))  # fmt: skip
 
 
 def _dcp_item(

@@ -58,10 +58,11 @@ def _noop() -> None:
     """A job that only makes a worker start (and import torch)."""
 
 
-def _verify(path: str, trusted: list[str], timeout: float, root: str) -> Result:
+def _verify(path: str, trusted: list[str], timeout: float, root: str, metric_keys: dict[str, str]) -> Result:
     from ckptd.verify import engine_versions, verify
 
-    return verify(Path(path), trusted=trusted, timeout=timeout, root=Path(root)), engine_versions()
+    found = verify(Path(path), trusted=trusted, timeout=timeout, root=Path(root), metric_keys=metric_keys)
+    return found, engine_versions()
 
 
 class VerifierPool:
@@ -83,11 +84,13 @@ class VerifierPool:
         if self._pool is None:
             self._ensure().submit(_noop).add_done_callback(self._done)
 
-    def submit(self, path: Path, timeout: float, root: Path) -> Future[Result]:
+    def submit(
+        self, path: Path, timeout: float, root: Path, metric_keys: dict[str, str] | None = None
+    ) -> Future[Result]:
         """Queue one verification with its time budget (the engine stops itself past it; the daemon kills
         the workers if it does not), reading nothing below the watched folder `root` through a link; the
         future raises CheckpointChanged, OSError, or BrokenProcessPool."""
-        future = self._ensure().submit(_verify, str(path), self.trusted, timeout, str(root))
+        future = self._ensure().submit(_verify, str(path), self.trusted, timeout, str(root), metric_keys or {})
         future.add_done_callback(self._done)
         return future
 

@@ -302,16 +302,17 @@ def lightning_run(
     max_epochs: int = 3,
     save_top_k: int = -1,
     monitor: str | None = "val_loss",
-    save_last: bool = True,
+    save_last: bool | str = True,
     epoch_sleep: float = 0.0,
+    filename: str | None = None,
 ) -> list[Path]:
     """Train a tiny real LightningModule on CPU, checkpointing into folder; return the sorted .ckpt paths.
 
     ModelCheckpoint(dirpath=folder, monitor, mode="min", save_top_k, save_last,
-    filename=LIGHTNING_FILENAME) writes names like "epoch=0-step=4-val_loss=0.4312.ckpt" (4 steps an
-    epoch) plus "last.ckpt". epoch_sleep > 0 sleeps that many seconds before every epoch after the first,
-    so a watcher sees each epoch's checkpoint land on its own. Global RNG state and the deterministic
-    algorithms flag are restored afterwards.
+    filename=filename or LIGHTNING_FILENAME) writes names like "epoch=0-step=4-val_loss=0.4312.ckpt" (4 steps
+    an epoch) plus "last.ckpt" (a link to the newest with save_last="link"). epoch_sleep > 0 sleeps that many
+    seconds before every epoch after the first, so a watcher sees each epoch's checkpoint land on its own.
+    Global RNG state and the deterministic algorithms flag are restored afterwards.
     """
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -367,8 +368,8 @@ def lightning_run(
                 monitor=monitor,
                 mode="min",
                 save_top_k=save_top_k,
-                save_last=save_last,
-                filename=LIGHTNING_FILENAME,
+                save_last=save_last,  # type: ignore[arg-type]  # True, False or "link"
+                filename=filename or LIGHTNING_FILENAME,
             )
             trainer = L.Trainer(
                 default_root_dir=root,

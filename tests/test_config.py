@@ -177,6 +177,8 @@ def test_a_config_without_watches_is_refused(tmp_path: Path) -> None:
         ('[daemon]\ntrusted_globals = ["os"]\n[[watch]]\nname = "r"\npath = "r"\n', "daemon.trusted_globals[0]",
          "'os'"),
         ('source = "elsewhere.toml"\n[[watch]]\nname = "r"\npath = "r"\n', "source", "unknown key"),
+        ('[[watch]]\nname = "r"\npath = "r"\nmetric = { name = "d", key = "history..val[x]" }\n',
+         "watch[0].metric.key", "'history..val[x]'"),
     ],
 )  # fmt: skip
 def test_each_bad_value_names_its_key_and_value(tmp_path: Path, text: str, key: str, detail: str) -> None:
@@ -286,3 +288,11 @@ def test_a_state_folder_nested_through_a_link_is_refused(tmp_path: Path) -> None
     path = _write(tmp_path / "config.toml", '[daemon]\nstate_dir = "state"\n[[watch]]\nname = "r"\npath = "runs"\n')
     [problem] = _problems(path)
     assert problem.startswith(f"at 'daemon.state_dir': {tmp_path}/runs/hidden-state and the watched folder")
+
+
+def test_a_metric_key_is_a_dotted_path_with_list_indices(tmp_path: Path) -> None:
+    """`[watch.metric] key` reaches a metric kept anywhere in a checkpoint: names and [index] parts."""
+    (tmp_path / "r").mkdir()
+    text = '[[watch]]\nname = "r"\npath = "r"\n[watch.metric]\nname = "val_dice"\nmode = "max"\n'
+    config = load_config(_write(tmp_path / "c.toml", text + 'key = "history.val_dice[-1]"\n'))
+    assert config.watch[0].metric is not None and config.watch[0].metric.keys() == {"val_dice": "history.val_dice[-1]"}

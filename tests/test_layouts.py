@@ -334,3 +334,28 @@ def test_an_nshtrainer_run_is_its_checkpoint_folder(trainer_outputs: dict[str, O
         assert result.metrics["val_loss"] == pytest.approx(record["metrics"]["val_loss"])
         event = discover.candidate_for(nshtrainer.metadata_of(checkpoint), out.root, PATTERNS)
         assert event is not None and (event.path, event.run) == (checkpoint, folder)
+
+
+def test_nshtrainers_recorded_checksum_holds_the_checkpoint(copy_output: CopyOutput) -> None:
+    """nshtrainer records the SHA-256 of each checkpoint in its `.metadata.json`: a checkpoint whose bytes
+    disagree with it is corrupt, and the problem names nshtrainer's file. A flipped byte is corrupt too."""
+    out = copy_output("nshtrainer")
+    folder = Path(out.report["checkpoint_dir"].replace(str(trainer_root(out)), str(out.root)))
+    best = next((folder / "best_val_loss").glob("*.ckpt"))
+    record_path = nshtrainer.metadata_of(best)
+    assert verify(best).status == "ok"
+    record = json.loads(record_path.read_text())
+    record["checkpoint_checksum"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+    result = verify(best)
+    assert result.status == "corrupt"
+    assert any(record_path.name in p and "checkpoint_checksum" in p for p in result.problems), result.problems
+    last = next((folder / "last").glob("*.ckpt"))
+    ck.flip_tensor_byte(last)
+    assert verify(last).status == "corrupt"
+
+
+def trainer_root(out: Output) -> Path:
+    """The folder the trainer wrote into, as its report names it (copies keep the same layout below it)."""
+    checkpoint_dir = Path(out.report["checkpoint_dir"])
+    return next(p for p in checkpoint_dir.parents if p.name == "nshtrainer")

@@ -222,3 +222,44 @@ def test_scalar_refuses_bools_strings_big_tensors_and_out_of_range_ints() -> Non
     for value in (True, "1.0", torch.ones(2), None, [1.0], 10**400):
         assert scalar(value) is None
     assert math.isnan(scalar(float("nan")) or 0.0)
+
+
+# ------------------------------------------------------------------------------ where loops keep their metrics
+
+
+def test_extract_reads_metrics_where_plain_loops_keep_them() -> None:
+    """A plain loop's checkpoint: top-level numbers (`best_map`, `val_acc`), the last value of each series in
+    `history`, and HF's `log_history` records; a state dict's buffers and epoch/step are no metrics; holding an
+    optimizer's state makes it resumable."""
+    loop = {
+        "epoch": 12, "model_state_dict": {"w": torch.ones(2)}, "optimizer_state_dict": {"state": {}},
+        "scheduler": {"last_epoch": 12}, "best_map": 0.61, "val_acc": torch.tensor(0.9), "lr": 1e-3,
+        "history": {"val_dice": [0.2, 0.4, 0.45], "train_loss": [1.0, 0.5], "epoch": [10, 11, 12]},
+        "log_history": [{"step": 5, "eval_loss": 0.9}, {"step": 10, "eval_loss": 0.7, "loss": 0.8}],
+        "bn.num_batches_tracked": torch.tensor(100),
+    }  # fmt: skip
+    found = extract(loop, "latest_checkpoint.pt")
+    assert found.metrics == pytest.approx({"best_map": 0.61, "val_acc": 0.9, "lr": 1e-3, "val_dice": 0.45,
+                                           "train_loss": 0.5, "eval_loss": 0.7, "loss": 0.8})  # fmt: skip
+    assert (found.epoch, found.resumable) == (12, True)
+    weights = extract({"layer.weight": torch.ones(2), "layer.bias": torch.ones(1)}, "best_model.pt")
+    assert (weights.metrics, weights.resumable) == ({}, False)
+
+
+def test_extract_reads_a_metric_at_a_configured_key() -> None:
+    """`[watch.metric] key`: a dotted path with list indices, for a metric kept anywhere else."""
+    obj = {"state": {"scores": [{"map50": 0.3}, {"map50": 0.5}]}, "history.val_dice": [0.1, 0.2]}
+    found = extract(obj, "x.pt", keys_of={"map50": "state.scores[-1].map50", "dice": "history.val_dice[0]",
+                                          "absent": "state.nothing[3]"})  # fmt: skip
+    assert (found.metrics["map50"], found.metrics["dice"]) == (0.5, 0.1)
+    assert "absent" not in found.metrics
+
+
+def test_name_values_reads_nshtrainers_name_value_parts() -> None:
+    """nshtrainer writes `epoch1-step8-val_loss4.1627.ckpt` (and `duration3s` parts, skipped); a name that is not
+    made only of such parts (`model_v2`, `epoch_010_checkpoint`) yields nothing."""
+    assert name_values("epoch1-step8-val_loss4.1627.ckpt") == {"epoch": 1.0, "step": 8.0, "val_loss": 4.1627}
+    assert name_values("epoch2-step12-duration3s.ckpt") == {"epoch": 2.0, "step": 12.0}
+    assert name_values("model_v2.pt") == name_values("epoch_010_checkpoint.pt") == {}
+    found = extract({}, "epoch1-step8-val_loss4.1627.ckpt")
+    assert (found.epoch, found.global_step, found.metrics) == (1, 8, {"val_loss": 4.1627})

@@ -24,10 +24,11 @@ from typing import Any, Literal, Protocol
 
 from ckptd.metadata import Extracted
 
-Role = Literal["weights", "state", "record", "other"]
-"""What a file of a folder checkpoint is: the model's weights (loaded, tensors counted, NaN scanned), training
-state (optimizer, scheduler, RNG: CRCs checked and pickle scanned), the trainer's own record of the save (read
-for step, epoch and metrics), or anything else (hashed)."""
+Role = Literal["weights", "optimizer", "state", "record", "other"]
+"""What a file of a folder checkpoint is: the model's weights (loaded, tensors counted, NaN scanned), an
+optimizer's state (what makes the save resumable) or other training state (scheduler, RNG; both: CRCs checked
+and pickle scanned), the trainer's own record of the save (read for step, epoch and metrics), or anything else
+(hashed)."""
 
 # numpy's RNG state, as torch.get_rng_state-like savers pickle it (HF rng_state.pth, accelerate random_states):
 # reconstructing an array calls nothing but numpy's own constructors. numpy < 2 spells the module numpy.core.
@@ -143,6 +144,14 @@ def run_of(checkpoint: Path, layout: str | None) -> Path:
         if found is not None:
             return found.run_of(checkpoint)
     return nshtrainer.run_of_file(checkpoint) or checkpoint.parent
+
+
+def companions(checkpoint: Path) -> list[str]:
+    """Names of a producer's own files beside a file checkpoint that belong to it (nshtrainer's
+    `<stem>.metadata.json`): they follow it when it is deleted, quarantined, renamed or mirrored."""
+    from ckptd.layouts import nshtrainer
+
+    return nshtrainer.companions(checkpoint)
 
 
 def holds_units(folder: Path, names: frozenset[str]) -> bool:

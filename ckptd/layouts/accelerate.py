@@ -62,6 +62,8 @@ class Accelerate:
             return Member("state", NUMPY_ARRAYS)
         if _CUSTOM.match(name):
             return Member("record", NUMPY_ARRAYS)
+        if re.match(r"^optimizer(_\d+)?\.(bin|safetensors)$", name):
+            return Member("optimizer")
         if name.endswith((".bin", ".pkl", ".pt", ".pth", ".safetensors")):
             return Member("state")
         return Member("other")

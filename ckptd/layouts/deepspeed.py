@@ -62,6 +62,8 @@ class DeepSpeed:
         name = rel.rsplit("/", 1)[-1]
         if name.endswith("_model_states.pt"):
             return Member("weights", STATE)
+        if name.endswith("_optim_states.pt"):
+            return Member("optimizer", STATE)
         if name.endswith(".pt"):
             return Member("state", STATE)
         return Member("other")

@@ -77,7 +77,9 @@ class HfTrainer:
         if _RNG.match(name):
             return Member("state", NUMPY_ARRAYS)
         if name.endswith(("_optim_states.pt", "_model_states.pt")):  # a DeepSpeed tag folder (HF with DeepSpeed)
-            return Member("weights" if name.endswith("_model_states.pt") else "state", deepspeed.STATE)
+            return Member("weights" if name.endswith("_model_states.pt") else "optimizer", deepspeed.STATE)
+        if re.match(r"^optimizer(_\d+)?\.(pt|bin)$", name) and "/" not in rel:  # FSDP: optimizer_0.bin
+            return Member("optimizer")
         if name.endswith((".pt", ".pth", ".bin", ".safetensors")):
             return Member("state")
         return Member("other")

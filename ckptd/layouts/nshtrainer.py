@@ -50,6 +50,18 @@ def checkpoint_of(metadata: Path) -> Path | None:
     return metadata.with_name(metadata.name.removesuffix(METADATA_SUFFIX) + ".ckpt")
 
 
+def recorded_checksum(record: Any) -> str | None:
+    """The SHA-256 nshtrainer recorded for the checkpoint (`checkpoint_checksum`, bare hex), or None."""
+    value = record.get("checkpoint_checksum") if isinstance(record, Mapping) else None
+    return value.lower() if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value) else None
+
+
+def companions(checkpoint: Path) -> list[str]:
+    """The names of nshtrainer's own files that belong to `checkpoint` (its `.metadata.json`), when it lies where
+    nshtrainer puts checkpoints: they are deleted, renamed and mirrored with it."""
+    return [metadata_of(checkpoint).name] if run_of_file(checkpoint) is not None else []
+
+
 def extracted(record: Any) -> Extracted:
     """Epoch, step and metrics from a `.metadata.json` (already parsed, untrusted)."""
     if not isinstance(record, Mapping):
