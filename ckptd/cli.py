@@ -21,7 +21,8 @@ from ckptd import __version__
 from ckptd.errors import CkptdError, ConfigError, ExitCode, NoAnswer, UsageError
 
 if TYPE_CHECKING:
-    from ckptd.config import Config
+    from ckptd.catalog import Catalog
+    from ckptd.config import Config, WatchConfig
     from ckptd.model import Entry, Verification
     from ckptd.sidecar import Sidecar, Store
 
@@ -125,8 +126,10 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
     results: list[Verification] = []
     busy: list[str] = []
     for path in paths:
+        watch = _watch_of(config, path)
+        keys = watch.metric.keys() if watch is not None and watch.metric is not None else {}
         try:
-            results.append(_verify_one(engine, path, trusted, show_progress=not as_json))
+            results.append(_verify_one(engine, path, trusted, keys, show_progress=not as_json))
         except CheckpointChanged as exc:
             busy.append(f"{exc.path}: changed while being verified (still being written?); try again")
     if as_json:
@@ -142,18 +145,20 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
     return ExitCode.OK if not busy and all(r.status == "ok" for r in results) else ExitCode.CHECK_FAILED
 
 
-def _verify_one(engine: Any, path: Path, trusted: list[str], *, show_progress: bool) -> Verification:
+def _verify_one(
+    engine: Any, path: Path, trusted: list[str], keys: dict[str, str], *, show_progress: bool
+) -> Verification:
     path = path.resolve() if path.is_symlink() else path  # named on the command line: the user means its target
     size = path.stat().st_size if path.is_file() else 0
     if not (show_progress and size > _GB and sys.stderr.isatty()):
-        result: Verification = engine.verify(path, trusted=trusted)
+        result: Verification = engine.verify(path, trusted=trusted, metric_keys=keys)
         return result
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(path.name, total=size)
-        result = engine.verify(path, trusted=trusted, progress=lambda n: bar.advance(task, n))
+        result = engine.verify(path, trusted=trusted, progress=lambda n: bar.advance(task, n), metric_keys=keys)
     return result
 
 
@@ -195,7 +200,8 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
             watch = config.watch_named(watch_name) if config else None
             report = reconcile(
                 root, watch=watch_name, patterns=patterns, catalog=catalog,
-                verifier=functools.partial(engine_verify, trusted=trusted, root=root if root.is_dir() else root.parent),
+                verifier=functools.partial(engine_verify, trusted=trusted, root=root if root.is_dir() else root.parent,
+                                           metric_keys=watch.metric.keys() if watch and watch.metric else None),
                 engine=engine_versions,
                 boundaries=[w.path for w in config.watch] if config else (),
                 store=store_of(config) if config else Store(),
@@ -228,29 +234,34 @@ def _watch_of(config: Config | None, path: Path) -> Any:
 # ------------------------------------------------------------------------------------ read-only questions
 
 
-def _reading_store(config_file: Path | None) -> Store:
-    """Where sidecars are, for the read-only commands: the config's state folder too when a config is found
-    (some trainers' sidecars live there, see docs/layouts.md); beside the checkpoints only without one. A config
-    that does not load is no reason to refuse an answer: then only sidecars beside checkpoints are read."""
-    from ckptd.sidecar import Store, store_of
-
+def _reading_config(config_file: Path | None) -> Config | None:
+    """The config for the read-only commands, when one is found and loads; None otherwise. A config that does not
+    load is no reason to refuse an answer: they then read only the sidecars beside checkpoints."""
     path = _config_path(config_file)
     if path is None:
-        return Store()
+        return None
     try:
         from ckptd.config import load_config
 
-        return store_of(load_config(path, check_folders=False))
+        return load_config(path, check_folders=False)
     except CkptdError:
-        return Store()
+        return None
 
 
-def _entries(folder: Path, config_file: Path | None) -> list[tuple[Sidecar, Entry]]:
+def _reading_store(config: Config | None) -> Store:
+    """Where sidecars are: the config's state folder too (some trainers' sidecars live there, see
+    docs/layouts.md); beside the checkpoints only without a config."""
+    from ckptd.sidecar import Store, store_of
+
+    return store_of(config) if config is not None else Store()
+
+
+def _entries(folder: Path, config: Config | None) -> list[tuple[Sidecar, Entry]]:
     from ckptd.model import Entry
 
     return [
         (parsed, Entry.of(parsed.verification, _run_of(parsed), parsed.pinned, verified=current))
-        for parsed, current in _reading_store(config_file).find(folder.absolute())
+        for parsed, current in _reading_store(config).find(folder)
     ]
 
 
@@ -262,23 +273,33 @@ def _run_of(parsed: Sidecar) -> str:
 
 
 def _existing_folder(path: Path) -> Path:
+    """The run folder asked about, absolute; a link to a folder answers for the folder it points to."""
     if not path.is_dir():
         raise UsageError(f"{path}: not a folder (give the run folder that holds the checkpoints)")
-    return path
+    return path.resolve() if path.is_symlink() else path.absolute()
 
 
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
+@click.option("--weights", is_flag=True, help="Also answer with a checkpoint that holds weights only.")
 @config_option
-def latest(run: Path, config_file: Path | None) -> int:
-    """Print the path of RUN's newest ok checkpoint (by step, then mtime); exit 1 if there is none.
+def latest(run: Path, weights: bool, config_file: Path | None) -> int:
+    """Print the path of RUN's newest ok checkpoint that training can resume from (it holds optimizer state;
+    by step, then epoch, then mtime); exit 1 if there is none.
 
     Made for launch scripts: python train.py --resume "$(ckptd latest runs/exp1)"
     """
     from ckptd import selection
 
-    found = selection.latest(e for _s, e in _entries(_existing_folder(run), config_file))
+    entries = [e for _s, e in _entries(_existing_folder(run), _reading_config(config_file))]
+    found = selection.latest(entries, weights=weights)
     if found is None:
+        only = selection.latest(entries, weights=True)
+        if only is not None:
+            raise NoAnswer(
+                f"{run}: no verified checkpoint holds training state to resume from; the newest holds weights only"
+                f" ({only.path}): use --weights to accept it"
+            )
         raise NoAnswer(f"{run}: no verified ok checkpoint yet (is the daemon running? try: ckptd scan {run})")
     _echo_path(found.path)
     return ExitCode.OK
@@ -286,17 +307,30 @@ def latest(run: Path, config_file: Path | None) -> int:
 
 @cli.command()
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--metric", required=True, help="Metric name, such as val_loss.")
-@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True)
+@click.option("--metric", help="Metric name, such as val_loss [default: the watch's metric in the config].")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="[default: the watch's mode, else min]")
 @config_option
-def best(run: Path, metric: str, mode: str, config_file: Path | None) -> int:
-    """Print the path of RUN's best ok checkpoint by METRIC; exit 1 if none has that metric."""
+def best(run: Path, metric: str | None, mode: str | None, config_file: Path | None) -> int:
+    """Print the path of RUN's best ok checkpoint by METRIC, or else the trainer's own best file (best.pt,
+    best_model.pt, best_<metric>.ckpt); exit 1 if there is neither."""
     from ckptd import selection
 
-    entries = (e for _s, e in _entries(_existing_folder(run), config_file))
-    found = selection.best(entries, metric, "min" if mode == "min" else "max")
-    if found is None:
-        raise NoAnswer(f"{run}: no verified ok checkpoint has the metric {metric!r}")
+    folder = _existing_folder(run)
+    config = _reading_config(config_file)
+    watch = _watch_of(config, folder)
+    if metric is None and watch is not None and watch.metric is not None:
+        metric, mode = watch.metric.name, mode or watch.metric.mode
+    entries = [e for _s, e in _entries(folder, config)]
+    found = selection.best(entries, metric, "max" if mode == "max" else "min")
+    held = selection.metric_names(entries)
+    if metric is not None and metric not in held:
+        names = ", ".join(held[:20]) or "none"
+        if found is None:
+            raise NoAnswer(f"{run}: no verified ok checkpoint has the metric {metric!r}; they hold: {names}")
+        click.echo(f"ckptd: no checkpoint of {run} holds {metric!r} (they hold: {names}); this is the trainer's own"
+                   " best file", err=True)  # fmt: skip
+    elif found is None:
+        raise NoAnswer(f"{run}: give --metric (no metric in the config for it, and no best.pt-like file)")
     _echo_path(found.path)
     return ExitCode.OK
 
@@ -307,7 +341,7 @@ def best(run: Path, metric: str, mode: str, config_file: Path | None) -> int:
 @config_option
 def list_(folder: Path, as_json: bool, config_file: Path | None) -> int:
     """List the verified checkpoints under a run or a folder of runs, from their sidecars."""
-    found = _entries(_existing_folder(folder), config_file)
+    found = _entries(_existing_folder(folder), _reading_config(config_file))
     if as_json:
         from ckptd.sidecar import jsonable
 
@@ -326,10 +360,12 @@ def list_(folder: Path, as_json: bool, config_file: Path | None) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar's JSON.")
 @config_option
 def show(checkpoint: Path, as_json: bool, config_file: Path | None) -> int:
-    """Show what ckptd knows of one checkpoint (its sidecar)."""
+    """Show what ckptd knows of one checkpoint (its sidecar); a link answers for the checkpoint it points to."""
     from ckptd import sidecar
 
-    store = _reading_store(config_file)
+    store = _reading_store(_reading_config(config_file))
+    if checkpoint.is_symlink():
+        checkpoint = checkpoint.resolve()
     parsed = store.read(checkpoint.absolute())
     where = store.path_of(checkpoint.absolute())
     if parsed is None or where is None:
@@ -379,13 +415,7 @@ def status(config_file: Path | None, as_json: bool) -> int:
             report["watches"][watch.name] = {
                 "folder": str(watch.path),
                 "checkpoints": catalog.counts(watch.name),
-                "runs": [
-                    {
-                        **{k: r[k] for k in ("run", "latest", "best", "best_metric", "best_value")},
-                        "trainer_rotates": r["rotated_at"] is not None,
-                    }
-                    for r in runs
-                ],
+                "runs": [_run_status(catalog, watch, r) for r in runs],
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
             }
@@ -399,6 +429,22 @@ def status(config_file: Path | None, as_json: bool) -> int:
 
         tables.print_status(report)
     return ExitCode.OK
+
+
+def _run_status(catalog: Catalog, watch: WatchConfig, run: dict[str, Any]) -> dict[str, Any]:
+    """One run's line of `status`: latest (resumable) and best, the newest weights-only checkpoint when it is
+    newer, whether its trainer rotates it, and the metric names it holds when the watch's metric is not one."""
+    from ckptd import selection
+
+    found: dict[str, Any] = {k: run[k] for k in ("run", "latest", "best", "best_metric", "best_value")}
+    found["trainer_rotates"] = run["rotated_at"] is not None
+    entries = [r.entry() for r in catalog.in_run(run["run"]) if r.kind != "link"]
+    newest = selection.latest(entries, weights=True)
+    found["latest_weights"] = newest.path if newest is not None and newest.path != run["latest"] else None
+    held = selection.metric_names(entries)
+    missing = watch.metric is not None and watch.metric.name not in held and bool(selection.usable(entries))
+    found["metric_missing"] = {"metric": watch.metric.name, "held": held[:20]} if missing and watch.metric else None
+    return found
 
 
 @cli.command()
@@ -642,6 +688,10 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
                 failed = True
                 continue
             click.echo(f"deleted: {decision.path} ({'; '.join(decision.reasons)})")
+        links_to: dict[Path, list[Path]] = {}
+        for c in found:
+            if c.kind == "link" and c.link_target is not None:
+                links_to.setdefault(c.link_target, []).append(c.path)
         for source, target in result.renames:
             if not dry_run:
                 try:
@@ -651,6 +701,15 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
                     failed = True
                     continue
             click.echo(f"renamed: {source} -> {target.name}")
+            for link in links_to.get(source.resolve(), []):  # never left dangling: it follows its target
+                if not dry_run:
+                    try:
+                        migration.repoint(link, target)
+                    except OSError as exc:
+                        click.echo(f"failed: link {link} still points to {source.name}: {exc}", err=True)
+                        failed = True
+                        continue
+                click.echo(f"link re-pointed: {link} -> {target.name}")
     finally:
         if catalog is not None:
             catalog.close()

@@ -129,6 +129,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._dirty = False
+        self._metric_missing_told: set[str] = set()  # runs already warned of a metric none of their checkpoints has
         self._published_queue = (0, 0)
         self._lock = StateLock(self.config.daemon.state_dir)
         self.catalog: Catalog | None = None
@@ -373,11 +374,12 @@ class Daemon:
                 continue
             size = (identity_of(candidate) or Identity(0, 0, 0)).size
             timeout = self.config.daemon.timeout_for(size)
+            keys = watch.metric.keys() if watch.metric else {}
             try:
-                future = self.pool.submit(candidate.path, timeout, watch.path)
+                future = self.pool.submit(candidate.path, timeout, watch.path, keys)
             except BrokenProcessPool:  # a worker died since the last collect: start a fresh pool
                 self.pool.broken()
-                future = self.pool.submit(candidate.path, timeout, watch.path)
+                future = self.pool.submit(candidate.path, timeout, watch.path, keys)
             self.in_flight[key] = _InFlight(watch_name, candidate, future, now, timeout)
 
     def _expire(self, now: float) -> None:
@@ -513,16 +515,23 @@ class Daemon:
         assert self.catalog is not None
         entries = [r.entry() for r in self.catalog.in_run(run) if r.kind != "link"]
         newest = selection.latest(entries)
-        top = selection.best(entries, watch.metric.name, watch.metric.mode) if watch.metric else None
-        value = selection.metric_value(top, watch.metric.name) if top and watch.metric else None
+        metric = watch.metric.name if watch.metric else None
+        top = selection.best(entries, metric, watch.metric.mode if watch.metric else "min")
+        value = selection.metric_value(top, metric) if top and metric else None
         before_latest, before_best = self.catalog.set_run(
             run=run, watch=watch.name, latest=newest.path if newest else None, best=top.path if top else None,
-            metric=watch.metric.name if watch.metric else None, value=value, now=time.time(),
+            metric=metric if value is not None else None, value=value, now=time.time(),
         )  # fmt: skip
         if newest and newest.path != before_latest:
-            self.log.info("run latest changed", run=run, path=newest.path, step=newest.step)
-        if top and top.path != before_best and watch.metric:
-            self.log.info("run best changed", run=run, path=top.path, metric=watch.metric.name, value=value)
+            self.log.info("run latest changed", run=run, path=newest.path, step=newest.step, epoch=newest.epoch)
+        if top and top.path != before_best:
+            self.log.info("run best changed", run=run, path=top.path, metric=metric if value is not None else None,
+                          value=value)  # fmt: skip
+        held = selection.metric_names(entries)
+        if metric and metric not in held and selection.usable(entries) and run not in self._metric_missing_told:
+            self._metric_missing_told.add(run)  # once a run: a run that never logs it would say so at every save
+            self.log.warning("metric missing", run=run, metric=metric, metrics_held=held[:20],
+                             hint="set [watch.metric] name (or key) to one the checkpoints hold")  # fmt: skip
         self._enqueue_mirror(watch, run)
 
     # -------------------------------------------------------------------------------------- reconciliation

@@ -38,10 +38,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptd import sidecar
+from ckptd import layouts, sidecar
 from ckptd.catalog import Catalog
 from ckptd.discover import identity_at
-from ckptd.fsutil import TRASH_PREFIX, atomic_write_bytes, fsync_dir, open_folder, open_regular, temp_name
+from ckptd.fsutil import (
+    TRASH_PREFIX,
+    NotRegularFile,
+    atomic_write_bytes,
+    fsync_dir,
+    open_folder,
+    open_regular,
+    temp_name,
+)
 from ckptd.model import Identity
 from ckptd.retention import Decision
 from ckptd.untrusted import UntrustedInput, component
@@ -215,6 +223,10 @@ def _finish(removal: Removal, dir_fd: int, trash: _Trash, name: str, state_dir: 
     else:
         remove_at(trash.folder, trash.name)
     _remove_sidecar(removal, dir_fd, name, state_dir)
+    for companion in layouts.companions(Path(removal.path)):  # a producer's record of it (nshtrainer)
+        with contextlib.suppress(FileNotFoundError, NotRegularFile):
+            os.close(open_regular(companion, dir_fd=dir_fd))  # a regular file, never a link someone put there
+            os.unlink(companion, dir_fd=dir_fd)
     fsync_dir(dir_fd)
     if trash.folder != dir_fd:
         fsync_dir(trash.folder)

@@ -30,11 +30,12 @@ from typing import Any
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from ckptd import delete, log, selection, sidecar
+from ckptd import delete, layouts, log, selection, sidecar
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import directory_digest
 from ckptd.fsutil import fsync_dir, open_confined, sha256_fd, temp_name
+from ckptd.layouts import nshtrainer
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Target, make_target
 from ckptd.model import Entry
 from ckptd.untrusted import UntrustedInput, component, load_json, relative
@@ -43,6 +44,7 @@ INDEX = "index.json"
 _BESIDE = sidecar.Store()
 INDEX_SCHEMA = 1
 MAX_BACKOFF = 3600.0
+COMPANION_MAX = 16 << 20  # a producer's record beside a checkpoint (nshtrainer's is ~350 KB)
 
 
 # ------------------------------------------------------------------------------------------ pure planning
@@ -50,13 +52,16 @@ MAX_BACKOFF = 3600.0
 
 def roles_for(entries: Iterable[Entry], what: Iterable[str], metric: str | None, mode: selection.Mode,
               milestone_every: int = 0) -> dict[str, list[str]]:  # fmt: skip
-    """Which of a run's checkpoints a mirror rule copies, each with its roles (best, latest, milestone, all)."""
+    """Which of a run's checkpoints a mirror rule copies, each with its roles (best, latest, milestone, all).
+    Latest is the newest checkpoint training can resume from (the newest of all in a run of weights only); best,
+    by the metric or else the trainer's own best file (see ckptd.selection)."""
     ok = selection.usable(entries)
     roles: dict[str, list[str]] = {}
     wanted = set(what)
-    if "latest" in wanted and (newest := selection.latest(ok)) is not None:
+    # The newest a run can resume from; in a run of weights only, the newest of those: still what to back up.
+    if "latest" in wanted and (newest := selection.latest(ok) or selection.latest(ok, weights=True)) is not None:
         roles.setdefault(newest.path, []).append("latest")
-    if "best" in wanted and metric and (top := selection.best(ok, metric, mode)) is not None:
+    if "best" in wanted and (top := selection.best(ok, metric, mode)) is not None:  # or the trainer's best slot
         roles.setdefault(top.path, []).append("best")
     if "milestones" in wanted and milestone_every:
         for entry in ok:
@@ -231,6 +236,17 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
             _put_with_retries(target, f"{key_prefix}/{name}", Path(f"/proc/self/fd/{fd}"), expected)
         finally:
             os.close(fd)
+    for companion in layouts.companions(checkpoint):  # a producer's record of it goes along (nshtrainer)
+        try:
+            fd = open_confined(root, checkpoint.with_name(companion))
+        except (OSError, ValueError):
+            continue  # not written yet, or no regular file: the checkpoint is whole without it
+        try:
+            data = os.read(fd, COMPANION_MAX + 1)
+        finally:
+            os.close(fd)
+        if len(data) <= COMPANION_MAX:
+            target.put_bytes(f"{key_prefix}/{companion}", data)
     target.put_bytes(f"{key_prefix}/{sidecar.sidecar_name(checkpoint.name)}", sidecar_data)
 
 
@@ -335,9 +351,13 @@ def copy_keys(target: Target, prefix: str, name: str) -> list[str]:
 
 
 def _delete_copy(target: Target, prefix: str, name: str) -> None:
-    """Remove a superseded copy: its files first, then its sidecar."""
+    """Remove a superseded copy: its files first, then a producer's record of it, then its sidecar."""
     for key in copy_keys(target, prefix, name):
         target.delete(key)
+    if name.endswith(".ckpt"):  # nshtrainer's `<stem>.metadata.json`, copied with it
+        companion = f"{prefix}/{name.removesuffix('.ckpt')}{nshtrainer.METADATA_SUFFIX}"
+        if target.stat(companion) is not None:
+            target.delete(companion)
     target.delete(f"{prefix}/{sidecar.sidecar_name(name)}")
 
 

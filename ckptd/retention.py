@@ -2,10 +2,14 @@
 
 The rules are a union of what to keep; a checkpoint is deleted only when no rule keeps it, or when the
 watch is over `max_size` and it is among the oldest that no invariant protects. Invariants hold whatever
-the policy says: a run's latest ok checkpoint, its best, a pinned one, one not yet verified, one a mirror
-still has to copy, the only ok checkpoint of a run, the best that the trainer's records in the latest name
-(its `best_model_checkpoint`, `best_model_path`), and the target of a link are never deleted; nor is anything
-in a run whose trainer was seen deleting its own old checkpoints (deleting beside it would race it). Corrupt
+the policy says: a run's latest ok checkpoint (the newest it can resume from, and the newest of all), its best,
+a pinned one, one not yet verified, one a mirror still has to copy, the only ok checkpoint of a run, the best
+that the trainer's records in the latest name (its `best_model_checkpoint`, `best_model_path`), a name the
+trainer rewrites in place (`latest_checkpoint.pt`, `last.ckpt`, `best_model.pt`: see selection.is_slot), and
+the target of a link are never deleted; nor is anything in a run whose trainer was seen deleting its own old
+checkpoints (deleting beside it would race it). The keep rules count only names that are not slots, so
+keep_last = 1 still holds the last good epoch under a name of its own when the trainer rewrites its slot.
+Byte-identical checkpoints count once for keep_last and keep_best. Corrupt
 checkpoints are never deleted silently: they follow `on_corrupt` with their problem as the reason.
 Applying a plan is `ckptd.prune`'s job; nothing here touches the disk, the clock or the log.
 """
@@ -29,6 +33,8 @@ UNVERIFIED = "not verified yet"
 AWAITING_MIRROR = "awaiting mirror"
 ONLY_OK = "only ok checkpoint of the run"
 TRAINER_NEEDS = "the trainer's best"
+SLOT = "the trainer's own name (rewritten in place)"
+LATEST_WEIGHTS = "latest weights"
 TRAINER_ROTATES = "its trainer deletes this run's old checkpoints itself"
 NO_RULE = ("no keep rule applies",)
 _INVARIANT_PREFIXES = (
@@ -40,6 +46,7 @@ _INVARIANT_PREFIXES = (
     ONLY_OK,
     TRAINER_NEEDS,
     TRAINER_ROTATES,
+    SLOT,
     "target of link",
     "status ",
     "corrupt",
@@ -134,12 +141,19 @@ def _plan_run(
     # Speed (100,000 checkpoints in well under a second): one sort by recency serves both latest (its first, as
     # selection.latest) and keep_last; reasons are lists only for checkpoints some rule keeps, and deletions
     # share one reasons tuple, so the cyclic GC has far fewer new containers to walk.
-    ok = selection.usable(entries)
+    # The keep rules count only names that are not slots: a slot is kept anyway (SLOT), and its bytes go when
+    # the trainer writes it again, or a crash truncates it; keep_last = 1 must then still hold the last good
+    # epoch under a name of its own.
+    ok = _one_per_content([e for e in selection.usable(entries) if not selection.is_slot(e.path)])
     newest_first = sorted(ok, key=selection.recency, reverse=True)
     reasons: dict[str, list[str]] = {}
+    resume = next((e for e in newest_first if selection.resumable(e)), None)
+    if resume is not None:
+        reasons.setdefault(resume.path, []).append(LATEST)
+    if newest_first and newest_first[0] is not resume:
+        reasons.setdefault(newest_first[0].path, []).append(LATEST_WEIGHTS)
     if newest_first:
-        newest = newest_first[0]
-        reasons.setdefault(newest.path, []).append(LATEST)
+        newest = resume or newest_first[0]
         if newest.needs:  # the trainer's own records name its best (load_best_model_at_end, ckpt_path="best")
             folder = newest.path.rpartition("/")[0]
             for entry in entries:
@@ -178,6 +192,9 @@ def _plan_run(
         why = reasons.get(path, [])
         if entry.pinned:
             why.append(PINNED)
+        slot = selection.is_slot(path)
+        if slot:
+            why.append(SLOT)
         if not entry.verified or entry.status is None:
             why.append(UNVERIFIED)
         mirroring = path in awaiting
@@ -189,7 +206,8 @@ def _plan_run(
         action: Action = "keep"
         # Fix: a link's target is an invariant too (it was missing here, so a corrupt target was quarantined or
         # deleted under its link); only a corrupt checkpoint no invariant holds follows on_corrupt.
-        held = entry.pinned or mirroring or link is not None
+        # A slot is never moved either, even corrupt: the trainer may be writing it again under that very name.
+        held = entry.pinned or mirroring or link is not None or slot
         if entry.status == "corrupt" and entry.verified and not held:
             problem = f"corrupt, on_corrupt={policy.on_corrupt}"
             action = "keep" if policy.on_corrupt == "keep" else policy.on_corrupt
@@ -201,6 +219,20 @@ def _plan_run(
             continue
         decisions.append(Decision(path, entry.run, action, tuple(why), entry.size, entry.sha256, entry.identity))
     return decisions
+
+
+def _one_per_content(entries: list[Entry]) -> list[Entry]:
+    """Byte-identical checkpoints (a run migrated twice: `epoch=7-step=700.ckpt` and `epoch_07_step_000700.ckpt`)
+    count once for keep_last and keep_best: the one kept for them is the newest. The others are judged by the
+    remaining rules alone."""
+    chosen: dict[str, Entry] = {}
+    for entry in entries:
+        if entry.sha256 is None:
+            continue
+        held = chosen.get(entry.sha256)
+        if held is None or selection.recency(entry) > selection.recency(held):
+            chosen[entry.sha256] = entry
+    return [e for e in entries if e.sha256 is None or chosen[e.sha256] is e]
 
 
 def _enforce_max_size(

@@ -147,7 +147,13 @@ def print_status(report: dict[str, Any]) -> None:
             name = _relative(run["run"], Path(watch["folder"]))
             if run.get("trainer_rotates"):
                 name += " (its trainer rotates it)"
-            table.add_row(name, Path(run["latest"]).name if run["latest"] else "-", best)
+            latest = Path(run["latest"]).name if run["latest"] else "-"
+            if run.get("latest_weights"):
+                latest += f" (newer, weights only: {Path(run['latest_weights']).name})"
+            if run.get("metric_missing"):
+                missing = run["metric_missing"]
+                best += f" ({missing['metric']} missing; held: {', '.join(missing['held']) or 'none'})"
+            table.add_row(name, latest, best)
         if watch["runs"]:
             console.print(table)
     for problem in report.get("scrub_problems", [])[:20]:

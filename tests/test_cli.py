@@ -204,12 +204,12 @@ def test_scan_rewrites_a_damaged_sidecar_of_an_unchanged_checkpoint(tmp_path: Pa
     checkpoint = checkpoints.safetensors_file(root / "exp1" / "model.safetensors")
     assert ckptd("scan", root, "--config", config).returncode == 0
     sidecar.sidecar_path(checkpoint).write_text("{damaged")
-    assert ckptd("latest", root / "exp1").returncode == 1  # readers ignore it, so the checkpoint is invisible
+    assert ckptd("latest", root / "exp1", "--weights").returncode == 1  # readers ignore it: the checkpoint is invisible
 
     done = ckptd("scan", root, "--config", config, "--json")
     assert done.returncode == 0, done.stderr
     assert _strict_json(done.stdout)[str(root)]["verified"] == {"ok": 1}
-    assert ckptd("latest", root / "exp1").stdout == f"{checkpoint}\n"
+    assert ckptd("latest", root / "exp1", "--weights").stdout == f"{checkpoint}\n"  # safetensors: weights only
 
 
 # ------------------------------------------------------------------------------------------------ latest
@@ -263,6 +263,35 @@ def test_latest_exits_1_with_a_message_when_there_is_none(tmp_path: Path) -> Non
     assert "no verified ok checkpoint" in done.stderr and "ckptd scan" in done.stderr
 
 
+def test_latest_answers_what_training_can_resume_from(tmp_path: Path) -> None:
+    """A loop's weights-only `best_model.pt`, newest of all by mtime, is never `latest`: the full-state
+    `latest_checkpoint.pt` is. With weights only in the run, `latest` says so, and `--weights` accepts them."""
+    import torch
+
+    folder = tmp_path / "loop"
+    full = checkpoints.torch_zip(folder / "latest_checkpoint.pt", epoch=12)  # holds optimizer_state_dict
+    weights = folder / "best_model.pt"
+    torch.save({"w": torch.ones(3)}, weights)
+    verified(full, at=10)
+    verified(weights, at=20)
+    assert ckptd("latest", folder).stdout == f"{full}\n"
+    full.unlink()
+    done = ckptd("latest", folder)
+    assert done.returncode == 1 and "weights only" in done.stderr and "--weights" in done.stderr
+    assert ckptd("latest", folder, "--weights").stdout == f"{weights}\n"
+
+
+def test_latest_and_show_answer_for_a_links_target(run: Path) -> None:
+    """`show last.ckpt` and `latest` through a link to the run folder answer for what the link points to."""
+    newest = run / "epoch=3-step=300.pt"
+    (run / "last.ckpt").symlink_to(newest.name)
+    done = ckptd("show", run / "last.ckpt", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["path"] == str(newest)
+    (run.parent / "current").symlink_to(run)
+    assert ckptd("latest", run.parent / "current").stdout == f"{newest}\n"
+
+
 def test_latest_exits_2_for_a_missing_folder(tmp_path: Path) -> None:
     """`latest` on a folder that does not exist is a usage error."""
     done = ckptd("latest", tmp_path / "absent")
@@ -291,6 +320,26 @@ def test_best_exits_1_when_no_checkpoint_has_the_metric(run: Path) -> None:
     """`best` with a metric no checkpoint logged exits 1 and names the metric."""
     done = ckptd("best", run, "--metric", "accuracy")
     assert done.returncode == 1 and done.stdout == "" and "'accuracy'" in done.stderr
+
+
+def test_best_says_which_metrics_the_run_holds_and_falls_back_to_the_trainers_best(run: Path) -> None:
+    """A metric no checkpoint holds: `best` lists the names the run does hold; with a `best_model.pt` in the run
+    it answers with that (the trainer's own best) and says why on stderr."""
+    done = ckptd("best", run, "--metric", "val_dice")
+    assert done.returncode == 1 and "they hold: val_loss" in done.stderr
+    trainer_best = verified(checkpoints.torch_zip(run / "best_model.pt", epoch=2), at=400)
+    done = ckptd("best", run, "--metric", "val_dice")
+    assert done.returncode == 0 and done.stdout == f"{trainer_best}\n"
+    assert "no checkpoint of" in done.stderr and "trainer's own" in done.stderr
+
+
+def test_best_takes_the_watchs_metric_from_the_config(run: Path, tmp_path: Path) -> None:
+    """Without --metric, `best` ranks by the metric and mode of the watch holding the run."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[[watch]]\nname = "runs"\n'
+                      f'path = "{run.parent}"\n[watch.metric]\nname = "val_loss"\nmode = "max"\n')  # fmt: skip
+    assert ckptd("best", run, "--config", config).stdout == f"{run / 'epoch=1-step=100.pt'}\n"
+    assert ckptd("best", run, "--config", config, "--mode", "min").stdout == f"{run / 'epoch=2-step=200.pt'}\n"
 
 
 def test_best_exits_2_for_a_bad_mode(run: Path) -> None:
@@ -379,3 +428,20 @@ def test_read_only_commands_never_import_torch(run: Path, argv: list[str]) -> No
     done = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "torch imported: False"
+
+
+def test_scan_reads_a_metric_at_the_watchs_key(tmp_path: Path) -> None:
+    """`[watch.metric] key` reaches a metric kept deep inside a checkpoint; `best` then ranks by it."""
+    import torch
+
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n[[watch]]\nname = "runs"\npath = "runs"\n'
+                      '[watch.metric]\nname = "map50"\nmode = "max"\nkey = "eval.scores[-1].map50"\n')  # fmt: skip
+    run = tmp_path / "runs" / "det"
+    run.mkdir(parents=True)
+    for epoch, score in ((1, 0.3), (2, 0.6), (3, 0.5)):
+        state = {"epoch": epoch, "optimizer": {"lr": 0.1}, "eval": {"scores": [{"map50": 0.0}, {"map50": score}]}}
+        torch.save(state, run / f"epoch_{epoch}.pt")
+    assert ckptd("scan", "--config", config).returncode == 0
+    assert sidecar.read(run / "epoch_2.pt").verification.metrics["map50"] == 0.6  # type: ignore[union-attr]
+    assert ckptd("best", run, "--config", config).stdout == f"{run / 'epoch_2.pt'}\n"

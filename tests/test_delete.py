@@ -211,3 +211,27 @@ def test_an_accelerate_save_is_trashed_beside_checkpoints_never_in_it(
         assert pending["trash_folder"] == str(out.root)
         assert delete.finish_pending(catalog, {"w": out.root.parent}, tmp_path / "state") == 1
     assert sorted(os.listdir(out.root)) == ["checkpoints"] and not unit.exists()
+
+
+def test_a_producers_record_of_a_checkpoint_goes_with_it(copy_output: CopyOutput, tmp_path: Path) -> None:
+    """Deleting an nshtrainer checkpoint removes its `<stem>.metadata.json` too: left behind, nshtrainer keeps a
+    ghost in its top-k and warns "Checkpoint file not found" at every save. Nothing else is touched."""
+    out = copy_output("nshtrainer")
+    folder = next(out.root.rglob("checkpoint"))
+    doomed = next((folder / "last").glob("*.ckpt"))
+    record = doomed.with_name(doomed.name.removesuffix(".ckpt") + ".metadata.json")
+    assert record.is_file()
+    before = sorted(p.relative_to(out.root) for p in out.root.rglob("*") if p != doomed and p != record)
+    verification = verify(doomed)
+    with Catalog(tmp_path / "state") as catalog:
+        catalog.record_verified(watch="w", run=str(folder), verification=verification,
+                                mtime_ns=verification.mtime_ns, now=1.0)  # fmt: skip
+        removal = delete.Removal(
+            action="delete", watch="w", root=out.root, path=str(doomed), run=str(folder),
+            identity=Identity(verification.size_bytes, verification.mtime_ns, verification.inode, verification.device),
+            sha256=verification.sha256, reasons=("keep_last",),
+        )  # fmt: skip
+        delete.execute(removal, catalog, tmp_path / "state", now=2.0)
+    assert not doomed.exists() and not record.exists()
+    after = sorted(p.relative_to(out.root) for p in out.root.rglob("*"))
+    assert after == before  # the last.ckpt links dangle now: that is why retention never deletes a link's target

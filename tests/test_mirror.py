@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import checkpoints
 import pytest
+from trainer_fixtures import CopyOutput
 
-from ckptd import sidecar
+from ckptd import mirror, sidecar
 from ckptd.catalog import Catalog
 from ckptd.cli import main
 from ckptd.config import Config, load_config
@@ -628,3 +629,28 @@ def test_a_directory_checkpoint_is_mirrored_file_by_file_and_restored_whole(
     code, _out, err = ckptd(capsys, "restore", backend, "runs/hf", "--best", "--to", tmp_path / "best",
                             "--config", config_path)  # fmt: skip
     assert code == 1 and "names no best" in err  # safetensors carry no val_loss: the run has a latest only
+
+
+def test_an_nshtrainer_checkpoint_is_mirrored_with_its_record(
+    tmp_path: Path, copy_output: CopyOutput, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nshtrainer's `<stem>.metadata.json` goes to the target with its checkpoint (the best is chosen by the
+    val_loss it records), and leaves with it when the copy is superseded."""
+    out = copy_output("nshtrainer")
+    shutil.copytree(out.root, tmp_path / "runs", symlinks=True)
+    config_path = _write_config(tmp_path, {"local": _local(tmp_path / "backup")})
+    config = load_config(config_path)
+    _scan(config)
+    assert ckptd(capsys, "mirror", "--config", config_path)[0] == 0
+    target = targets_of(config)["local"]
+    keys = list(target.list(""))
+    for checkpoint in (tmp_path / "runs").rglob("*.ckpt"):
+        if checkpoint.is_symlink():
+            continue
+        record = checkpoint.name.removesuffix(".ckpt") + ".metadata.json"
+        assert any(k.endswith(f"/{checkpoint.name}") for k in keys), checkpoint
+        assert any(k.endswith(f"/{record}") for k in keys), record
+    prefix = next(k for k in keys if k.endswith("/index.json")).removesuffix("/index.json")
+    best_name = next(p.name for p in (tmp_path / "runs").rglob("best_val_loss/*.ckpt"))
+    mirror._delete_copy(target, prefix, best_name)
+    assert not [k for k in target.list("") if best_name.removesuffix(".ckpt") in k]

@@ -29,9 +29,9 @@ NO_RULE = ("no keep rule applies",)
 # ------------------------------------------------------------------------------------------- the oracle
 
 
-def _recency(e: Entry) -> tuple[int, float, str]:
-    """Newest is largest: step (missing = -1), then mtime, then path."""
-    return (e.step if e.step is not None else -1, e.mtime, e.path)
+def _recency(e: Entry) -> tuple[int, int, float, str]:
+    """Newest is largest: step (missing = -1), then epoch (likewise), then mtime, then path."""
+    return (e.step if e.step is not None else -1, e.epoch if e.epoch is not None else -1, e.mtime, e.path)
 
 
 def _value(e: Entry) -> float | None:
@@ -511,16 +511,19 @@ def test_the_only_ok_checkpoint_of_a_run_is_kept() -> None:
     assert result.warnings and result.warnings[0].startswith("max_size 0B cannot be met: 100B remain")
 
 
-def test_the_latest_is_by_step_then_mtime() -> None:
-    """The latest is the highest step; a checkpoint without a step counts as older than any with one."""
-    entries = _run(3)
-    entries[2] = replace(entries[2], step=None, mtime=NOW)
-    entries[0] = replace(entries[0], step=200, mtime=NOW - 10)  # same step as epoch=1, newer
+def test_the_latest_is_by_step_then_epoch_then_mtime() -> None:
+    """The latest is the highest step; at the same step the higher epoch (one with an epoch is newer than one
+    without), then the newer mtime; a checkpoint without a step counts as older than any with one."""
+    entries = _run(4)
+    entries[3] = replace(entries[3], step=None, mtime=NOW)
+    entries[0] = replace(entries[0], step=200, epoch=1, mtime=NOW - 10)  # same step as epoch=1.pt, newer mtime
+    entries[2] = replace(entries[2], step=200, epoch=None, mtime=NOW)  # same step, no epoch, newest mtime
     result = plan(entries, Policy(keep_last=0, keep_best=0), NOW)
     assert _actions(result) == {
         "epoch=0.pt": ("keep", ("latest",)),
         "epoch=1.pt": ("delete", NO_RULE),
         "epoch=2.pt": ("delete", NO_RULE),
+        "epoch=3.pt": ("delete", NO_RULE),
     }
 
 
@@ -548,3 +551,43 @@ def test_a_run_whose_trainer_rotates_its_checkpoints_is_left_to_it() -> None:
     assert kept == {e.path: ("its trainer deletes this run's old checkpoints itself",) for e in rotating}
     assert all(d.action == "keep" for d in result.decisions if d.run == "/runs/hf")
     assert [d.action for d in result.decisions if d.run == "/runs/other"].count("delete") == 3
+
+
+def test_the_loops_own_names_are_never_deleted_and_twins_count_once() -> None:
+    """A loop's `latest_checkpoint.pt` (full state) and `best_model.pt` (weights only) are the trainer's own names:
+    kept under keep_last = 1, even when corrupt (the trainer may be writing them again). `best.pt` and
+    `epoch_11.pt` hold the same bytes. Slots never count for keep_last and keep_best (their bytes go when the
+    trainer writes them again): the newest name of its own is kept for them, even beside a newer good slot. The
+    newest resumable checkpoint is `latest`; a newer weights-only one is kept as `latest weights`."""
+    run = "/w/loop"
+
+    def entry(name: str, **fields: object) -> Entry:
+        values: dict[str, object] = {"path": f"{run}/{name}", "run": run, "status": "ok", "size": 10, "mtime": NOW,
+                                     "sha256": name}  # fmt: skip
+        return Entry(**(values | fields))  # type: ignore[arg-type]
+
+    entries = [
+        entry("latest_checkpoint.pt", epoch=12, resumable=True, mtime=NOW - 30, status="corrupt"),
+        entry("epoch_010_checkpoint.pt", epoch=10, resumable=True, mtime=NOW - 300),
+        entry("epoch_011_checkpoint.pt", epoch=11, resumable=True, mtime=NOW - 200),
+        entry("best_model.pt", resumable=False, mtime=NOW),
+        entry("best.pt", epoch=11, resumable=True, mtime=NOW - 100, sha256="twin", metrics={"val_loss": 0.1}),
+        entry("epoch_11.pt", epoch=11, resumable=True, mtime=NOW - 200, sha256="twin", metrics={"val_loss": 0.1}),
+    ]
+    result = plan(entries, Policy(keep_last=1, keep_best=1, metric="val_loss", on_corrupt="delete"), NOW)
+    actions = _actions(result)
+    slot = "the trainer's own name (rewritten in place)"
+    assert actions["latest_checkpoint.pt"] == ("keep", (slot,))  # corrupt, but never moved
+    assert actions["best_model.pt"] == ("keep", (slot,))  # no epoch: older than any with one
+    assert actions["epoch_11.pt"] == ("keep", ("latest", "best val_loss=0.1", "keep_last 1/1"))
+    assert actions["best.pt"] == ("keep", (slot,))
+    assert actions["epoch_010_checkpoint.pt"] == actions["epoch_011_checkpoint.pt"] == ("delete", NO_RULE)
+    rewritten = [entry("latest_checkpoint.pt", epoch=12, resumable=True, mtime=NOW - 30), *entries[1:]]
+    actions = _actions(plan(rewritten, Policy(keep_last=1, keep_best=1, metric="val_loss"), NOW))
+    assert actions["latest_checkpoint.pt"] == ("keep", (slot,))
+    assert actions["epoch_11.pt"] == ("keep", ("latest", "best val_loss=0.1", "keep_last 1/1"))  # survives a crash
+    final = entry("final_weights_13.pt", epoch=13, resumable=False)  # torchtitan's last_model_only save
+    actions = _actions(plan([*entries, final], Policy(keep_last=0, keep_best=0), NOW))
+    assert actions["final_weights_13.pt"] == ("keep", ("latest weights",))
+    assert actions["epoch_11.pt"] == ("keep", ("latest",))
+    assert actions["best.pt"] == ("keep", (slot,))
