@@ -1,9 +1,12 @@
 """`ckptd migrate`: rename checkpoints from the naming schemes of old training scripts to one canonical scheme.
 
-Canonical: `epoch-NN_step-SSSSSS<ext>`. `parse_name` and `plan_renames` are pure; `migrate` applies a plan.
-Names it cannot parse are listed, never guessed; `last.*`, `best*` and canonical names are never touched;
-two files that would get the same name are both left alone and reported. Sidecars and catalog rows follow
-the rename. `--delete-old` removes checkpoints below an epoch through the retention invariants (never the
+Canonical: `epoch-NN_step-SSSSSS<ext>`, or `epoch-NN<ext>` for a step-less name (`epoch_NNN_checkpoint.pt`)
+whose contents hold no step either. `parse_name` and `plan_renames` are pure; `migrate` applies a plan.
+Names it cannot parse are listed, never guessed; the trainer's own names (`last.ckpt`, `best_model.pt`,
+`latest_checkpoint.pt`: selection.is_slot) and canonical names are never touched; two files that would get
+the same name are both left alone and reported. Sidecars, catalog rows and a producer's files beside a
+checkpoint (nshtrainer's `.metadata.json`) follow the rename, and a link to a renamed checkpoint is pointed at
+its new name. `--delete-old` removes checkpoints below an epoch through the retention invariants (never the
 latest, the best, a pinned one or the only one).
 """
 
@@ -16,18 +19,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import retention, selection, sidecar
+from ckptd import layouts, retention, selection, sidecar
 from ckptd.catalog import Catalog
-from ckptd.fsutil import atomic_write_bytes, fsync_dir
+from ckptd.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
 from ckptd.model import CheckpointChanged, Entry, Verification
 
-CANONICAL = re.compile(r"^epoch-(\d+)_step-(\d+)(\.[A-Za-z0-9]+)$")
+CANONICAL = re.compile(r"^epoch-(\d+)(?:_step-(\d+))?(\.[A-Za-z0-9]+)$")
 _SCHEMES = [
     re.compile(r"^epoch_epoch_(?P<epoch>\d+)_step_step_(?P<step>\d+)_(?P<stamp>[0-9T:._-]+)(?P<ext>\.[A-Za-z0-9]+)$"),
     re.compile(r"^epoch_(?P<epoch>\d+)_step_(?P<step>\d+)(?P<ext>\.[A-Za-z0-9]+)$"),
     re.compile(r"^epoch=(?P<epoch>\d+)-step=(?P<step>\d+)(?P<ext>\.[A-Za-z0-9]+)$"),
     re.compile(r"^epoch_(?P<epoch>\d+)_checkpoint(?P<ext>\.[A-Za-z0-9]+)$"),
 ]
+
+
+class Unreadable(Exception):
+    """A checkpoint whose contents could not be read for its step (corrupt, changing): it is left alone."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,9 @@ class Parsed:
 
 
 def untouchable(name: str) -> bool:
-    """`last.*`, `best*` and names already canonical are never renamed."""
-    return name.startswith(("last.", "best")) or CANONICAL.match(name) is not None
+    """The trainer's own names (`last.ckpt`, `best.pt`, `latest_checkpoint.pt`) and canonical names are never
+    renamed."""
+    return selection.is_slot(name) or name.startswith("best") or CANONICAL.match(name) is not None
 
 
 def parse_name(name: str) -> Parsed | None:
@@ -54,9 +62,9 @@ def parse_name(name: str) -> Parsed | None:
     return None
 
 
-def canonical(epoch: int, step: int, ext: str) -> str:
-    """The canonical name."""
-    return f"epoch-{epoch:02d}_step-{step:06d}{ext}"
+def canonical(epoch: int, step: int | None, ext: str) -> str:
+    """The canonical name (`epoch-NN<ext>` when the step is not known)."""
+    return f"epoch-{epoch:02d}_step-{step:06d}{ext}" if step is not None else f"epoch-{epoch:02d}{ext}"
 
 
 @dataclass
@@ -73,8 +81,9 @@ class MigrationPlan:
 def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -> MigrationPlan:
     """Plan the renames of checkpoints in their folders.
 
-    `step_of` gives the step from a checkpoint's contents, for names that carry none. A target name that
-    two sources would share, or that another file already has, leaves every source alone.
+    `step_of` gives the step from a checkpoint's contents, for names that carry none (without one, the name
+    keeps the epoch alone). A target name that two sources would share, or that another file already has,
+    leaves every source alone.
     """
     result = MigrationPlan()
     wanted: dict[Path, list[Path]] = {}
@@ -88,9 +97,10 @@ def plan_renames(paths: Iterable[Path], step_of: Callable[[Path], int | None]) -
         if parsed is None:
             result.unparsable.append((path, "no known naming scheme"))
             continue
-        step = parsed.step if parsed.step is not None else step_of(path)
-        if step is None:
-            result.unparsable.append((path, "no step in its name or its contents"))
+        try:
+            step = parsed.step if parsed.step is not None else step_of(path)  # None: `epoch-NN<ext>`
+        except Unreadable as exc:
+            result.unparsable.append((path, f"no step in its name, and {exc}"))
             continue
         wanted.setdefault(path.with_name(canonical(parsed.epoch, step, parsed.ext)), []).append(path)
     for target, sources in sorted(wanted.items()):
@@ -123,7 +133,7 @@ def plan_deletions(entries: Iterable[Entry], min_epoch: int, metric: str | None,
         if d.action == "delete"
         and (epoch := by_path[d.path].epoch) is not None
         and epoch < min_epoch
-        and not Path(d.path).name.startswith(("last.", "best"))
+        and not untouchable(Path(d.path).name)
     ]
 
 
@@ -142,9 +152,25 @@ def apply_rename(source: Path, target: Path, catalog: Catalog | None) -> None:
         body["path"] = str(target)
         atomic_write_bytes(sidecar.sidecar_path(target), (json.dumps(body, indent=2) + "\n").encode())
         old_sidecar.unlink()
+    for old, new in zip(layouts.companions(source), layouts.companions(target), strict=False):
+        companion = source.with_name(old)
+        if companion.is_file() and not companion.is_symlink() and not target.with_name(new).exists():
+            companion.rename(target.with_name(new))
     fsync_dir(target.parent)
     if catalog is not None:
         catalog.rename(str(source), str(target))
+
+
+def repoint(link: Path, target: Path) -> None:
+    """Point `link` at `target` (a renamed checkpoint), atomically, keeping it relative when it was."""
+    new = target if link.readlink().is_absolute() else Path(os.path.relpath(target, link.parent))
+    temp = temp_path_for(link)
+    temp.symlink_to(new)
+    try:
+        os.replace(temp, link)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def sidecar_entries(paths: Iterable[Path]) -> dict[str, Entry]:
@@ -163,7 +189,8 @@ def steps_from_sidecars(entries: Mapping[str, Entry], verifier: Callable[[Path],
                         ) -> Callable[[Path], int | None]:  # fmt: skip
     """A `step_of` that reads the step recorded in a checkpoint's current sidecar.
 
-    Without a current sidecar, `verifier` (ckptd.verify.verify) reads the step from the checkpoint itself.
+    Without a current sidecar, `verifier` (ckptd.verify.verify) reads the step from the checkpoint itself;
+    one that is not ok raises Unreadable (a corrupt file is never renamed).
     """
 
     def step_of(path: Path) -> int | None:
@@ -176,8 +203,10 @@ def steps_from_sidecars(entries: Mapping[str, Entry], verifier: Callable[[Path],
             return None
         try:
             found = verifier(path)
-        except (CheckpointChanged, OSError):
-            return None
-        return found.global_step if found.status == "ok" else None
+        except (CheckpointChanged, OSError) as exc:
+            raise Unreadable(f"its contents could not be read ({exc})") from exc
+        if found.status != "ok":
+            raise Unreadable(f"its contents are {found.status}")
+        return found.global_step
 
     return step_of

@@ -151,12 +151,14 @@ def test_plan_renames_leaves_both_sides_of_a_collision_alone(tmp_path: Path) -> 
     assert plan.untouched == [existing]
 
 
-def test_plan_renames_lists_a_name_without_a_step_when_the_contents_have_none(tmp_path: Path) -> None:
-    """epoch_NNN_checkpoint with no step known from its contents is listed unparsable, not guessed."""
+def test_a_name_without_a_step_whose_contents_have_none_keeps_the_epoch_alone(tmp_path: Path) -> None:
+    """epoch_NNN_checkpoint with no step known from its contents becomes epoch-NN.pt (never a guessed step),
+    and that name is canonical: a second run leaves it alone."""
     path = make(tmp_path / "epoch_002_checkpoint.pt", 2, 200)
     plan = plan_renames([path], lambda _p: None)
-    assert plan.renames == []
-    assert plan.unparsable == [(path, "no step in its name or its contents")]
+    assert plan.renames == [(path, tmp_path / "epoch-02.pt")] and plan.unparsable == []
+    again = plan_renames([tmp_path / "epoch-02.pt"], lambda _p: None)
+    assert again.renames == [] and again.untouched == [tmp_path / "epoch-02.pt"]
 
 
 # --------------------------------------------------------------------------------------------- command
@@ -200,7 +202,7 @@ def test_migrate_reads_the_step_from_the_contents_when_there_is_no_sidecar(tmp_p
     assert done.code == 0, done.err
     assert f"renamed: {good} -> epoch-06_step-000600.pt" in done.out
     assert sha(run / "epoch-06_step-000600.pt") == before
-    assert f"unparsable: {bad} (no step in its name or its contents)" in done.out
+    assert f"unparsable: {bad} (no step in its name, and its contents are corrupt)" in done.out
     assert bad.exists()
     assert not list(run.glob("*.ckptd.json"))  # reading the step writes no sidecar
 
@@ -385,3 +387,31 @@ def test_delete_old_needs_keep_min_epoch(tmp_path: Path, ckptd: Ckptd) -> None:
     assert done.code == 2
     assert "--keep-min-epoch" in done.err
     assert snapshot(run) == before
+
+
+def test_migrate_points_lightnings_last_link_at_the_renamed_checkpoint(tmp_path: Path, ckptd: Ckptd) -> None:
+    """Lightning with save_last="link" and save_top_k: `last.ckpt` links to the newest epoch's file. migrate
+    renames that file and points the link at its new name (never leaving it dangling): `last.ckpt` still loads
+    and verifies."""
+    import lightning as L  # noqa: F401  # the real Trainer writes the run
+
+    run = tmp_path / "runs" / "exp"
+    checkpoints.lightning_run(run, max_epochs=3, save_top_k=2, save_last="link", filename="{epoch}-{step}")
+    last = run / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "epoch=2-step=12.ckpt"
+    done = ckptd("migrate", run)
+    assert done.code == 0, done.err
+    assert f"link re-pointed: {last} -> epoch-02_step-000012.ckpt" in done.out
+    assert last.is_symlink() and not last.readlink().is_absolute()  # a relative link stays relative
+    assert last.resolve() == run / "epoch-02_step-000012.ckpt"
+    state = torch_load(last)
+    assert (state["epoch"], state["global_step"]) == (2, 12)
+    assert ckptd("verify", last).code == 0
+
+
+def torch_load(path: Path) -> dict[str, object]:
+    """A checkpoint Lightning wrote here (trusted: this test made it)."""
+    import torch
+
+    loaded: dict[str, object] = torch.load(path, weights_only=False)
+    return loaded
