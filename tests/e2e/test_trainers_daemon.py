@@ -13,6 +13,7 @@ Only Python 3.11 is on this machine: the rmtree races are run here on 3.11 alone
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import shutil
 import sys
@@ -223,6 +224,11 @@ def test_deepspeed_resumes_from_the_tag_latest_prints(site: Site) -> None:
                on_fail=site.daemon.tail())  # fmt: skip
     assert_untouched(run)
     assert (run / "latest").read_text().strip() == "global_step6"
+    # The watch ranks by eval_loss, which DeepSpeed's saves do not hold: said once in the log, and in status.
+    site.daemon.wait_event("metric missing", run=str(run), metric="eval_loss")
+    [line] = [r for r in json.loads(site.cli("status", "--json"))["watches"]["runs"]["runs"] if r["run"] == str(run)]
+    assert line["metric_missing"]["metric"] == "eval_loss" and "eval_loss" not in line["metric_missing"]["held"]
+    assert len(site.daemon.events("metric missing", run=str(run))) == 1
     latest = Path(site.cli("latest", run))
     assert latest == run / "global_step6"
     resumed = run_trainer("deepspeed_engine", "--save-dir", site.fresh("ds"), "--steps", 8,
@@ -241,15 +247,16 @@ def test_a_sharded_save_pretrained_folder_is_one_checkpoint_restored_whole(site:
     run.mkdir()
     saved = run_trainer("save_pretrained", "--out", run / "model", "--max-shard-size", "40KB")
     wait_until(lambda: settled(site, run, {"model"}), "the folder verified", SETTLED, on_fail=site.daemon.tail())
-    assert site.cli("latest", run) == str(run / "model")
+    assert site.cli("latest", run, "--weights") == str(run / "model")  # weights only: never a resume point
     restored = site.restore_latest("runs/pretrained", "model")
     assert run_trainer("save_pretrained", "--load", restored)["checksum"] == saved["checksum"]
 
 
 def test_nshtrainer_rotates_its_own_checkpoints_and_ckptd_follows(site: Site) -> None:
     """nshtrainer keeps one best and one last checkpoint, unlinking the old ones itself: ckptd sees its run as the
-    `checkpoint/` folder, learns that its trainer rotates it (and leaves retention to it), and Lightning's fit
-    resumes from `latest`."""
+    `checkpoint/` folder (one run), learns that its trainer rotates it (and leaves retention to it), ranks by the
+    val_loss of nshtrainer's records, leaves no record without its checkpoint, answers for `last.ckpt`, and
+    Lightning's fit resumes from `latest`."""
     report = run_trainer("nshtrainer_run", "--root", site.runs / "nsh", "--epochs", 4, "--lr", 0.3,
                          "--step-sleep", 0.4)  # fmt: skip
     run = Path(report["checkpoint_dir"])
@@ -259,6 +266,13 @@ def test_nshtrainer_rotates_its_own_checkpoints_and_ckptd_follows(site: Site) ->
                on_fail=site.daemon.tail())  # fmt: skip
     site.daemon.wait_event("trainer rotates its checkpoints", run=str(run))
     assert site.cli("latest", run) == str(last)
+    assert site.cli("best", run, "--metric", "val_loss") == str(best)  # from nshtrainer's .metadata.json
+    assert json.loads(site.cli("show", run / "last.ckpt", "--json"))["path"] == str(last)  # a link answers
+    status = json.loads(site.cli("status", "--json"))["watches"]["runs"]["runs"]
+    assert [r["run"] for r in status if r["run"].startswith(str(run))] == [str(run)]  # one run, not three
+    records = [p for p in run.rglob("*.metadata.json") if not p.is_symlink()]
+    assert sorted(p.with_name(p.name.replace(".metadata.json", ".ckpt")) for p in records) == sorted([best, last])
+    assert "Checkpoint file not found" not in report["stderr"]
     resumed = run_trainer("nshtrainer_run", "--root", site.fresh("nsh"), "--epochs", 5, "--resume", last)
     assert resumed["resumed"]["ckpt_global_step"] == report["global_step"]
 
