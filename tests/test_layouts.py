@@ -352,7 +352,9 @@ def test_nshtrainers_recorded_checksum_holds_the_checkpoint(copy_output: CopyOut
     assert any(record_path.name in p and "checkpoint_checksum" in p for p in result.problems), result.problems
     last = next((folder / "last").glob("*.ckpt"))
     ck.flip_tensor_byte(last)
-    assert verify(last).status == "corrupt"
+    flipped = verify(last)
+    assert flipped.status == "corrupt"
+    assert any(nshtrainer.metadata_of(last).name in p for p in flipped.problems), flipped.problems
 
 
 def trainer_root(out: Output) -> Path:
