@@ -7,6 +7,7 @@ ConfigError, each naming the key and its value: `at 'watch[0].settle_seconds': .
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ckptd.errors import ConfigError
+from ckptd.mirrors import scheme_of, scheme_problem
 
 DEFAULT_PATTERNS = ["*.pt", "*.pth", "*.ckpt", "*.bin", "*.safetensors"]
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -39,6 +41,36 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# Lower bounds of the durations a zero would turn into a busy loop. Each is documented in config.toml and the
+# README's configuration section; a value under it is refused at load time, never replaced by another.
+MIN_POLL_INTERVAL = 0.1  # the daemon's own tick: polling faster finds nothing sooner
+MIN_RESCAN_INTERVAL = 1.0  # a rescan walks every watched folder and reads its sidecars
+MIN_RETENTION_INTERVAL = 1.0  # a retention pass reads the catalog and plans every run of the watch
+MIN_SCRUB_INTERVAL = 3600.0  # a scrub re-reads every checkpoint and mirror copy, at scrub_bandwidth
+
+
+def _duration_at_least(minimum: float, example: str, why: str) -> Callable[[Any], float | None]:
+    """A validator: a duration of at least `minimum` seconds (None passes: the key was left out)."""
+
+    def parse(value: Any) -> float | None:
+        if value is None:
+            return None
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            least = f"{minimum * 1000:g}ms" if minimum < 1 else _seconds_text(minimum)
+            raise ValueError(f'expected a duration of at least {least}, such as "{example}": {why}')
+        return seconds
+
+    return parse
+
+
+def _seconds_text(seconds: float) -> str:
+    """The bound as a user would write it: "1h" for 3600, "1s" for 1."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _auto_or_duration(value: Any) -> float | None:
@@ -71,7 +103,64 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
-_CRON = re.compile(r"^\s*\S+(\s+\S+){4}\s*$")
+
+
+def _size_above_zero(value: Any) -> int | None:
+    """A size of at least one byte: `max_size = 0` would read as "no limit" to some and delete everything that
+    no invariant protects to others, so it is refused (leaving the key out means no limit)."""
+    if value is None:
+        return None
+    size = parse_size(value)
+    if size < 1:
+        raise ValueError('expected a size above 0, such as "500GB"; leave max_size out for no limit')
+    return size
+
+
+def _min_free(value: Any) -> str | None:
+    """`min_free`: a share of the file system ("5%") or a size ("20GB"), checked here, read by min_free_bytes."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share < 100:
+                raise ValueError
+        elif parse_size(text) < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError('expected a share of the disk such as "5%" or a size such as "20GB"') from None
+    return text
+
+
+def min_free_bytes(setting: str, disk_size: int) -> int:
+    """The free bytes `min_free` asks for on a file system of `disk_size` bytes."""
+    if setting.endswith("%"):
+        return int(disk_size * float(setting[:-1]) / 100)
+    return parse_size(setting)
+
+
+def _cron(value: Any) -> str | None:
+    """A crontab line that the scheduler's own parser accepts (ckptd.scheduler.cron_trigger), checked here so
+    that a bad one is a config error at load time and on SIGHUP, not a crash of a running daemon."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError('expected a crontab line such as "0 * * * *" (minute hour day month weekday, in UTC)')
+    from ckptd.scheduler import cron_trigger  # apscheduler is imported only when a config has a cron line
+
+    cron_trigger(value)
+    return value
+
+
+def _no_nul(value: Any) -> Any:
+    """A path or URL without a NUL character, which the OS refuses in any path (with ValueError, not OSError)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("a path or URL cannot hold a NUL character")
+    return value
+
+
+PathText = Annotated[Path, BeforeValidator(_no_nul)]
 
 
 class _Model(BaseModel):
@@ -81,13 +170,14 @@ class _Model(BaseModel):
 class DaemonConfig(_Model):
     """`[daemon]`: settings of the daemon and of every command."""
 
-    state_dir: Path = Path(".ckptd")
+    state_dir: PathText = Path(".ckptd")
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     trusted_globals: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")]] = []
     workers: int = Field(default=1, ge=1, le=32)
-    rescan_interval: Duration = 600.0
-    worker_idle_timeout: Duration = 1800.0
+    rescan_interval: Annotated[float, BeforeValidator(_duration_at_least(
+        MIN_RESCAN_INTERVAL, "10m", "each rescan walks every watched folder"))] = 600.0  # fmt: skip
+    worker_idle_timeout: Duration = 1800.0  # 0: the workers stop as soon as the queue is empty
     # The time budget of one verification: "auto" is 60 s plus 1 s per 100 MB. One that runs longer is
     # stopped (its worker killed if need be) and recorded `unsupported`, and the queue goes on.
     verify_timeout: Annotated[float | None, BeforeValidator(_auto_or_duration)] = None  # None: "auto"
@@ -98,7 +188,10 @@ class DaemonConfig(_Model):
 
         return self.verify_timeout if self.verify_timeout is not None else default_timeout(size)
 
-    scrub_interval: Duration | None = None  # e.g. "7d": re-read every checkpoint and mirror copy this often
+    # e.g. "7d": re-read every checkpoint and mirror copy this often; left out, never
+    scrub_interval: Annotated[float | None, BeforeValidator(_duration_at_least(
+        MIN_SCRUB_INTERVAL, "7d", "each scrub re-reads every checkpoint; leave scrub_interval out to never scrub"
+    ))] = None  # fmt: skip
     scrub_bandwidth: Annotated[int, BeforeValidator(lambda v: parse_rate(v))] = 50_000_000
 
 
@@ -119,15 +212,19 @@ class MetricConfig(_Model):
 class RetentionConfig(_Model):
     """`[watch.retention]`: what to keep; everything else is deleted (never what an invariant protects)."""
 
-    interval: Duration | None = None
-    cron: str | None = Field(default=None, pattern=_CRON.pattern)
+    interval: Annotated[float | None, BeforeValidator(_duration_at_least(
+        MIN_RETENTION_INTERVAL, "10m", "leave interval and cron out to run every 10m"))] = None  # fmt: skip
+    cron: Annotated[str | None, BeforeValidator(_cron)] = None
     keep_last: int = Field(default=3, ge=0)
     keep_best: int = Field(default=1, ge=0)
     keep_every: int = Field(default=0, ge=0)
     keep_every_steps: int = Field(default=0, ge=0)
     keep_within: Duration = 0.0
     min_epoch: int = Field(default=0, ge=0)
-    max_size: Size | None = None
+    max_size: Annotated[int | None, BeforeValidator(_size_above_zero)] = None
+    # Free space to keep on the watched folder's file system ("5%" or "20GB"): below it, retention runs at once
+    # and deletes the oldest checkpoints that only soft rules keep (never an invariant) until it is met.
+    min_free: Annotated[str | None, BeforeValidator(_min_free)] = None
     on_corrupt: Literal["quarantine", "keep", "delete"] = "quarantine"
     dry_run: bool = False
 
@@ -153,7 +250,7 @@ def parse_rate(value: Any) -> int:
 class MirrorTargetConfig(_Model):
     """`[mirror.NAME]`: a backup target. Credentials never go here: S3 uses the standard AWS chain."""
 
-    url: str = Field(min_length=1)
+    url: Annotated[str, BeforeValidator(_no_nul), Field(min_length=1)]
     keep_superseded: int = Field(default=1, ge=0)
     max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] = 0
     endpoint_url: str = ""
@@ -163,6 +260,10 @@ class MirrorTargetConfig(_Model):
     # MD5; "checksum" trusts the SHA-256 the store reports (stores that validate it, such as AWS S3);
     # "read-back" downloads every copy. See ckptd/mirrors/s3.py and docs/security.md.
     proof: Literal["auto", "checksum", "read-back"] = "auto"
+    # Every call to an S3 store waits at most `timeout` to connect and to read each answer, and is tried
+    # `attempts` times: a store that never answers fails a command within attempts x timeout, not minutes.
+    timeout: Annotated[float, BeforeValidator(_duration_at_least(1.0, "20s", "a store must get time to answer"))] = 20.0
+    attempts: int = Field(default=2, ge=1, le=10)
 
     @model_validator(mode="after")
     def _proof_needs_a_checksum(self) -> MirrorTargetConfig:
@@ -189,11 +290,12 @@ class WatchConfig(_Model):
     """`[[watch]]`: one watched folder."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: Path
+    path: PathText
     patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PATTERNS), min_length=1)
     settle_seconds: float = Field(default=2.0, ge=0, le=3600)
     poll: bool = False
-    poll_interval: Duration = 30.0
+    poll_interval: Annotated[float, BeforeValidator(_duration_at_least(
+        MIN_POLL_INTERVAL, "30s", "each poll lists every file in the folder"))] = 30.0  # fmt: skip
     metric: MetricConfig | None = None
     retention: RetentionConfig | None = None
     mirror: WatchMirrorConfig | None = None
@@ -210,6 +312,9 @@ class Config(_Model):
     watch: list[WatchConfig] = Field(min_length=1)
     mirror: dict[str, MirrorTargetConfig] = Field(default_factory=dict)
     source: Path = Path("config.toml")
+    # What chose daemon.state_dir, so that `check-config` can say when the environment did: a shell without
+    # $STATE_DIRECTORY would otherwise read another catalog than the service.
+    state_dir_from: Literal["daemon.state_dir", "$STATE_DIRECTORY", "default"] = "default"
 
     def watch_named(self, name: str) -> WatchConfig | None:
         """The watch called `name`, if any."""
@@ -243,32 +348,65 @@ def parse_config(text: str, source: Path, default_state_dir: Path | None = None)
 
     `default_state_dir` is the state folder when the text sets none (systemd's $STATE_DIRECTORY).
 
-    Returns the validated Config. Raises ConfigError listing every problem: TOML syntax, unknown keys,
-    wrong types or values, duplicate watch names.
+    Returns the validated Config. Raises ConfigError listing every problem at once: TOML syntax, unknown keys,
+    wrong types or values, then the cross-checks (duplicate watch names, names in `to` without a
+    `[mirror.NAME]`, URL schemes no target implements, credentials in URLs, folders inside one another).
     """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(source), [f"not valid TOML: {exc}"]) from exc
     problems: list[str] = []
-    if "source" in raw:  # set by ckptd itself below, so the file must not carry it
-        problems.append("at 'source': unknown key (remove it, or check its spelling)")
+    for key in ("source", "state_dir_from"):  # set by ckptd itself below, so the file must not carry them
+        if key in raw:
+            problems.append(f"at '{key}': unknown key (remove it, or check its spelling)")
+    daemon = raw.get("daemon", {})
+    state_dir_from = "default"
+    if isinstance(daemon, dict) and "state_dir" in daemon:
+        state_dir_from = "daemon.state_dir"
+    elif isinstance(daemon, dict) and default_state_dir is not None:
+        raw["daemon"] = {**daemon, "state_dir": str(default_state_dir)}
+        state_dir_from = "$STATE_DIRECTORY"
     config: Config | None = None
     try:
-        if default_state_dir is not None and isinstance(raw.get("daemon", {}), dict):
-            raw.setdefault("daemon", {}).setdefault("state_dir", str(default_state_dir))
-        config = Config.model_validate({**raw, "source": source})
+        config = Config.model_validate({**raw, "source": source, "state_dir_from": state_dir_from})
     except ValidationError as exc:
         problems += [_message(dict(e)) for e in exc.errors()]
-    problems += _duplicate_names(raw)
+    # The cross-checks read the raw TOML, so that they are reported beside every other problem: one round of
+    # fixes, not one per kind of problem.
+    problems += _duplicate_names(raw) + _unknown_targets(raw) + _unknown_schemes(raw)
+    # Folders and URLs are checked even when other keys are invalid: on their own values (_paths_only).
+    checked = config if config is not None else _paths_only(raw, source)
+    resolved = _resolved(checked, source.parent) if checked is not None else None
+    if resolved is not None:
+        problems += url_problems(resolved) + layout_problems(resolved, lambda p: Path(os.path.normpath(p)))
     if problems:
         raise ConfigError(str(source), problems)
-    assert config is not None
-    resolved = _resolved(config, source.parent)
-    problems = url_problems(resolved) + layout_problems(resolved, lambda p: Path(os.path.normpath(p)))
-    if problems:
-        raise ConfigError(str(source), problems)
+    assert config is not None and resolved is not None
     return resolved
+
+
+def _paths_only(raw: dict[str, Any], source: Path) -> Config | None:
+    """A Config holding only the paths and URLs of a config that failed validation, so that url_problems and
+    layout_problems still report beside the other problems; None when those values are themselves unusable.
+    Built without validation (model_construct): it only ever reaches those two checks, never a caller."""
+    daemon, watches, mirrors = raw.get("daemon", {}), raw.get("watch"), raw.get("mirror", {})
+    if not (isinstance(daemon, dict) and isinstance(watches, list) and isinstance(mirrors, dict)):
+        return None
+    state_dir = daemon.get("state_dir", ".ckptd")
+    paths = [w.get("path") if isinstance(w, dict) else None for w in watches]
+    targets = {
+        n: (m["url"], m.get("endpoint_url", "")) for n, m in mirrors.items() if isinstance(m, dict) and m.get("url")
+    }
+    texts = [state_dir, *paths, *(u for pair in targets.values() for u in pair)]
+    if not all(isinstance(text, str) and "\x00" not in text for text in texts) or not all(paths) or not state_dir:
+        return None
+    return Config.model_construct(
+        daemon=DaemonConfig.model_construct(state_dir=Path(state_dir)),
+        watch=[WatchConfig.model_construct(path=Path(str(path))) for path in paths],
+        mirror={n: MirrorTargetConfig.model_construct(url=u, endpoint_url=e) for n, (u, e) in targets.items()},
+        source=source,
+    )
 
 
 _QUERY_CREDENTIALS = re.compile(r"(x-amz-(credential|signature|security-token)|awsaccesskeyid|signature)=", re.I)
@@ -312,7 +450,7 @@ def layout_problems(config: Config, canonical: Callable[[Path], Path]) -> list[s
     owned = [("daemon.state_dir", canonical(config.daemon.state_dir), "quarantined checkpoints would be found there"
               " and quarantined again")]  # fmt: skip
     owned += [(f"mirror.{name}.url", canonical(Path(m.url)), "copies would be found there and copied again")
-              for name, m in config.mirror.items() if "://" not in m.url]  # fmt: skip
+              for name, m in config.mirror.items() if scheme_of(m.url) == "file"]  # fmt: skip
     for key, path, why in owned:
         for watch_key, watched in watches:
             if path.is_relative_to(watched) or watched.is_relative_to(path):
@@ -334,12 +472,56 @@ def _duplicate_names(raw: dict[str, Any]) -> list[str]:
     ]
 
 
+def _unknown_targets(raw: dict[str, Any]) -> list[str]:
+    """Names in a watch's `[watch.mirror] to` without a `[mirror.NAME]` table (and names listed twice): such a
+    copy would wait forever while retention keeps its checkpoint "awaiting mirror". The closest defined name is
+    suggested, for a typo."""
+    mirrors = raw.get("mirror")
+    defined = sorted(mirrors) if isinstance(mirrors, dict) else []
+    watches = raw.get("watch")
+    problems = []
+    for i, watch in enumerate(watches if isinstance(watches, list) else []):
+        mirror = watch.get("mirror") if isinstance(watch, dict) else None
+        to = mirror.get("to") if isinstance(mirror, dict) else None
+        names: list[Any] = to if isinstance(to, list) else []
+        for j, name in enumerate(names):
+            if not isinstance(name, str):
+                continue  # a type error, which validation reports
+            key = f"watch[{i}].mirror.to[{j}]"
+            if name in names[:j]:
+                problems.append(f"at '{key}': {name!r} is listed twice; list each target once")
+            elif name not in defined:
+                problems.append(f"at '{key}': no [mirror.{name}] table in the config; {_did_you_mean(name, defined)}")
+    return problems
+
+
+def _did_you_mean(name: str, defined: list[str]) -> str:
+    if not defined:
+        return f"add one with its url (a folder or s3://bucket/prefix), or remove {name!r}"
+    close = difflib.get_close_matches(name, defined, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}(defined: {', '.join(defined)})"
+
+
+def _unknown_schemes(raw: dict[str, Any]) -> list[str]:
+    """Mirror URLs whose scheme no target implements (`gs://`), by the table make_target builds from
+    (ckptd.mirrors.SCHEMES), so a URL that passes here is one a target is built for."""
+    mirrors = raw.get("mirror")
+    problems = []
+    for name, target in (mirrors if isinstance(mirrors, dict) else {}).items():
+        url = target.get("url") if isinstance(target, dict) else None
+        problem = scheme_problem(url) if isinstance(url, str) and url else None
+        if problem:
+            problems.append(f"at 'mirror.{name}.url': {problem}")
+    return problems
+
+
 def _resolved(config: Config, base: Path) -> Config:
     def absolute(path: Path) -> Path:
         return path if path.is_absolute() else (base / path).resolve()
 
     def target(settings: MirrorTargetConfig) -> MirrorTargetConfig:
-        if "://" in settings.url and not settings.url.startswith("file://"):
+        if scheme_of(settings.url) != "file":
             return settings
         return settings.model_copy(update={"url": str(absolute(Path(settings.url.removeprefix("file://"))))})
 
@@ -393,6 +575,6 @@ def _missing_folders_raw(text: str, base: Path) -> list[str]:
     problems = []
     for i, watch in enumerate(watches if isinstance(watches, list) else []):
         folder = watch.get("path") if isinstance(watch, dict) else None
-        if isinstance(folder, str) and not (base / folder).is_dir():
+        if isinstance(folder, str) and "\x00" not in folder and not (base / folder).is_dir():
             problems.append(f"at 'watch[{i}].path': folder {base / folder} does not exist; create it or fix the path")
     return problems

@@ -11,19 +11,21 @@ into memory, and prove what they store; the callers validate the names they read
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ckptd.errors import ConfigError
+from ckptd.errors import CkptdError, ConfigError
 
 Progress = Callable[[int], None]
 SMALL_OBJECT_MAX = 64 << 20  # index.json and sidecars; anything larger on a target is not ckptd's
 
 
-class MirrorError(Exception):
-    """A target could not be reached or refused an operation; worth retrying later."""
+class MirrorError(CkptdError):
+    """A target could not be reached or refused an operation; worth retrying later. A command that meets one
+    exits 1 (a check failed) with its message, never a traceback."""
 
 
 class IntegrityError(MirrorError):
@@ -90,23 +92,75 @@ class Target(Protocol):
         ...
 
 
-def make_target(name: str, settings: object, config_dir: Path) -> Target:
-    """Build the target named `name` from its `[mirror.NAME]` settings, by the URL's scheme.
-
-    A URL without a scheme (or `file://`) is a local folder, relative to the config file's folder;
-    `s3://bucket/prefix` is S3. Raises ConfigError for any other scheme.
-    """
-    url = str(getattr(settings, "url", ""))
-    if url.startswith("s3://"):
-        from ckptd.mirrors.s3 import S3Target
-
-        return S3Target(name, settings)
-    if "://" in url and not url.startswith("file://"):
-        scheme = url.split("://", 1)[0]
-        raise ConfigError(
-            "config", [f"at 'mirror.{name}.url': unknown scheme {scheme!r}; use a folder path or s3://bucket/prefix"]
-        )
+def _local(name: str, settings: object, config_dir: Path) -> Target:
     from ckptd.mirrors.local import LocalTarget
 
-    folder = Path(url.removeprefix("file://"))
+    folder = Path(str(getattr(settings, "url", "")).removeprefix("file://"))
     return LocalTarget(name, folder if folder.is_absolute() else config_dir / folder, settings)
+
+
+def _s3(name: str, settings: object, config_dir: Path) -> Target:
+    from ckptd.mirrors.s3 import S3Target  # the only boto3 import, and only when an s3:// target is built
+
+    return S3Target(name, settings)
+
+
+def _s3_problem(url: str) -> str | None:
+    bucket = url.removeprefix("s3://").partition("/")[0]
+    return None if bucket else "an s3:// URL needs a bucket: s3://bucket or s3://bucket/prefix"
+
+
+def _local_problem(url: str) -> str | None:
+    return None if url.removeprefix("file://") else "a file:// URL needs a folder: file:///srv/backup"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One kind of target: what it is, what else its URLs need, and how one is built."""
+
+    what: str  # for messages: what the target is and what its URLs look like
+    build: Callable[[str, object, Path], Target]  # (name, [mirror.NAME] settings, the config file's folder)
+    problem: Callable[[str], str | None]  # why a URL of this scheme cannot be used, or None
+
+
+# The one table of URL schemes. Config validation (ckptd.config) refuses any URL that scheme_problem faults, at
+# load time, and make_target builds by the same table, so the two never disagree: a new backend is one row here.
+# A URL without "://" is a local folder ("file").
+SCHEMES: dict[str, Scheme] = {
+    "file": Scheme("a local folder or NFS mount: a plain path, or file:///srv/backup", _local, _local_problem),
+    "s3": Scheme("S3 and S3-compatible stores: s3://bucket/prefix", _s3, _s3_problem),
+}
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # "s3:bucket", "s3:/bucket"; two letters at least: not "C:"
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of a mirror URL: the text before "://", or "file" for a folder path."""
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def scheme_problem(url: str) -> str | None:
+    """Why no target can be built for `url`, or None. Pure; never repeats the URL, which may hold a secret."""
+    scheme = scheme_of(url)
+    if scheme not in SCHEMES:
+        supported = " and ".join(f"{name}:// ({s.what})" for name, s in SCHEMES.items())
+        return f"unknown scheme {scheme!r}; ckptd implements {supported}"
+    if "://" not in url and _URL_LIKE.match(url):
+        written = url.split(":", 1)[0]
+        return (f"{written!r} followed by ':' looks like a URL without '//' (such as s3://bucket/prefix); for a"
+                " folder whose name holds a colon, write ./ before it")  # fmt: skip
+    return SCHEMES[scheme].problem(url)
+
+
+def make_target(name: str, settings: object, config_dir: Path, *, source: str = "config") -> Target:
+    """Build the target named `name` from its `[mirror.NAME]` settings, by the URL's scheme (SCHEMES).
+
+    A URL without a scheme (or `file://`) is a local folder, relative to `config_dir` (the config file's
+    folder); `s3://bucket/prefix` is S3. Raises ConfigError naming `source` (the config file, where the caller
+    knows it) for a URL that scheme_problem faults; load_config refuses those first, so a loaded config never
+    meets it.
+    """
+    url = str(getattr(settings, "url", ""))
+    problem = scheme_problem(url)
+    if problem:
+        raise ConfigError(source, [f"at 'mirror.{name}.url': {problem}"])
+    return SCHEMES[scheme_of(url)].build(name, settings, config_dir)
