@@ -1,13 +1,22 @@
 """Mirroring best and latest checkpoints to backup targets, proving every copy, and bringing them back.
 
 Layout on a target: `<watch>/<run path relative to the watched folder>/<checkpoint>` with its sidecar beside
-it, and per run an `index.json` naming the current best and latest with their sha256. The checkpoint goes
-first, its sidecar second, `index.json` last: a sidecar on a target means its checkpoint is complete there.
-A superseded copy leaves the target only after its successor is proved there, keeping `keep_superseded`.
+it, and per run an `index.json` listing every copy the target holds for the run (roles, step, epoch, sha256,
+when copied) and naming the mirror's best and latest. The checkpoint goes first, its sidecar second,
+`index.json` last: a sidecar on a target means its checkpoint is complete there.
+
+Mirror history (render_index): local selection decides the mirror's best and latest, except that it never
+moves a role from a copy whose local checkpoint rotted to a worse or older one: after the local best rots, or
+a save that crashed half-way truncates the local latest, the target's good copy keeps the role until a
+better or newer copy is proved there. A copy leaves the target only once superseded (it holds no role there
+and local selection moved its role on), beyond the newest `keep_superseded`, and only while its local
+checkpoint is intact or was deleted (by the user, retention, the trainer's own rotation): a copy whose local
+checkpoint rotted (corrupt, quarantined) is held for good, since it may be the only good one.
 
 What to copy is queued in the catalog (`mirror_queue`), so a restart picks it up; a failed copy is retried
 with backoff and never blocks verification; retention keeps a checkpoint while it is queued.
-`roles_for`, `clean_index` and `render_index` are pure; the rest drives targets and the catalog.
+`roles_for`, `local_state`, `clean_index`, `render_index`, `ranked_copies` and `choose_copy` are pure; the rest
+drives targets and the catalog.
 
 A target is untrusted storage. Every name read from one (index entries, superseded lists, listings) is
 checked to be one plain file name (untrusted.component) before it is used; a target may only have deleted
@@ -20,18 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from ckptd import delete, layouts, log, selection, sidecar
-from ckptd.catalog import Catalog
+from ckptd.catalog import Catalog, Row
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import directory_digest
 from ckptd.fsutil import fsync_dir, open_confined, sha256_fd, temp_name
@@ -42,7 +52,7 @@ from ckptd.untrusted import UntrustedInput, component, load_json, relative
 
 INDEX = "index.json"
 _BESIDE = sidecar.Store()
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2  # 2: every copy held, with `was` and `local`; version 1 indexes are still read (clean_index)
 MAX_BACKOFF = 3600.0
 COMPANION_MAX = 16 << 20  # a producer's record beside a checkpoint (nshtrainer's is ~350 KB)
 
@@ -79,11 +89,76 @@ def run_key(watch: WatchConfig, run: str) -> str:
     return watch.name if relative == "." else f"{watch.name}/{relative}"
 
 
+LocalState = Literal["intact", "gone", "replaced", "rotted"]
+_RELEASED = frozenset({"intact", "gone", "replaced"})  # a copy of such a source may leave once superseded
+_ROLES = ("best", "latest", "milestone", "all")
+_KEPT = frozenset({"milestone", "all"})  # copies made for these roles are never superseded
+_ALONE = frozenset({"rotted", "replaced"})  # no good local copy left: the target's keeps its roles (ranked_copies)
+_POINTER = ("name", "sha256", "step", "epoch", "metrics")
+
+
+def local_state(row: Row | None, sha256: object) -> LocalState:
+    """What became of the local checkpoint a copy with `sha256` was made from, by its catalog row (None: none).
+
+    "intact": still there, ok, the same bytes. "gone": deleted while ok (by the user, by retention, by the
+    trainer's own rotation, renamed by migrate), or never known here. "replaced": the name holds another ok
+    checkpoint now (a slot such as last.ckpt saved again). "rotted": found not ok: bit rot caught by scrub, a
+    save that crashed half-way through rewriting it in place, quarantined. A copy of a rotted checkpoint is
+    never deleted from a target: it may be the only good one there is.
+    """
+    if row is None or row.kind == "link":
+        return "gone"
+    if row.status != "ok":
+        return "rotted"
+    if row.sha256 != sha256:
+        return "replaced"
+    return "gone" if row.gone_at is not None else "intact"
+
+
+def _roles(entry: Mapping[str, Any] | None, key: str = "roles") -> list[str]:
+    value = (entry or {}).get(key)
+    return sorted({r for r in value if r in _ROLES}) if isinstance(value, list) else []
+
+
+def _was(entry: Mapping[str, Any]) -> list[str]:
+    """The roles a copy has ever been mirrored for (its current ones in an index written before `was`)."""
+    return _roles(entry, "was") or _roles(entry)
+
+
+def _number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _clean_copy(entry: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One entry of an index (a copy, or the best or latest pointer) with every field of the type ckptd writes;
+    anything else is left out, so a hostile index cannot make sorting or comparing fail."""
+    clean: dict[str, Any] = {"name": name}
+    if isinstance(entry.get("sha256"), str):
+        clean["sha256"] = entry["sha256"]
+    clean["step"], clean["epoch"] = _number(entry.get("step")), _number(entry.get("epoch"))
+    metrics = entry.get("metrics")
+    clean["metrics"] = {
+        str(k): v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    } if isinstance(metrics, dict) else {}  # fmt: skip
+    if _number(entry.get("size_bytes")) is not None:
+        clean["size_bytes"] = entry["size_bytes"]
+    if isinstance(entry.get("resumable"), bool):
+        clean["resumable"] = entry["resumable"]
+    clean["roles"], clean["was"] = _roles(entry), _roles(entry, "was")
+    if isinstance(entry.get("mirrored_at"), str):
+        clean["mirrored_at"] = entry["mirrored_at"]
+    if entry.get("local") in ("intact", "gone", "replaced", "rotted"):
+        clean["local"] = entry["local"]
+    return clean
+
+
 def clean_index(raw: Any) -> tuple[dict[str, Any], list[str]]:
     """A run's index as read from a target, with every name that is not one plain file name dropped.
 
     Returns the index (copies, best, latest, superseded; anything malformed left out) and the refused names.
     A hostile index naming `../exp2/best.ckpt` or `/etc/passwd` can then neither be restored nor deleted.
+    An index written before schema 2 (copies without `was`) is read as one: each copy's `was` is the roles it
+    was copied for plus the pointers naming it, and its current roles only what the pointers say.
     """
     refused: list[str] = []
 
@@ -97,50 +172,153 @@ def clean_index(raw: Any) -> tuple[dict[str, Any], list[str]]:
     body: dict[str, Any] = raw if isinstance(raw, dict) else {}
     copies: dict[Any, Any] = body["copies"] if isinstance(body.get("copies"), dict) else {}
     index: dict[str, Any] = {
-        "schema_version": INDEX_SCHEMA, "run": body.get("run"),
-        "copies": {n: dict(c) for k, c in copies.items() if (n := name_of(k)) and isinstance(c, dict)},
+        "schema_version": INDEX_SCHEMA, "run": body.get("run") if isinstance(body.get("run"), str) else None,
+        "copies": {n: _clean_copy(c, n) for k, c in copies.items() if (n := name_of(k)) and isinstance(c, dict)},
         "superseded": [n for v in body.get("superseded") or [] if (n := name_of(v))]
         if isinstance(body.get("superseded"), list) else [],
     }  # fmt: skip
     for role in ("best", "latest"):
         entry = body.get(role)
-        index[role] = dict(entry) if isinstance(entry, dict) and name_of(entry.get("name")) else None
+        named = name_of(entry.get("name")) if isinstance(entry, dict) else None
+        pointer = _clean_copy(entry, named) if isinstance(entry, dict) and named else None
+        index[role] = {k: pointer[k] for k in _POINTER if k in pointer} if pointer else None
+    for key, raw_copy in copies.items():
+        copy = index["copies"].get(key) if isinstance(key, str) and isinstance(raw_copy, dict) else None
+        if copy is not None and "was" not in raw_copy:  # schema 1: `roles` were what it was copied for, kept after
+            pointed = [r for r in ("best", "latest") if (index[r] or {}).get("name") == key]
+            copy["was"] = sorted({*copy["roles"], *pointed})
+            copy["roles"] = sorted({*(set(copy["roles"]) & _KEPT), *pointed})
     return index, refused
 
 
-def render_index(previous: Mapping[str, Any] | None, *, run: str, copy: Mapping[str, Any], roles: list[str],
-                 keep_superseded: int, now: float,
-                 ours: frozenset[str] | None = None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
-    """The run's new index.json after `copy` (name, sha256, metrics, step) is proved on the target.
+def _recency(entry: Mapping[str, Any]) -> tuple[int, int]:
+    step, epoch = _number(entry.get("step")), _number(entry.get("epoch"))
+    return (step if step is not None else -1, epoch if epoch is not None else -1)
 
-    `previous` is the index as clean_index left it. Returns the index and the names of copies to delete from
-    the target: superseded best/latest copies beyond the newest `keep_superseded`, and only those in `ours`
-    (what this machine copied there for this run; None for all). A copy still named by a role is never among
-    them; a superseded name not ours is dropped from the index but left on the target.
+
+def _best_key(entry: Mapping[str, Any], metric: str | None, mode: selection.Mode) -> tuple[Any, ...]:
+    value = (entry.get("metrics") or {}).get(metric) if metric else None
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    score = float(value) * (-1.0 if mode == "min" else 1.0) if finite and value is not None else 0.0
+    return (finite, score, "best" in _roles(entry), _recency(entry), str(entry.get("mirrored_at", "")))
+
+
+def _latest_key(entry: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (entry.get("resumable") is not False, _recency(entry), "latest" in _roles(entry),
+            "latest" in _was(entry), str(entry.get("mirrored_at", "")))  # fmt: skip
+
+
+def ranked_copies(copies: Mapping[str, Mapping[str, Any]], role: str, metric: str | None = None,
+                  mode: selection.Mode = "min") -> list[str]:  # fmt: skip
+    """The names of the copies that may hold `role` (best or latest) on a target, the one that holds it first.
+
+    They are the copy local selection names for the role (its `roles`) and every copy ever mirrored for the
+    role whose local checkpoint rotted or was overwritten (`local` "rotted" or "replaced"; the target's copy
+    is then the only good one): local selection decides, except that it never moves a role from such a copy
+    to a worse or older one. latest: newest first (one training can resume from before a weights-only one,
+    then by step, then epoch as selection.recency, then the one local selection names). best: by `metric` and
+    `mode` (a copy without a finite value last), then the one local selection names, then the newest.
     """
-    index: dict[str, Any] = {
-        "schema_version": INDEX_SCHEMA, "run": run, "best": None, "latest": None, "copies": {}, "superseded": [],
-    }  # fmt: skip
-    if previous:
-        index.update({k: previous[k] for k in ("best", "latest", "copies", "superseded") if k in previous})
-    index["copies"] = dict(index["copies"])
+    eligible = [n for n, c in copies.items() if role in _roles(c) or (role in _was(c) and c.get("local") in _ALONE)]
+    if role == "best":
+        return sorted(eligible, key=lambda n: (_best_key(copies[n], metric, mode), n), reverse=True)
+    return sorted(eligible, key=lambda n: (_latest_key(copies[n]), n), reverse=True)
+
+
+def _active(index: Mapping[str, Any], copies: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The copies that hold a role: the mirror's best and latest, and those local selection names best or
+    latest; in that order."""
+    named = [(index.get(r) or {}).get("name") for r in ("best", "latest")]
+    chosen = [n for n, c in copies.items() if {"best", "latest"} & set(_roles(c))]
+    return [n for n in dict.fromkeys([*named, *chosen]) if isinstance(n, str) and n in copies]
+
+
+def render_index(previous: Mapping[str, Any] | None, *, run: str, copy: Mapping[str, Any], roles: list[str],
+                 keep_superseded: int, now: float, ours: frozenset[str] | None = None,
+                 local: Mapping[str, LocalState] | None = None, metric: str | None = None,
+                 mode: selection.Mode = "min") -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """The run's new index.json after `copy` (name, sha256, metrics, step, epoch) is proved on the target for
+    `roles` (what local selection names it now); pure: every input is an argument.
+
+    `previous` is the index as clean_index left it. Every copy the target holds stays listed with the roles
+    local selection last gave it (`roles`), every role it was ever mirrored for (`was`), and what became of
+    its local checkpoint (`local`, from `local`: local_state per copy name; missing counts as intact). The
+    mirror's best and latest: ranked_copies, by `metric` and `mode` (local selection's, unless a copy whose
+    local checkpoint rotted or was overwritten is better or newer). A copy that holds no role any more is
+    superseded. Returns
+    the index and the copies to delete from the target: superseded ones beyond the newest `keep_superseded`,
+    only those whose local checkpoint is intact, gone or replaced (never rotted: such a copy is held), and
+    only those in `ours` (what this machine copied there for this run; None for all). Copies made as
+    milestones or for `all` are never superseded.
+    """
+    before: Mapping[str, Any] = previous or {}
     stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    index["copies"][copy["name"]] = {**copy, "roles": sorted(set(roles)), "mirrored_at": stamp}
-    superseded = [n for n in index["superseded"] if n != copy["name"]]
+    copies = {n: dict(c) for n, c in (before.get("copies") or {}).items()}
+    superseded = [n for n in before.get("superseded") or [] if n in copies]
+    active_before = _active(before, copies)
+    name, wanted = copy["name"], sorted(set(roles) & set(_ROLES))
+    old = copies.get(name)
+    same = old is not None and old.get("sha256") == copy.get("sha256")  # else a new version of the name
+    for role in ("best", "latest"):  # local selection names one best and one latest
+        if role in wanted:
+            for other, entry in copies.items():
+                if other != name and role in _roles(entry):
+                    entry["roles"] = [r for r in _roles(entry) if r != role]
+    copies[name] = {
+        **copy, "roles": wanted, "was": sorted({*wanted, *(_was(old) if old and same else [])}),
+        "mirrored_at": old["mirrored_at"] if old and same and isinstance(old.get("mirrored_at"), str) else stamp,
+    }  # fmt: skip
+    states: dict[str, LocalState] = {n: (local or {}).get(n, "intact") for n in copies}
+    if local is not None:
+        for n, entry in copies.items():
+            entry["local"] = states[n]
+    index: dict[str, Any] = {"schema_version": INDEX_SCHEMA, "run": run}
     for role in ("best", "latest"):
-        if role in roles:
-            old = index[role]
-            index[role] = {k: copy[k] for k in ("name", "sha256", "step", "metrics") if k in copy}
-            if old and old["name"] != copy["name"]:
-                superseded.append(old["name"])
-    current = {index[r]["name"] for r in ("best", "latest") if index[r]}
-    superseded = [n for n in dict.fromkeys(superseded) if n not in current]
-    beyond = superseded[: max(0, len(superseded) - keep_superseded)]
-    index["superseded"] = superseded[len(beyond) :]
-    for name in beyond:
-        index["copies"].pop(name, None)
-    index["updated_at"] = stamp
-    return index, [name for name in beyond if ours is None or name in ours]
+        order = ranked_copies(copies, role, metric, mode)
+        index[role] = {k: copies[order[0]][k] for k in _POINTER if k in copies[order[0]]} if order else None
+    active = _active(index, copies)
+    for n in active_before:
+        if n in copies and n not in active and n not in superseded and not set(_roles(copies[n])) & _KEPT:
+            superseded.append(n)
+    superseded = [n for n in superseded if n not in active]
+    deletable = [n for n in superseded if states[n] in _RELEASED and (ours is None or n in ours)
+                 and not set(_roles(copies[n])) & _KEPT]  # fmt: skip
+    doomed = deletable[: max(0, len(deletable) - keep_superseded)]
+    for n in doomed:
+        copies.pop(n)
+    index.update(copies=copies, superseded=[n for n in superseded if n not in doomed], updated_at=stamp)
+    return index, doomed
+
+
+def choose_copy(index: Mapping[str, Any], *, role: str | None = None, step: int | None = None,
+                sha256: str | None = None) -> tuple[str, Mapping[str, Any]]:  # fmt: skip
+    """Which copy `restore` fetches from a cleaned index, as (name, entry naming its sha256).
+
+    `role` "best" or "latest": the mirror's best or latest (see ranked_copies); else the copy at global step
+    `step`, or the one whose SHA-256 starts with `sha256`, whatever its roles. Raises NotFound when none is,
+    and when `step` or `sha256` fit copies of different bytes (say which with a longer --sha256).
+    """
+    if role is not None:
+        chosen = index.get(role)
+        if not chosen:
+            raise NotFound(f"the index names no {role} checkpoint")
+        return str(chosen["name"]), chosen
+    copies: Mapping[str, Mapping[str, Any]] = index.get("copies") or {}
+    order = sorted(copies, key=lambda n: (_latest_key(copies[n]), n), reverse=True)
+    if step is not None:
+        found, what = [n for n in order if _number(copies[n].get("step")) == step], f"at step {step}"
+    else:
+        prefix = (sha256 or "").lower()
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            raise NotFound(f"--sha256 takes a hex prefix of a copy's SHA-256, not {sha256!r}")
+        found = [n for n in order if str(copies[n].get("sha256", "")).startswith(prefix)]
+        what = f"whose sha256 starts with {prefix}"
+    if not found:
+        raise NotFound(f"no copy {what}")
+    if len({copies[n].get("sha256") for n in found}) > 1:
+        several = ", ".join(f"{n} (sha256 {str(copies[n].get('sha256'))[:16]})" for n in found)
+        raise NotFound(f"several copies {what}: {several}; choose one with --sha256")
+    return found[0], copies[found[0]]
 
 
 # ------------------------------------------------------------------------------------------------ queueing
@@ -179,9 +357,18 @@ class MirrorReport:
     checked: int = 0
 
 
-def targets_of(config: Config) -> dict[str, Target]:
-    """Every configured target, built by URL scheme."""
-    return {name: make_target(name, settings, config.source.parent) for name, settings in config.mirror.items()}
+def targets_of(config: Config, broken: dict[str, str] | None = None) -> dict[str, Target]:
+    """Every configured target that can be built, by URL scheme. One that cannot (boto3 missing, a folder it
+    may not create) is left out with why in `broken` (when given): it never stops the others."""
+    targets: dict[str, Target] = {}
+    for name, settings in config.mirror.items():
+        try:
+            targets[name] = make_target(name, settings, config.source.parent)
+        except Exception as exc:  # whatever it is, it concerns this target alone
+            if broken is None:
+                raise
+            broken[name] = str(exc) or type(exc).__name__
+    return targets
 
 
 def _files_of(checkpoint: Path) -> list[tuple[str, Path]]:
@@ -293,7 +480,7 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
             if not (item["copied"] and target.stat(f"{prefix}/{sidecar.sidecar_name(path.name)}")):
                 copy_checkpoint(target, prefix, path, found, watch.path, store)
             ours = catalog.mirrored_names(target=target.name, run=item["run"])
-            doomed = _update_index(target, prefix, item, found, config, now(), ours)
+            doomed = _update_index(target, prefix, item, found, config, now(), ours, catalog)
         except MirrorError as exc:
             if not (path.exists() or path.is_symlink()):  # deleted while copied (a trainer's rotation): nothing lost
                 catalog.mirror_finish(item, state="dropped", now=now(), error="gone while it was copied")
@@ -332,15 +519,25 @@ def read_index(target: Target, prefix: str) -> dict[str, Any] | None:
 
 
 def _update_index(target: Target, prefix: str, item: Mapping[str, Any], found: sidecar.Sidecar, config: Config,
-                  now: float, ours: frozenset[str]) -> list[str]:  # fmt: skip
+                  now: float, ours: frozenset[str], catalog: Catalog) -> list[str]:  # fmt: skip
+    """Rewrite the run's index.json for the copy just proved; return the superseded copies to delete now.
+    What became of each copy's local checkpoint comes from the catalog (local_state)."""
     previous = read_index(target, prefix)
     record = found.verification
     name = Path(record.path).name
-    copy = {"name": name, "sha256": record.sha256, "step": record.global_step,
-            "epoch": record.epoch, "metrics": record.metrics, "size_bytes": record.size_bytes}  # fmt: skip
+    copy = {"name": name, "sha256": record.sha256, "step": record.global_step, "epoch": record.epoch,
+            "metrics": record.metrics, "size_bytes": record.size_bytes, "resumable": record.resumable}  # fmt: skip
+    run = Path(item["run"])
+    local = {n: local_state(catalog.get(str(run / n)), c.get("sha256"))
+             for n, c in ((previous or {}).get("copies") or {}).items()}  # fmt: skip
+    local[name] = local_state(catalog.get(str(run / name)), record.sha256)
+    watch = config.watch_named(item["watch"])
+    metric = watch.metric if watch is not None else None
     keep = config.mirror[item["target"]].keep_superseded
     index, doomed = render_index(previous, run=prefix, copy=copy, roles=str(item["role"]).split(","),
-                                 keep_superseded=keep, now=now, ours=ours | {name})  # fmt: skip
+                                 keep_superseded=keep, now=now, ours=ours | {name}, local=local,
+                                 metric=metric.name if metric else None,
+                                 mode=metric.mode if metric else "min")  # fmt: skip
     target.put_bytes(f"{prefix}/{INDEX}", (json.dumps(index, indent=2) + "\n").encode())
     return doomed
 
@@ -504,14 +701,17 @@ class Restored:
     proof: str
 
 
-def restore(target: Target, run: str, role: str, destination: Path, known: Callable[[str], str | None]) -> Restored:
-    """Download a run's best or latest into the folder `destination`, proving every byte before it is in place.
+def restore(target: Target, run: str, role: str | None, destination: Path, known: Callable[[str], str | None], *,
+            step: int | None = None, sha256: str | None = None) -> Restored:  # fmt: skip
+    """Download one copy of a run into the folder `destination`, proving every byte before it is in place.
 
+    Which copy (choose_copy): `role` "best" (the mirror's best) or "latest" (the newest copy the target
+    holds), else the copy at global step `step`, or the one whose SHA-256 starts with `sha256`.
     The bytes are proved against this machine's catalog record of the copy when `known(name)` has one (the
     target's sidecar and index must then agree with it), else against the mirrored sidecar. Nothing is
     written outside `destination`, whatever the target's index names: names are checked (one plain file
     name), files are created relative to the open folder without following links, in a temp name that only
-    a proved copy replaces. Raises NotFound (no such run or role), IntegrityError, MirrorError.
+    a proved copy replaces. Raises NotFound (no such run or copy), IntegrityError, MirrorError.
     """
     try:
         prefix = "/".join(relative(run.strip("/"), what="the run"))
@@ -520,10 +720,11 @@ def restore(target: Target, run: str, role: str, destination: Path, known: Calla
     index = read_index(target, prefix)
     if index is None:
         raise NotFound(f"{target.name}: no run {run!r} (no {prefix}/{INDEX}); see: ckptd ls {target.name}")
-    chosen = index.get(role)
-    if not chosen:
-        raise NotFound(f"{target.name}:{prefix}: the index names no {role} checkpoint")
-    name = component(chosen["name"], what="the checkpoint's name")
+    try:
+        picked, chosen = choose_copy(index, role=role, step=step, sha256=sha256)
+    except NotFound as exc:
+        raise NotFound(f"{target.name}:{prefix}: {exc}; see: ckptd ls {target.name} {prefix}") from None
+    name = component(picked, what="the checkpoint's name")
     stored = sidecar.parse(target.get_bytes(f"{prefix}/{sidecar.sidecar_name(name)}"))
     record = stored.verification
     if record.sha256 != chosen.get("sha256"):

@@ -9,6 +9,7 @@ exp1, which `ls` must not confuse).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,11 +24,21 @@ import pytest
 from trainer_fixtures import CopyOutput
 
 from ckptd import mirror, sidecar
-from ckptd.catalog import Catalog
+from ckptd.catalog import Catalog, Row
 from ckptd.cli import main
 from ckptd.config import Config, load_config
-from ckptd.mirror import enqueue_run, mirror_pass, render_index, roles_for, targets_of
-from ckptd.mirrors import Target
+from ckptd.mirror import (
+    choose_copy,
+    clean_index,
+    enqueue_run,
+    local_state,
+    mirror_pass,
+    ranked_copies,
+    render_index,
+    roles_for,
+    targets_of,
+)
+from ckptd.mirrors import NotFound, Target
 from ckptd.model import Entry
 from ckptd.prune import prune_watch
 from ckptd.scan import reconcile
@@ -83,7 +94,7 @@ def test_render_index_names_best_and_latest_and_records_each_copy() -> None:
     index, doomed = render_index(None, run="runs/exp1", copy=_copy("a.pt"), roles=["best", "latest"],
                                  keep_superseded=1, now=0.0)  # fmt: skip
     assert doomed == []
-    assert index["run"] == "runs/exp1" and index["schema_version"] == 1
+    assert index["run"] == "runs/exp1" and index["schema_version"] == 2
     assert index["best"]["name"] == index["latest"]["name"] == "a.pt"
     assert index["best"]["sha256"] == _copy("a.pt")["sha256"]
     assert index["copies"]["a.pt"]["roles"] == ["best", "latest"]
@@ -130,6 +141,162 @@ def test_render_index_brings_a_superseded_copy_back_when_it_regains_a_role() -> 
     assert index["superseded"] == ["a"]
     index, doomed = render_index(index, run="r", copy=_copy("a"), roles=["best"], keep_superseded=2, now=3)
     assert doomed == [] and index["superseded"] == [] and index["best"]["name"] == "a"
+
+
+# ------------------------------------------------------------------------------------------ mirror history
+
+
+def _ckpt(name: str, step: int, loss: float | None = None) -> dict[str, Any]:
+    return {"name": name, "sha256": hashlib.sha256(name.encode()).hexdigest(), "step": step, "epoch": step // 100,
+            "metrics": {} if loss is None else {"val_loss": loss}, "size_bytes": 1}  # fmt: skip
+
+
+def _mirror(index: dict[str, Any] | None, copy: dict[str, Any], roles: list[str], now: float,
+            local: dict[str, Any] | None = None, keep: int = 0) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """One proved copy through render_index, as mirror_pass calls it (metric val_loss, min)."""
+    return render_index(index, run="runs/exp1", copy=copy, roles=roles, keep_superseded=keep, now=now,
+                        local=local or {}, metric="val_loss", mode="min")  # fmt: skip
+
+
+def test_a_best_whose_local_checkpoint_rotted_keeps_its_good_copy_and_its_role() -> None:
+    """The local best rots: local selection moves best to a worse checkpoint, whose copy is added, but the mirror's
+    best stays the good copy of the true best and nothing is deleted (keep_superseded = 0). A better checkpoint
+    takes best later; the rotted one's copy is still held, while an intact superseded one leaves."""
+    index, doomed = _mirror(None, _ckpt("s200", 200, 0.4), ["best", "latest"], 1)
+    index, doomed = _mirror(index, _ckpt("s300", 300, 0.55), ["latest"], 2)
+    assert doomed == [] and (index["best"]["name"], index["latest"]["name"]) == ("s200", "s300")
+    index, doomed = _mirror(index, _ckpt("s300", 300, 0.55), ["best", "latest"], 3, local={"s200": "rotted"})
+    assert doomed == [] and index["best"]["name"] == "s200" and index["best"]["metrics"] == {"val_loss": 0.4}
+    assert sorted(index["copies"]) == ["s200", "s300"] and index["copies"]["s200"]["local"] == "rotted"
+    index, doomed = _mirror(index, _ckpt("s400", 400, 0.5), ["latest"], 4, local={"s200": "rotted"})
+    assert doomed == [] and (index["best"]["name"], index["latest"]["name"]) == ("s200", "s400")
+    index, doomed = _mirror(index, _ckpt("s500", 500, 0.1), ["best", "latest"], 5, local={"s200": "rotted"})
+    assert (index["best"]["name"], index["latest"]["name"]) == ("s500", "s500")
+    assert sorted(doomed) == ["s300", "s400"] and sorted(index["copies"]) == ["s200", "s500"]
+    assert index["superseded"] == ["s200"]  # superseded, held: its local checkpoint rotted
+    index, doomed = _mirror(index, _ckpt("s600", 600, 0.2), ["latest"], 6, local={"s200": "intact"})
+    assert doomed == ["s200"]  # scrub repaired the local checkpoint from the mirror: the copy is released
+
+
+def test_the_same_history_with_an_intact_best_supersedes_as_before() -> None:
+    """Without rot, a better best and a newer latest supersede the old copies, which leave beyond keep_superseded."""
+    index, _ = _mirror(None, _ckpt("s200", 200, 0.4), ["best", "latest"], 1)
+    index, doomed = _mirror(index, _ckpt("s300", 300, 0.3), ["best", "latest"], 2, local={"s200": "intact"})
+    assert doomed == ["s200"] and list(index["copies"]) == ["s300"]
+    index, doomed = _mirror(index, _ckpt("s400", 400, 0.6), ["latest"], 3, local={"s300": "intact"}, keep=1)
+    assert doomed == [] and index["superseded"] == [] and index["best"]["name"] == "s300"
+
+
+def test_the_mirrors_latest_never_moves_back_after_a_crash_mid_save() -> None:
+    """A save that crashes while rewriting the newest checkpoint in place truncates it: local selection falls back
+    to epoch 11, but the target still holds epoch 12's good copy, which stays the mirror's latest until a newer
+    one is proved; then it is superseded but held, since its local checkpoint is corrupt."""
+    index, _ = _mirror(None, _ckpt("e11", 1100), ["latest"], 1)
+    index, doomed = _mirror(index, _ckpt("e12", 1200), ["latest"], 2, local={"e11": "intact"}, keep=1)
+    assert doomed == [] and index["latest"]["name"] == "e12" and index["superseded"] == ["e11"]
+    crashed = {"e12": "rotted", "e11": "intact"}
+    index, doomed = _mirror(index, _ckpt("e11", 1100), ["latest"], 3, local=crashed)
+    assert doomed == [] and index["latest"]["name"] == "e12" and index["latest"]["step"] == 1200
+    assert choose_copy(index, role="latest")[0] == "e12"
+    index, doomed = _mirror(index, _ckpt("e13", 1300), ["latest"], 4, local=crashed)
+    assert index["latest"]["name"] == "e13" and doomed == ["e11"] and index["superseded"] == ["e12"]
+
+
+def test_a_slot_saved_again_replaces_its_copy_and_a_weights_only_copy_is_not_the_latest() -> None:
+    """last.ckpt saved again is one copy (the target key is rewritten); until its new version is copied, the old
+    one (its only good copy) keeps latest over an older checkpoint; a newer weights-only copy never becomes the
+    latest while one training can resume from is there."""
+    index, _ = _mirror(None, _ckpt("last.ckpt", 100), ["latest"], 1)
+    index, doomed = _mirror(index, _ckpt("epoch=0.pt", 50), ["latest"], 2, local={"last.ckpt": "replaced"})
+    assert doomed == [] and index["latest"]["name"] == "last.ckpt"
+    index, doomed = _mirror(index, {**_ckpt("last.ckpt", 200), "sha256": "f" * 64}, ["latest"], 3,
+                            local={"last.ckpt": "intact"})  # fmt: skip
+    assert doomed == ["epoch=0.pt"] and list(index["copies"]) == ["last.ckpt"]
+    assert index["latest"]["sha256"] == "f" * 64
+    weights = {**_ckpt("best_model.pt", 300, 0.1), "resumable": False}
+    index, doomed = _mirror(index, weights, ["best"], 4)
+    assert doomed == [] and index["latest"]["name"] == "last.ckpt" and index["best"]["name"] == "best_model.pt"
+
+
+def test_the_index_lists_every_copy_with_its_roles_history_and_local_state() -> None:
+    """Each copy keeps its step, epoch, sha256, when it was copied, the roles local selection gives it now, every
+    role it was mirrored for, and what became of its local checkpoint; re-indexing it keeps `mirrored_at`."""
+    index, _ = _mirror(None, _ckpt("s200", 200, 0.4), ["best", "latest"], 1)
+    index, _ = _mirror(index, _ckpt("s300", 300, 0.5), ["latest"], 2, local={"s200": "intact"})
+    assert index["schema_version"] == 2 and index["updated_at"] == "1970-01-01T00:00:02Z"
+    assert index["copies"]["s200"] == {**_ckpt("s200", 200, 0.4), "roles": ["best"], "was": ["best", "latest"],
+                                       "mirrored_at": "1970-01-01T00:00:01Z", "local": "intact"}  # fmt: skip
+    assert index["copies"]["s300"]["roles"] == ["latest"] and index["copies"]["s300"]["local"] == "intact"
+    assert index["latest"] == {k: _ckpt("s300", 300, 0.5)[k] for k in ("name", "sha256", "step", "epoch", "metrics")}
+    again, _ = _mirror(index, _ckpt("s200", 200, 0.4), ["best"], 3)
+    assert again["copies"]["s200"]["mirrored_at"] == "1970-01-01T00:00:01Z"
+    assert json.loads(json.dumps(again)) == again  # what is written is plain JSON
+
+
+def test_an_index_written_before_mirror_history_is_still_read() -> None:
+    """A schema 1 index (copies without `was`; `roles` the roles each was copied for) is read as one: superseded
+    copies hold no role; where that index had moved latest back from a copy whose local checkpoint rotted since,
+    the next mirror pass gives the role back to it; hostile field types are left out."""
+    old = {
+        "schema_version": 1, "run": "runs/exp1", "updated_at": "2026-01-01T00:00:00Z",
+        "best": {"name": "s200", "sha256": "a" * 64, "step": 20, "metrics": {"val_loss": 0.4}},
+        "latest": {"name": "e11", "sha256": "b" * 64, "step": 110, "metrics": {}},
+        "copies": {
+            "s200": {"name": "s200", "sha256": "a" * 64, "step": 20, "epoch": 2, "metrics": {"val_loss": 0.4},
+                     "size_bytes": 5, "roles": ["best", "latest"], "mirrored_at": "2026-01-01T00:00:00Z"},
+            "e11": {"name": "e11", "sha256": "b" * 64, "step": 110, "epoch": 11, "metrics": {}, "size_bytes": 5,
+                    "roles": ["latest"], "mirrored_at": "2026-01-02T00:00:00Z"},
+            "e12": {"name": "e12", "sha256": "c" * 64, "step": 120, "epoch": 12, "metrics": {}, "size_bytes": 5,
+                    "roles": ["latest"], "mirrored_at": "2026-01-01T12:00:00Z"},
+        },
+        "superseded": ["e12"],
+    }  # fmt: skip
+    index, refused = clean_index(json.loads(json.dumps(old)))
+    assert refused == []
+    assert index["copies"]["s200"]["roles"] == ["best"] and index["copies"]["s200"]["was"] == ["best", "latest"]
+    assert index["copies"]["e12"]["roles"] == [] and index["copies"]["e12"]["was"] == ["latest"]
+    assert index["best"] == old["best"] | {"epoch": None} and index["superseded"] == ["e12"]
+    assert choose_copy(index, role="latest")[0] == "e11" and choose_copy(index, role="best")[0] == "s200"
+    assert choose_copy(index, step=120)[0] == "e12"
+    healed, doomed = _mirror(index, _ckpt("e11", 110), ["latest"], 9, local={"e12": "rotted", "e11": "intact"})
+    assert doomed == [] and healed["latest"]["name"] == "e12" and healed["best"]["name"] == "s200"
+    after, doomed = _mirror(healed, _ckpt("e13", 130), ["latest"], 10, local={"e12": "intact", "e11": "intact"})
+    assert sorted(doomed) == ["e11", "e12"] and after["latest"]["name"] == "e13" and after["best"]["name"] == "s200"
+    hostile, refused = clean_index({"copies": {"x": {"step": "9" * 400, "metrics": [], "roles": "best", "was": 3}}})
+    assert hostile["copies"]["x"] == {"name": "x", "step": None, "epoch": None, "metrics": {}, "was": [], "roles": []}
+
+
+def test_choose_copy_by_role_step_or_sha256_prefix() -> None:
+    """--step and --sha256 pick any copy the index lists; ambiguity and absence are said, not guessed."""
+    index, _ = _mirror(None, _ckpt("s200", 200, 0.4), ["best", "latest"], 1)
+    index, _ = _mirror(index, _ckpt("s300", 300, 0.5), ["latest"], 2, keep=5)
+    index, _ = _mirror(index, {**_ckpt("best.pt", 300, 0.5), "resumable": False}, ["best"], 3, keep=5)
+    sha = index["copies"]["s200"]["sha256"]
+    assert choose_copy(index, step=200)[0] == "s200" and choose_copy(index, sha256=sha[:6].upper())[0] == "s200"
+    assert choose_copy(index, role="latest")[0] == "s300" and choose_copy(index, role="best")[0] == "best.pt"
+    with pytest.raises(NotFound, match=r"several copies at step 300: .*choose one with --sha256"):
+        choose_copy(index, step=300)
+    with pytest.raises(NotFound, match="no copy at step 7"):
+        choose_copy(index, step=7)
+    with pytest.raises(NotFound, match="hex prefix"):
+        choose_copy(index, sha256="../x")
+    with pytest.raises(NotFound, match="names no best"):
+        choose_copy({"copies": {}, "best": None}, role="best")
+    assert ranked_copies(index["copies"], "best", "val_loss") == ["best.pt"]  # s200 is intact: selection decides
+
+
+def test_local_state_says_what_became_of_the_local_checkpoint() -> None:
+    """intact, gone (deleted while ok), replaced (the name saved again), rotted (corrupt, even once quarantined)."""
+    row = Row(path="/r/a.pt", watch="w", run="/r", kind="file", link_target=None, format="torch_zip", status="ok",
+              size=1, mtime_ns=1, inode=1, sha256="a" * 64, epoch=1, step=1, metrics={}, problems=[], first_seen=0.0,
+              verified_at=0.0, gone_at=None, pinned=False)  # fmt: skip
+    assert local_state(row, "a" * 64) == "intact"
+    assert local_state(dataclasses.replace(row, gone_at=5.0), "a" * 64) == "gone"
+    assert local_state(None, "a" * 64) == "gone"
+    assert local_state(dataclasses.replace(row, sha256="b" * 64), "a" * 64) == "replaced"
+    assert local_state(dataclasses.replace(row, status="corrupt"), "a" * 64) == "rotted"
+    assert local_state(dataclasses.replace(row, status="corrupt", gone_at=5.0), "a" * 64) == "rotted"
+    assert local_state(dataclasses.replace(row, status="corrupt", sha256="b" * 64), "a" * 64) == "rotted"
 
 
 # ---------------------------------------------------------------------------------------- real checkpoints
@@ -369,7 +536,13 @@ def test_a_failing_target_keeps_the_copy_queued_with_backoff_and_status_shows_it
         report = mirror_pass(config, catalog, targets_of(config), now=lambda: clock[0] + 10)
         assert len(report.copied) == 3 and catalog.mirror_due(None) == []
     code, out, _err = ckptd(capsys, "status", "--config", site.config_path, "--json")
-    assert json.loads(out)["mirrors"][name] == {"pending": 0, "failed": 0, "done": 3, "last_error": None}
+    assert json.loads(out)["mirrors"][name] == {
+        "pending": 0,
+        "failed": 0,
+        "done": 3,
+        "last_error": None,
+        "failing_since": None,
+    }
     assert targets_of(config)[name].stat(f"runs/exp1/{site.best.name}") is not None
 
 
@@ -437,7 +610,13 @@ def test_a_copy_dropped_while_it_was_being_made_stays_dropped_when_it_fails(tmp_
         catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=new, now=2.0)  # ...a new one lands
         catalog.mirror_retry(item, error="changed while being copied", next_try=10.0)  # ...and the copy fails
         assert [(q["sha256"], q["state"]) for q in catalog.mirror_due(None)] == [("b" * 64, "pending")]
-        assert catalog.mirror_backlog()["t"] == {"pending": 1, "failed": 0, "done": 0, "last_error": None}
+        assert catalog.mirror_backlog()["t"] == {
+            "pending": 1,
+            "failed": 0,
+            "done": 0,
+            "last_error": None,
+            "failing_since": None,
+        }
         assert catalog.awaiting_mirror("w") == {"/w/r/last.ckpt"}
         catalog.mirror_finish(catalog.mirror_due(None)[0], state="done", now=3.0)
         assert catalog.awaiting_mirror("w") == frozenset()
