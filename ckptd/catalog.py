@@ -585,18 +585,49 @@ class Catalog:
         )
 
     def mirror_backlog(self) -> dict[str, dict[str, Any]]:
-        """Per target: copies waiting, copies failing, the last error."""
+        """Per target: copies waiting, copies failing, the last error, and since when the oldest failing copy
+        has waited (`failing_since`, a timestamp, or None)."""
         backlog: dict[str, dict[str, Any]] = {}
         for row in self._exec("SELECT target, state, COUNT(*) AS n FROM mirror_queue GROUP BY target, state"):
-            backlog.setdefault(row["target"], {"pending": 0, "failed": 0, "done": 0, "last_error": None})
+            backlog.setdefault(
+                row["target"], {"pending": 0, "failed": 0, "done": 0, "last_error": None, "failing_since": None}
+            )
             if row["state"] in ("pending", "failed", "done"):
                 backlog[row["target"]][row["state"]] = row["n"]
         for row in self._exec(
-            "SELECT target, last_error FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
+            "SELECT target, last_error, queued_at FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
         ):
-            if backlog[row["target"]]["last_error"] is None:
-                backlog[row["target"]]["last_error"] = row["last_error"]
+            found = backlog[row["target"]]
+            if found["last_error"] is None:
+                found["last_error"] = row["last_error"]
+            since = found["failing_since"]
+            found["failing_since"] = row["queued_at"] if since is None else min(since, row["queued_at"])
         return backlog
+
+    def not_ok(self, watch: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The checkpoints of a watch on disk that are not ok (corrupt, unsafe, unsupported), newest first,
+        with their first problem."""
+        rows = self._exec(
+            "SELECT path, run, status, problems, verified_at FROM checkpoints WHERE watch = ? AND gone_at IS NULL"
+            " AND status NOT IN ('ok', 'pending') ORDER BY COALESCE(verified_at, 0) DESC LIMIT ?",
+            (watch, limit),
+        )
+        found = []
+        for r in rows:
+            problems = json.loads(r["problems"] or "[]")
+            found.append({"path": decode(r["path"]), "run": decode(r["run"]), "status": r["status"],
+                          "problem": problems[0] if problems else None})  # fmt: skip
+        return found
+
+    def quarantined_since(self, since: float) -> list[dict[str, Any]]:
+        """Checkpoints moved to quarantine (by retention's on_corrupt or by scrub) after `since`."""
+        rows = self._exec(
+            "SELECT path, run, done_at, detail, reasons FROM journal WHERE action = 'quarantine' AND state = 'done'"
+            " AND done_at > ? ORDER BY done_at",
+            (since,),
+        )
+        return [{"path": decode(r["path"]), "run": decode(r["run"]), "at": r["done_at"], "to": r["detail"],
+                 "reasons": json.loads(r["reasons"] or "[]")} for r in rows]  # fmt: skip
 
     def scrub_order(self, watch: str) -> list[Row]:
         """The ok checkpoints of a watch, least recently scrubbed first (never scrubbed before all others)."""

@@ -11,7 +11,9 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = exc.exit_code
     except BrokenPipeError:
         code = ExitCode.OK
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback for a report
+        if _debugging():
+            traceback.print_exc()
+        hint = "" if _debugging() else " (run with --debug for the traceback)"
+        click.echo(f"ckptd: unexpected error: {type(exc).__name__}: {exc}{hint}", err=True)
+        code = ExitCode.SOFTWARE
     sys.exit(int(code or 0))
+
+
+_debug = False
+
+
+def _debugging() -> bool:
+    return _debug or os.environ.get("CKPTD_DEBUG", "") not in ("", "0")
 
 
 def _echo_path(path: str) -> None:
@@ -100,8 +115,11 @@ config_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckptd")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of an unexpected error (also CKPTD_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Verify, catalog, prune and mirror training checkpoints."""
+    global _debug
+    _debug = debug
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -205,7 +223,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
                 engine=engine_versions,
                 boundaries=[w.path for w in config.watch] if config else (),
                 store=store_of(config) if config else Store(),
-                placement=watch.sidecars if watch else "auto",
+                placement=watch.sidecars if watch else "auto", metric=watch.metric if watch else None,
             )  # fmt: skip
             failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
             summary[str(root)] = {
@@ -395,19 +413,39 @@ def run(config_file: Path | None) -> int:
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(config_file: Path | None, as_json: bool) -> int:
-    """Is the daemon running; per watched folder: runs, checkpoints by status, latest and best, queue."""
+@click.option("--check", is_flag=True,
+              help="Exit 1 when something needs a person: the daemon down, a target failing for longer than"
+                   " --failing-for, a quarantine not acknowledged, a checkpoint that cannot be recorded.")  # fmt: skip
+@click.option("--failing-for", default="1h", show_default=True, metavar="DURATION",
+              help="With --check: how long a target may fail before it counts.")  # fmt: skip
+@click.option("--ack", is_flag=True, help="Acknowledge the quarantines listed so far (--check then passes).")
+def status(config_file: Path | None, as_json: bool, check: bool, failing_for: str, ack: bool) -> int:
+    """Is the daemon running; per watched folder: runs, checkpoints by status, latest and best, queue; and what
+    needs a person (checkpoints not ok, quarantines, failing targets and steps)."""
     from ckptd import state
     from ckptd.catalog import Catalog
+    from ckptd.config import parse_duration
 
     config = _command_config(config_file)
+    try:
+        threshold = parse_duration(failing_for)
+    except ValueError as exc:
+        raise UsageError(f"--failing-for {failing_for!r}: {exc}") from None
     state_dir = config.daemon.state_dir
+    now = time.time()
+    if ack:
+        state.acknowledge(state_dir, now)
     pid = state.holder(state_dir)
-    published = state.read_status(state_dir) or {}
+    published = (state.read_status(state_dir) or {}) if pid else {}
     report: dict[str, Any] = {
         "running": pid is not None, "pid": pid, "state_dir": str(state_dir),
         "queue": published.get("queue", 0) + len(published.get("in_flight", [])) if pid else 0,
         "updated_at": published.get("updated_at"), "watches": {},
+        "failing_steps": published.get("failing_steps", {}),
+        "failing_checkpoints": published.get("failing_checkpoints", {}),
+        "broken_targets": published.get("broken_targets", {}),
+        "below_min_free": published.get("below_min_free", {}),
+        "config_rejected": published.get("config_rejected"),
     }  # fmt: skip
     with Catalog(state_dir) as catalog:
         for watch in config.watch:
@@ -415,20 +453,56 @@ def status(config_file: Path | None, as_json: bool) -> int:
             report["watches"][watch.name] = {
                 "folder": str(watch.path),
                 "checkpoints": catalog.counts(watch.name),
+                "not_ok": catalog.not_ok(watch.name),
                 "runs": [_run_status(catalog, watch, r) for r in runs],
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
             }
         report["scrub_problems"] = catalog.scrub_problems()
-        report["mirrors"] = {name: catalog.mirror_backlog().get(name, {"pending": 0, "failed": 0, "done": 0,
-                             "last_error": None}) for name in config.mirror}  # fmt: skip
+        report["quarantined"] = catalog.quarantined_since(state.acknowledged_at(state_dir))
+        backlog = catalog.mirror_backlog()
+        report["mirrors"] = {name: backlog.get(name, {"pending": 0, "failed": 0, "done": 0, "last_error": None,
+                             "failing_since": None}) for name in config.mirror}  # fmt: skip
+    report["attention"] = _attention(report, now=now, failing_for=threshold)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         from ckptd import tables
 
         tables.print_status(report)
-    return ExitCode.OK
+    return ExitCode.CHECK_FAILED if check and report["attention"] else ExitCode.OK
+
+
+def _attention(report: dict[str, Any], *, now: float, failing_for: float) -> list[str]:
+    """What in a status report needs a person, one line each (`status --check` fails on any)."""
+    found = []
+    if not report["running"]:
+        found.append("the daemon is not running")
+    for name, error in report["broken_targets"].items():
+        found.append(f"mirror target {name} cannot be used: {error}")
+    for name, backlog in report["mirrors"].items():
+        since = backlog.get("failing_since")
+        if since is not None and now - since >= failing_for:
+            found.append(f"mirror target {name}: {backlog['failed']} copies failing since {_iso(since)}:"
+                         f" {backlog['last_error']}")  # fmt: skip
+    for item in report["quarantined"]:
+        found.append(f"quarantined {item['path']} to {item['to']} (acknowledge with `ckptd status --ack`)")
+    for path, failure in report["failing_checkpoints"].items():
+        found.append(f"cannot record {path}: {failure['error']}")
+    for step, error in report["failing_steps"].items():
+        found.append(f"daemon step {step} failing: {error}")
+    for watch, short in report["below_min_free"].items():
+        found.append(
+            f"watch {watch}: its disk is {short} bytes below min_free (retention frees what no invariant"
+            " keeps; the rest needs a person)"
+        )
+    if report["config_rejected"]:
+        found.append(f"the last config reload was rejected: {'; '.join(report['config_rejected']['problems'])}")
+    return found
+
+
+def _iso(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _run_status(catalog: Catalog, watch: WatchConfig, run: dict[str, Any]) -> dict[str, Any]:
@@ -519,12 +593,16 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
     """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
     from ckptd import mirror as mirroring
     from ckptd.catalog import Catalog
+    from ckptd.mirrors import MirrorError
 
     config = _command_config(config_file)
     if not config.mirror:
         raise UsageError("no [mirror.NAME] section in the config: nothing to mirror to")
-    targets = mirroring.targets_of(config)
-    failed = False
+    broken: dict[str, str] = {}
+    targets = mirroring.targets_of(config, broken)
+    failed = bool(broken)
+    for name, error in sorted(broken.items()):  # one unusable target never stops the others
+        click.echo(f"failed: target {name} cannot be used: {error}", err=True)
     with Catalog(config.daemon.state_dir) as catalog:
         for watch in config.watch:
             for run in {r.run for r in catalog.present(watch=watch.name)}:
@@ -539,7 +617,12 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
         failed |= bool(report.failed)
         if verify_copies:
             for target in targets.values():
-                checked = mirroring.verify_target(config, catalog, target, repair=not dry_run)
+                try:
+                    checked = mirroring.verify_target(config, catalog, target, repair=not dry_run)
+                except MirrorError as exc:  # a target down: say so, check the others
+                    click.echo(f"{target.name}: not checked: {exc}", err=True)
+                    failed = True
+                    continue
                 click.echo(f"{target.name}: {checked.checked} copies checked, {len(checked.failed)} bad,"
                            f" {len(checked.repaired)} repaired")  # fmt: skip
                 failed |= len(checked.failed) > len(checked.repaired)
@@ -585,12 +668,15 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
 @cli.command()
 @click.argument("target")
 @click.argument("run")
-@click.option("--best", "role", flag_value="best", help="Restore the run's best checkpoint.")
-@click.option("--latest", "role", flag_value="latest", help="Restore the run's latest checkpoint.")
+@click.option("--best", "role", flag_value="best", help="Restore the mirror's best copy of the run.")
+@click.option("--latest", "role", flag_value="latest", help="Restore the newest copy TARGET holds of the run.")
+@click.option("--step", type=click.IntRange(min=0), help="Restore the copy at this global step (see ckptd ls).")
+@click.option("--sha256", "sha_prefix", metavar="PREFIX", help="Restore the copy whose sha256 starts with PREFIX.")
 @click.option("--to", "destination", required=True, type=click.Path(file_okay=False, path_type=Path))
 @config_option
-def restore(target: str, run: str, role: str | None, destination: Path, config_file: Path | None) -> int:
-    """Download RUN's best or latest from TARGET into --to DIR, prove it, verify it, print its path."""
+def restore(target: str, run: str, role: str | None, step: int | None, sha_prefix: str | None, destination: Path,
+            config_file: Path | None) -> int:  # fmt: skip
+    """Download one copy of RUN from TARGET into --to DIR, prove it, verify it, print its path."""
     from ckptd import mirror as mirroring
     from ckptd import sidecar
     from ckptd.mirrors import MirrorError
@@ -598,8 +684,8 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
     from ckptd.verify import engine_versions
     from ckptd.verify import verify as engine_verify
 
-    if role is None:
-        raise UsageError("say which checkpoint: --best or --latest")
+    if [role, step, sha_prefix].count(None) != 2:
+        raise UsageError("say which checkpoint, once: --best, --latest, --step N or --sha256 PREFIX")
     from ckptd.catalog import Catalog
 
     config = _command_config(config_file, folders=False)
@@ -610,6 +696,7 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
         found = mirroring.restore(
             chosen, run, role, destination.absolute(),
             known=lambda name: mirroring.recorded_sha(config, catalog, chosen.name, prefix, name),
+            step=step, sha256=sha_prefix,
         )  # fmt: skip
     except MirrorError as exc:
         raise NoAnswer(str(exc)) from exc
@@ -638,8 +725,9 @@ def restore(target: str, run: str, role: str | None, destination: Path, config_f
 def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min_epoch: int | None,
             config_file: Path | None) -> int:  # fmt: skip
     """Rename checkpoints under ROOT to epoch-NN_step-SSSSSS<ext>; sidecars and the catalog follow."""
+    from ckptd import delete
     from ckptd import migrate as migration
-    from ckptd.catalog import Catalog
+    from ckptd.catalog import CATALOG_NAME, Catalog
     from ckptd.config import DEFAULT_PATTERNS
 
     if delete_old and keep_min_epoch is None:
@@ -662,7 +750,13 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
     # Fix: a name without a step and without a current sidecar has its step read from its contents.
     result = migration.plan_renames(paths, migration.steps_from_sidecars(entries, verifier))
     state_dir = config.daemon.state_dir if config is not None else Path.home() / ".local/state/ckptd"
-    catalog = Catalog(state_dir) if delete_old or (config is not None and not dry_run) else None
+    # Opened when it exists too: a migrate --delete-old killed here left an intent in it to finish.
+    journaled = not dry_run and (state_dir / CATALOG_NAME).exists()
+    catalog = Catalog(state_dir) if delete_old or (config is not None and not dry_run) or journaled else None
+    here = root.absolute()
+    journal_watch, journal_root = (watch.name, watch.path) if watch else (delete.migrate_watch(here), here)
+    if catalog is not None and not dry_run:  # a migrate killed half-way: finished through its journal first
+        delete.finish_pending(catalog, {journal_watch: journal_root}, state_dir)
     if delete_old:
         assert keep_min_epoch is not None and catalog is not None
         metric = watch.metric if watch else None
@@ -677,10 +771,8 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
     failed = False
     try:
         for decision in result.deletions:  # first, so that nothing is renamed only to be deleted
-            from ckptd import delete
-
             assert catalog is not None
-            removal = delete.Removal.planned(decision, watch.name if watch else "", watch.path if watch else root)
+            removal = delete.Removal.planned(decision, journal_watch, journal_root)
             try:
                 delete.execute(removal, catalog, state_dir, now=time.time(), dry_run=dry_run)
             except (delete.Refused, OSError) as exc:
@@ -758,8 +850,11 @@ def scrub(config_file: Path | None, as_json: bool) -> int:
     from ckptd.catalog import Catalog
 
     config = _command_config(config_file)
+    broken: dict[str, str] = {}
+    targets = mirroring.targets_of(config, broken)
     with Catalog(config.daemon.state_dir) as catalog:
-        report = scrubbing.scrub(config, catalog, mirroring.targets_of(config))
+        report = scrubbing.scrub(config, catalog, targets)
+    report.unreachable.extend(sorted(broken))
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=2))
     else:
@@ -774,7 +869,11 @@ def scrub(config_file: Path | None, as_json: bool) -> int:
             click.echo(f"quarantined: {line}")
         for line in report.mismatched:
             click.echo(f"bad: {line}", err=True)
-    return ExitCode.CHECK_FAILED if report.quarantined or report.mismatched else ExitCode.OK
+        for name in report.unreachable:
+            click.echo(f"target {name}: unreachable, its copies not checked ({broken.get(name, 'see the log')})",
+                       err=True)  # fmt: skip
+    failed = report.quarantined or report.mismatched or report.unreachable
+    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
 @cli.command(name="check-config")
@@ -787,5 +886,10 @@ def check_config(file: Path) -> int:
         config = load_config(file)
     except ConfigError:
         raise
-    click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir})")
+    # Say what chose the state folder: one chosen by $STATE_DIRECTORY differs from what a shell without it reads.
+    chosen_by = {
+        "$STATE_DIRECTORY": " (from $STATE_DIRECTORY; set daemon.state_dir so commands run without it agree)",
+        "default": " (the default, beside the config file)",
+    }.get(config.state_dir_from, "")
+    click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir}{chosen_by})")
     return ExitCode.OK

@@ -19,23 +19,24 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-from ckptd import discover, log, selection, sidecar
+from ckptd import discover, log, sidecar
 from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
 from ckptd.model import CheckpointChanged, Identity, Status, Verification
-from ckptd.prune import PruneReport, prune_watch
-from ckptd.scan import record, record_link, survey
+from ckptd.prune import PruneReport, free_deficit, prune_watch
+from ckptd.scan import RunChange, record, record_link, survey, update_run
 from ckptd.scheduler import Scheduler
 from ckptd.settle import SettleTracker
 from ckptd.state import StateLock, write_status
@@ -43,6 +44,10 @@ from ckptd.systemd import Notifier
 from ckptd.watch import Change, FolderWatcher
 from ckptd.workers import Result, VerifierPool
 
+T = TypeVar("T")
+
+DISK_CHECK_EVERY = 5.0  # seconds between looks at the free space of watches with min_free
+DISK_RETRY = 10.0  # at most one retention run for min_free this often per watch
 TICK = 0.1  # seconds between looks at the settle tracker and the workers
 STATUS_EVERY = 2.0  # the status file is rewritten at most this often, and only after a change...
 STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes (and fsyncs) next to nothing
@@ -73,6 +78,7 @@ class MirrorService(threading.Thread):
         self.wake = threading.Event()
         self._stop_event = threading.Event()
         self._log = log.get("ckptd.mirror")
+        self.broken: dict[str, str] = {}  # targets that could not be built, with why (status shows them)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop after the copy in progress (not waited for beyond `timeout`: copies are atomic)."""
@@ -81,11 +87,9 @@ class MirrorService(threading.Thread):
         self.join(timeout)
 
     def run(self) -> None:
-        try:
-            targets = mirroring.targets_of(self.config)
-        except Exception as exc:
-            self._log.error("mirror targets unusable", error=str(exc))
-            return
+        targets = mirroring.targets_of(self.config, self.broken)
+        for name, error in sorted(self.broken.items()):  # shown in status; the other targets keep working
+            self._log.error("mirror target unusable", target=name, error=error)
         with Catalog(self.config.daemon.state_dir) as catalog:
             while not self._stop_event.is_set():
                 try:
@@ -129,8 +133,13 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._dirty = False
+        self._step_errors: dict[str, str] = {}  # main-loop steps failing now, with their error (status shows)
+        self.failing: dict[str, dict[str, str]] = {}  # checkpoints that could not be recorded, with why
+        self.disk_short: dict[str, int] = {}  # bytes each watch's disk is below its min_free
+        self._disk_retention_at: dict[str, float] = {}
         self._metric_missing_told: set[str] = set()  # runs already warned of a metric none of their checkpoints has
         self._published_queue = (0, 0)
+        self._config_rejected: dict[str, Any] | None = None  # the last SIGHUP's config, refused: status says
         self._lock = StateLock(self.config.daemon.state_dir)
         self.catalog: Catalog | None = None
         self.pool: VerifierPool | None = None
@@ -213,22 +222,29 @@ class Daemon:
         ping_every = self.notifier.watchdog_interval()
         last_ping = last_status = 0.0
         next_rescan = time.monotonic() + self.config.daemon.rescan_interval
+        next_disk_check = 0.0
         while not self._stop:
+            # Each step is guarded on its own: a bug or an OSError in one (a full disk under status.json, an
+            # observer that cannot restart) is logged and the loop goes on; the steps guard each checkpoint,
+            # watch and target inside them too, so one of those never stops the others.
             self._drain_changes(timeout=TICK)
             now = time.monotonic()
-            self._dispatch(now)
-            self._collect()
-            self._expire(now)
+            self._guarded("dispatch", self._dispatch, now)
+            self._guarded("collect", self._collect)
+            self._guarded("expire", self._expire, now)
             if self._reload:
                 self._reload = False
-                self._reload_config()
+                self._guarded("reload", self._reload_config)
                 next_rescan = now + self.config.daemon.rescan_interval
             unhealthy = [name for name, w in self.watchers.items() if not w.healthy()]
             if unhealthy:
-                self._restart_watchers(unhealthy)
+                self._guarded("restart watchers", self._restart_watchers, unhealthy)
             if now >= next_rescan:
-                self._reconcile_all("schedule")
+                self._guarded("reconcile", self._reconcile_all, "schedule")
                 next_rescan = now + self.config.daemon.rescan_interval
+            if now >= next_disk_check:
+                self._guarded("disk check", self._check_free_space, now)
+                next_disk_check = now + DISK_CHECK_EVERY
             if ping_every and now - last_ping >= ping_every and self._healthy():
                 self.notifier.watchdog()
                 last_ping = now
@@ -237,10 +253,24 @@ class Daemon:
                 self._dirty = True
             since = now - last_status
             if (self._dirty and since >= STATUS_EVERY) or since >= STATUS_IDLE_EVERY:
-                self._publish()
+                self._guarded("status", self._publish)
                 last_status, self._dirty, self._published_queue = now, False, queue_size
-            if self.pool is not None and self.pool.reap_idle(len(self.in_flight)):
+            if self.pool is not None and self._guarded("reap", self.pool.reap_idle, len(self.in_flight)):
                 self.log.debug("verifier workers stopped while idle")
+
+    def _guarded(self, step: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """Run one step of the main loop; log what it raised (once until it works again) and go on."""
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            if self._step_errors.get(step) != repr(exc):  # a disk that stays full must not flood the journal
+                self.log.exception("daemon step failed, going on", step=step, error=repr(exc))
+            self._step_errors[step] = repr(exc)
+            self._dirty = True
+            return None
+        if self._step_errors.pop(step, None) is not None:
+            self.log.info("daemon step works again", step=step)
+        return result
 
     def _roots(self) -> list[Path]:
         """Every watched folder: a link into any of them is recorded, and protects its target from retention."""
@@ -376,10 +406,16 @@ class Daemon:
             timeout = self.config.daemon.timeout_for(size)
             keys = watch.metric.keys() if watch.metric else {}
             try:
-                future = self.pool.submit(candidate.path, timeout, watch.path, keys)
-            except BrokenProcessPool:  # a worker died since the last collect: start a fresh pool
+                try:
+                    future = self.pool.submit(candidate.path, timeout, watch.path, keys)
+                except BrokenProcessPool:  # a worker died since the last collect: start a fresh pool
+                    self.pool.broken()
+                    future = self.pool.submit(candidate.path, timeout, watch.path, keys)
+            except Exception as exc:  # the pool cannot start now (out of memory, no processes): try next tick
+                self.log.error("verifier unavailable, retrying", path=key, run=str(candidate.run), error=repr(exc))
                 self.pool.broken()
-                future = self.pool.submit(candidate.path, timeout, watch.path, keys)
+                self.tracker.touch(candidate, watch=watch_name, settle=watch.settle_seconds, closed=True, now=now)
+                return
             self.in_flight[key] = _InFlight(watch_name, candidate, future, now, timeout)
 
     def _expire(self, now: float) -> None:
@@ -447,8 +483,7 @@ class Daemon:
             try:
                 self._record(watch, job.candidate, verification, engine, time.monotonic() - job.started)
             except Exception as exc:  # one checkpoint that cannot be recorded must never stop the others
-                self.log.error("recording a verification failed", path=key, run=str(job.candidate.run),
-                               error=repr(exc))  # fmt: skip
+                self._failed_to_record(job.candidate, exc)
 
     def _on_crash(self, watch: WatchConfig, job: _InFlight) -> None:
         """A worker died (SIGBUS from a file truncated under it, or a loader crash)."""
@@ -486,17 +521,27 @@ class Daemon:
             )  # fmt: skip
             self._record(watch, candidate, verification, {}, 0.0)
         except Exception as exc:  # gone meanwhile, or its folder unwritable: logged, the others go on
-            self.log.error("recording a verification failed", path=str(candidate.path), run=str(candidate.run),
-                           error=repr(exc))  # fmt: skip
+            self._failed_to_record(candidate, exc)
+
+    def _failed_to_record(self, candidate: Candidate, exc: Exception) -> None:
+        """A verification whose sidecar or row could not be written (a read-only or full folder): logged with
+        the folder, shown in status until it works, verified again at the next reconciliation."""
+        key = str(candidate.path)
+        error = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else repr(exc)
+        self.log.error("recording a verification failed", path=key, run=str(candidate.run), error=error)
+        self.failing[key] = {"run": str(candidate.run), "error": error, "since": _iso(time.time())}
+        self._dirty = True
 
     def _record(
         self, watch: WatchConfig, candidate: Candidate, verification: Verification, engine: dict[str, str],
         seconds: float,
     ) -> None:  # fmt: skip
         assert self.catalog is not None
-        record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine, now=time.time(),
-               root=watch.path, store=sidecar.store_of(self.config), placement=watch.sidecars)  # fmt: skip
+        change = record(candidate, verification, watch=watch.name, catalog=self.catalog, engine=engine,
+                        now=time.time(), root=watch.path, store=sidecar.store_of(self.config),
+                        placement=watch.sidecars, metric=watch.metric)  # fmt: skip
         self.stats.verified[verification.status] += 1
+        self.failing.pop(str(candidate.path), None)
         self._dirty = True
         fields: dict[str, Any] = {
             "path": verification.path, "run": str(candidate.run), "status": verification.status,
@@ -509,28 +554,24 @@ class Daemon:
                 "checkpoint not ok", **fields, problems=verification.problems,
                 unsafe_globals=verification.unsafe_globals or None,
             )  # fmt: skip
-        self._update_run(watch, str(candidate.run))
+        self._run_changed(watch, change)
 
     def _update_run(self, watch: WatchConfig, run: str) -> None:
         assert self.catalog is not None
-        entries = [r.entry() for r in self.catalog.in_run(run) if r.kind != "link"]
-        newest = selection.latest(entries)
-        metric = watch.metric.name if watch.metric else None
-        top = selection.best(entries, metric, watch.metric.mode if watch.metric else "min")
-        value = selection.metric_value(top, metric) if top and metric else None
-        before_latest, before_best = self.catalog.set_run(
-            run=run, watch=watch.name, latest=newest.path if newest else None, best=top.path if top else None,
-            metric=metric if value is not None else None, value=value, now=time.time(),
-        )  # fmt: skip
-        if newest and newest.path != before_latest:
+        self._run_changed(watch, update_run(self.catalog, watch=watch.name, run=run, metric=watch.metric,
+                                            now=time.time()))  # fmt: skip
+
+    def _run_changed(self, watch: WatchConfig, change: RunChange) -> None:
+        """Say what a record step changed in a run, and queue its copies."""
+        run, newest, top = change.run, change.latest, change.best
+        if newest and change.latest_changed:
             self.log.info("run latest changed", run=run, path=newest.path, step=newest.step, epoch=newest.epoch)
-        if top and top.path != before_best:
-            self.log.info("run best changed", run=run, path=top.path, metric=metric if value is not None else None,
-                          value=value)  # fmt: skip
-        held = selection.metric_names(entries)
-        if metric and metric not in held and selection.usable(entries) and run not in self._metric_missing_told:
+        if top and change.best_changed:
+            self.log.info("run best changed", run=run, path=top.path, metric=change.metric, value=change.value)
+        if change.metric_missing and watch.metric and run not in self._metric_missing_told:
             self._metric_missing_told.add(run)  # once a run: a run that never logs it would say so at every save
-            self.log.warning("metric missing", run=run, metric=metric, metrics_held=held[:20],
+            self.log.warning("metric missing", run=run, metric=watch.metric.name,
+                             metrics_held=change.metrics_held[:20],
                              hint="set [watch.metric] name (or key) to one the checkpoints hold")  # fmt: skip
         self._enqueue_mirror(watch, run)
 
@@ -563,8 +604,14 @@ class Daemon:
             self._track(watch, candidate, closed=_complete(candidate))
         for run in found.rotating:
             self.log.info("trainer rotates its checkpoints", run=run, retention="left to the trainer")
-        for run in found.gone_runs:
-            self._update_run(watch, run)
+        # Every run's latest, best and wanted copies again, not only those of checkpoints seen now: a run
+        # recorded by `ckptd scan`, by a daemon killed before it queued the copies, or before [watch.mirror]
+        # was added, would otherwise never be mirrored.
+        for run in sorted({row.run for row in self.catalog.present(watch=watch.name)} | found.gone_runs):
+            try:
+                self._update_run(watch, run)
+            except Exception as exc:  # one run that cannot be updated never stops the others
+                self.log.error("run update failed", watch=watch.name, run=run, error=repr(exc))
         self.stats.last_reconciliation[watch.name] = _iso(time.time())
         self._dirty = True
         self.log.info(
@@ -579,6 +626,7 @@ class Daemon:
             fresh = load_config(self.config_path)
         except ConfigError as exc:
             self.log.error("config reload rejected, keeping the old config", problems=exc.problems)
+            self._config_rejected = {"at": _iso(time.time()), "problems": exc.problems}
             self.notifier.ready()
             return
         if fresh.daemon.state_dir != self.config.daemon.state_dir:
@@ -597,6 +645,7 @@ class Daemon:
         if self.mirror is not None:
             self.mirror.stop()
         self._start_mirror()
+        self._config_rejected = None
         self._reconcile_all("reload")
         self.log.info("config reloaded", config=str(self.config_path), watches=[w.name for w in fresh.watch])
         self.notifier.ready()
@@ -629,15 +678,36 @@ class Daemon:
                     every=watch.retention.every, cron=watch.retention.cron,
                 )  # fmt: skip
 
+    def _check_free_space(self, now: float) -> None:
+        """Below a watch's min_free, run its retention at once (at most every DISK_RETRY seconds): it deletes the
+        oldest checkpoints only soft rules keep until the space is back, never an invariant."""
+        for watch in self.config.watch:
+            if watch.retention is None or watch.retention.min_free is None:
+                continue
+            short = free_deficit(watch, watch.retention)
+            was = self.disk_short.get(watch.name, 0)
+            self.disk_short[watch.name] = short
+            if short and now - self._disk_retention_at.get(watch.name, -DISK_RETRY) >= DISK_RETRY:
+                self._disk_retention_at[watch.name] = now
+                self.log.warning("disk below min_free, retention now", watch=watch.name, folder=str(watch.path),
+                                 min_free=watch.retention.min_free, short_bytes=short)  # fmt: skip
+                self.scheduler.run_now(f"retention:{watch.name}")
+            elif was and not short:
+                self.log.info("disk above min_free again", watch=watch.name, folder=str(watch.path))
+            if bool(was) != bool(short):
+                self._dirty = True
+
     def scrub_job(self) -> None:
         """One scheduled scrub of every checkpoint and mirror copy, at the configured rate."""
         from ckptd import scrub as scrubbing
 
+        broken: dict[str, str] = {}
+        targets = mirroring.targets_of(self.config, broken)
         with Catalog(self.config.daemon.state_dir) as catalog:
-            report = scrubbing.scrub(self.config, catalog, mirroring.targets_of(self.config),
-                                     stop=lambda: self._stop)  # fmt: skip
+            report = scrubbing.scrub(self.config, catalog, targets, stop=lambda: self._stop)
         self.log.info("scrub done", checked=report.checked, ok=report.ok, repaired=len(report.repaired),
-                      quarantined=len(report.quarantined), bad=len(report.mismatched))  # fmt: skip
+                      quarantined=len(report.quarantined), bad=len(report.mismatched),
+                      unreachable=[*report.unreachable, *sorted(broken)] or None)  # fmt: skip
 
     def prune_job(self, watch_name: str) -> PruneReport | None:
         """One scheduled retention pass over a watch, with the config in force when it runs."""
@@ -676,6 +746,11 @@ class Daemon:
                 "watches": {
                     name: {"polling": w.polling, "healthy": w.healthy()} for name, w in self.watchers.items()
                 },
+                "failing_steps": dict(self._step_errors),
+                "failing_checkpoints": dict(sorted(self.failing.items())[:100]),
+                "broken_targets": dict(self.mirror.broken) if self.mirror is not None else {},
+                "below_min_free": {name: short for name, short in self.disk_short.items() if short},
+                "config_rejected": self._config_rejected,
             },
         )  # fmt: skip
 
@@ -684,4 +759,15 @@ def run(config_path: Path) -> int:
     """Entry point of `ckptd run`: configure logging from the config, then run the daemon."""
     config = load_config(config_path)
     log.configure(config.daemon.log_format, config.daemon.log_level, stream=sys.stdout)
-    return Daemon(config_path).run()
+    code = Daemon(config_path).run()
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+    if stuck:
+        # A copy to a store that stopped answering leaves the mirror thread and its transfer threads waiting out
+        # their timeouts, and the interpreter joins transfer threads at exit (concurrent.futures' atexit hook),
+        # past systemd's TimeoutStopSec. Every write of ours is atomic and journaled, so leaving now loses
+        # nothing; the copy is redone at the next start.
+        log.get("ckptd").warning("exiting without waiting for stuck transfers", threads=stuck[:8])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -392,14 +392,18 @@ def finish_pending(
 ) -> int:
     """Complete the journal intents a killed run left; return how many were completed.
 
-    `roots` maps each watch name to its folder. An intent whose checkpoint was moved to its trash name is
+    `roots` maps each watch name to its folder (`migrate_watch(root)` for a folder migrated outside any watch);
+    intents of other watches are left for their own runs. An intent whose checkpoint was moved to its trash name is
     completed when what is there still has the journaled identity (else it is put back); one whose
     checkpoint is still in place was never acted on and is closed as skipped: the next plan decides again.
     """
     finished = 0
     for entry in catalog.journal(state="pending"):
+        root = roots.get(entry["watch"])
+        if root is None:  # another watch's, or another migrate root's: finished by its own next run
+            continue
         try:
-            state, detail = _finish_one(entry, roots.get(entry["watch"]), state_dir, now())
+            state, detail = _finish_one(entry, root, state_dir, now())
         except (OSError, Refused) as exc:
             state, detail = "skipped", f"could not be completed: {exc}"
         catalog.journal_finish(entry["id"], state=state, now=now(), detail=detail)
@@ -407,10 +411,14 @@ def finish_pending(
     return finished
 
 
-def _finish_one(entry: Mapping[str, Any], root: Path | None, state_dir: Path, now: float) -> tuple[str, str]:
+def migrate_watch(root: Path) -> str:
+    """The journal's watch name for deletions by `ckptd migrate --delete-old` in a folder no watch holds: it
+    names the folder, so that the next migrate of that folder finishes what a killed one started."""
+    return f"migrate:{root}"
+
+
+def _finish_one(entry: Mapping[str, Any], root: Path, state_dir: Path, now: float) -> tuple[str, str]:
     """(state, detail) for one pending journal entry, after completing or undoing what it started."""
-    if root is None:
-        raise Refused(f"its watch {entry['watch']!r} is no longer configured")
     parts = _parts(root, entry["path"])
     name, trash = parts[-1], entry.get("trash")
     trash_parts = _parts(root, entry["trash_folder"] + "/-")[:-1] if entry.get("trash_folder") else parts[:-1]

@@ -9,6 +9,7 @@ makes, and stops before the journal.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ckptd import delete, log
 from ckptd.catalog import Catalog
-from ckptd.config import RetentionConfig, WatchConfig
+from ckptd.config import RetentionConfig, WatchConfig, min_free_bytes
 from ckptd.retention import Decision, Plan, Policy, plan
 
 
@@ -42,23 +43,37 @@ class PruneReport:
         ]  # fmt: skip
 
 
-def policy_of(watch: WatchConfig, retention: RetentionConfig) -> Policy:
+def policy_of(watch: WatchConfig, retention: RetentionConfig, free_deficit: int = 0) -> Policy:
     """The planner's policy for a watch."""
     return Policy(
         keep_last=retention.keep_last, keep_best=retention.keep_best, keep_every=retention.keep_every,
         keep_every_steps=retention.keep_every_steps, keep_within=retention.keep_within,
         min_epoch=retention.min_epoch, max_size=retention.max_size, on_corrupt=retention.on_corrupt,
         metric=watch.metric.name if watch.metric else None, mode=watch.metric.mode if watch.metric else "min",
+        free_deficit=free_deficit,
     )  # fmt: skip
 
 
+def free_deficit(watch: WatchConfig, retention: RetentionConfig) -> int:
+    """Bytes short of `min_free` on the watched folder's file system now (0 when met, unset or unknown)."""
+    if retention.min_free is None:
+        return 0
+    try:
+        found = os.statvfs(watch.path)
+    except OSError:
+        return 0
+    wanted = min_free_bytes(retention.min_free, found.f_blocks * found.f_frsize)
+    return max(wanted - found.f_bavail * found.f_frsize, 0)
+
+
 def plan_watch(
-    watch: WatchConfig, retention: RetentionConfig, catalog: Catalog, now: float, awaiting_mirror: frozenset[str]
-) -> Plan:
+    watch: WatchConfig, retention: RetentionConfig, catalog: Catalog, now: float, awaiting_mirror: frozenset[str],
+    free_deficit: int = 0,
+) -> Plan:  # fmt: skip
     """Plan retention for a watch from the catalog's rows."""
     rows = [r for r in catalog.present(watch=watch.name) if r.kind != "link"]
     return plan(
-        [r.entry() for r in rows], policy_of(watch, retention), now,
+        [r.entry() for r in rows], policy_of(watch, retention, free_deficit), now,
         awaiting_mirror=awaiting_mirror, link_targets=catalog.link_targets(), rotating=catalog.rotating_runs(),
     )  # fmt: skip
 
@@ -77,7 +92,7 @@ def prune_watch(
     logger = log.get("ckptd.prune")
     if not (dry_run or retention.dry_run):  # a dry run changes nothing, not even an interrupted run's leftovers
         delete.finish_pending(catalog, {watch.name: watch.path}, state_dir, now=now)
-    current = plan_watch(watch, retention, catalog, now(), awaiting_mirror())
+    current = plan_watch(watch, retention, catalog, now(), awaiting_mirror(), free_deficit(watch, retention))
     report = PruneReport(watch=watch.name, plan=current, dry_run=dry_run or retention.dry_run)
     for warning in current.warnings:
         logger.warning("retention cannot meet its budget", watch=watch.name, detail=warning)

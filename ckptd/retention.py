@@ -16,6 +16,7 @@ Applying a plan is `ckptd.prune`'s job; nothing here touches the disk, the clock
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -37,20 +38,23 @@ SLOT = "the trainer's own name (rewritten in place)"
 LATEST_WEIGHTS = "latest weights"
 TRAINER_ROTATES = "its trainer deletes this run's old checkpoints itself"
 NO_RULE = ("no keep rule applies",)
-_INVARIANT_PREFIXES = (
-    LATEST,
-    "best ",
-    PINNED,
-    UNVERIFIED,
-    AWAITING_MIRROR,
-    ONLY_OK,
-    TRAINER_NEEDS,
-    TRAINER_ROTATES,
-    SLOT,
-    "target of link",
-    "status ",
-    "corrupt",
-)
+
+
+class Invariant(enum.Enum):
+    """Why a checkpoint is kept whatever the policy says, max_size included. Decisions carry these as values:
+    the reasons beside them are for people, and rewording one never changes what may be deleted."""
+
+    LATEST = "latest"  # the run's newest resumable checkpoint, and its newest of all
+    BEST = "best"  # the run's best by the watch's metric
+    PINNED = "pinned"
+    UNVERIFIED = "unverified"
+    AWAITING_MIRROR = "awaiting mirror"
+    ONLY_OK = "only ok"
+    TRAINER_NEEDS = "trainer needs"  # the best that the trainer's records in the latest name
+    TRAINER_ROTATES = "trainer rotates"
+    SLOT = "slot"
+    LINK_TARGET = "link target"
+    FOR_REVIEW = "for review"  # corrupt, unsafe or unsupported, kept (or moved to quarantine) for a person
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Policy:
     keep_within: float = 0.0
     min_epoch: int = 0
     max_size: int | None = None
+    free_deficit: int = 0  # bytes to free because the disk is below min_free (measured by the caller)
     on_corrupt: OnCorrupt = "quarantine"
     metric: str | None = None
     mode: selection.Mode = "min"
@@ -82,11 +87,12 @@ class Decision(NamedTuple):
     size: int
     sha256: str | None = None
     identity: Identity | None = None  # what the plan saw: the executor removes these bytes or nothing
+    invariants: frozenset[Invariant] = frozenset()
 
     @property
     def protected(self) -> bool:
         """True when an invariant keeps it, so that even max_size cannot delete it."""
-        return any(r.startswith(_INVARIANT_PREFIXES) for r in self.reasons)
+        return bool(self.invariants)
 
 
 @dataclass(frozen=True)
@@ -125,13 +131,23 @@ def plan(
     for run in sorted(by_run):
         ordered += by_run[run]
         if run in rotating:
-            decisions += [Decision(e.path, run, "keep", (TRAINER_ROTATES,), e.size, e.sha256, e.identity)
+            held = frozenset({Invariant.TRAINER_ROTATES})
+            decisions += [Decision(e.path, run, "keep", (TRAINER_ROTATES,), e.size, e.sha256, e.identity, held)
                           for e in by_run[run]]  # fmt: skip
         else:
             decisions += _plan_run(by_run[run], policy, now, awaiting_mirror, targets)
     warnings: list[str] = []
     if policy.max_size is not None:
         decisions, warnings = _enforce_max_size(decisions, ordered, policy.max_size)
+    if policy.free_deficit > 0:
+        kept = sum(d.size for d in decisions if d.action == "keep")
+        decisions, short = _enforce_max_size(
+            decisions,
+            ordered,
+            max(kept - policy.free_deficit, 0),
+            label=f"disk below min_free by {_size(policy.free_deficit)}",
+        )
+        warnings += short
     return Plan(decisions=decisions, warnings=warnings)
 
 
@@ -147,11 +163,17 @@ def _plan_run(
     ok = _one_per_content([e for e in selection.usable(entries) if not selection.is_slot(e.path)])
     newest_first = sorted(ok, key=selection.recency, reverse=True)
     reasons: dict[str, list[str]] = {}
+    invariants: dict[str, set[Invariant]] = {}
+
+    def hold(path: str, reason: str, invariant: Invariant) -> None:
+        reasons.setdefault(path, []).append(reason)
+        invariants.setdefault(path, set()).add(invariant)
+
     resume = next((e for e in newest_first if selection.resumable(e)), None)
     if resume is not None:
-        reasons.setdefault(resume.path, []).append(LATEST)
+        hold(resume.path, LATEST, Invariant.LATEST)
     if newest_first and newest_first[0] is not resume:
-        reasons.setdefault(newest_first[0].path, []).append(LATEST_WEIGHTS)
+        hold(newest_first[0].path, LATEST_WEIGHTS, Invariant.LATEST)
     if newest_first:
         newest = resume or newest_first[0]
         if newest.needs:  # the trainer's own records name its best (load_best_model_at_end, ckpt_path="best")
@@ -159,17 +181,16 @@ def _plan_run(
             for entry in entries:
                 name = entry.path.rpartition("/")[2]
                 if name in newest.needs and entry.path.rpartition("/")[0] == folder:
-                    reasons.setdefault(entry.path, []).append(
-                        f"{TRAINER_NEEDS} (named by {newest.path.rpartition('/')[2]})"
-                    )
+                    named_by = newest.path.rpartition("/")[2]
+                    hold(entry.path, f"{TRAINER_NEEDS} (named by {named_by})", Invariant.TRAINER_NEEDS)
     if len(ok) == 1:
-        reasons.setdefault(ok[0].path, []).append(ONLY_OK)
+        hold(ok[0].path, ONLY_OK, Invariant.ONLY_OK)
     if policy.metric:
         ranked = selection.ranked(ok, policy.metric, policy.mode)
         for rank, entry in enumerate(ranked[: max(policy.keep_best, 1)], start=1):
             value = selection.metric_value(entry, policy.metric)
             if rank == 1:
-                reasons.setdefault(entry.path, []).append(f"best {policy.metric}={value:.6g}")
+                hold(entry.path, f"best {policy.metric}={value:.6g}", Invariant.BEST)
             else:
                 text = f"keep_best {rank}/{policy.keep_best} {policy.metric}={value:.6g}"
                 reasons.setdefault(entry.path, []).append(text)
@@ -189,20 +210,21 @@ def _plan_run(
     decisions = []
     for entry in entries:
         path = entry.path
-        why = reasons.get(path, [])
         if entry.pinned:
-            why.append(PINNED)
+            hold(path, PINNED, Invariant.PINNED)
         slot = selection.is_slot(path)
         if slot:
-            why.append(SLOT)
+            hold(path, SLOT, Invariant.SLOT)
         if not entry.verified or entry.status is None:
-            why.append(UNVERIFIED)
+            hold(path, UNVERIFIED, Invariant.UNVERIFIED)
         mirroring = path in awaiting
         if mirroring:
-            why.append(AWAITING_MIRROR)
+            hold(path, AWAITING_MIRROR, Invariant.AWAITING_MIRROR)
         link = targets.get(path)
         if link is not None:
-            why.append(f"target of link {link}")
+            hold(path, f"target of link {link}", Invariant.LINK_TARGET)
+        why = reasons.get(path, [])
+        kept_by = invariants.get(path, set())
         action: Action = "keep"
         # Fix: a link's target is an invariant too (it was missing here, so a corrupt target was quarantined or
         # deleted under its link); only a corrupt checkpoint no invariant holds follows on_corrupt.
@@ -212,12 +234,15 @@ def _plan_run(
             problem = f"corrupt, on_corrupt={policy.on_corrupt}"
             action = "keep" if policy.on_corrupt == "keep" else policy.on_corrupt
             why = [problem] if action != "keep" else [*why, problem]
+            kept_by = {Invariant.FOR_REVIEW} if action != "delete" else set()
         elif entry.status in ("unsafe", "unsupported") and entry.verified:
             why.append(f"status {entry.status}, kept for review")
+            kept_by = {*kept_by, Invariant.FOR_REVIEW}
         elif not why:
             decisions.append(Decision(path, entry.run, "delete", NO_RULE, entry.size, entry.sha256, entry.identity))
             continue
-        decisions.append(Decision(path, entry.run, action, tuple(why), entry.size, entry.sha256, entry.identity))
+        kept = frozenset(kept_by)
+        decisions.append(Decision(path, entry.run, action, tuple(why), entry.size, entry.sha256, entry.identity, kept))
     return decisions
 
 
@@ -236,11 +261,12 @@ def _one_per_content(entries: list[Entry]) -> list[Entry]:
 
 
 def _enforce_max_size(
-    decisions: list[Decision], entries: Sequence[Entry], max_size: int
+    decisions: list[Decision], entries: Sequence[Entry], max_size: int, label: str = ""
 ) -> tuple[list[Decision], list[str]]:
     """Past max_size, delete the oldest checkpoints that only soft rules keep until the watch fits.
 
-    `entries[i]` is the checkpoint of `decisions[i]`.
+    `entries[i]` is the checkpoint of `decisions[i]`; `label` names the budget when it is not max_size (the
+    space min_free asks for).
     """
     kept = [i for i, d in enumerate(decisions) if d.action == "keep"]
     total = sum(decisions[i].size for i in kept)
@@ -257,14 +283,14 @@ def _enforce_max_size(
     for i in deletable:
         if total <= max_size:
             break
-        reason = f"over max_size {budget} ({_size(total)} kept), oldest first"
+        reason = f"{label or f'over max_size {budget}'} ({_size(total)} kept), oldest first"
         d = decisions[i]
         result[i] = d._replace(action="delete", reasons=(reason, *d.reasons))
         total -= d.size
     warnings = []
     if total > max_size:
         warnings.append(
-            f"max_size {budget} cannot be met: {_size(total)} remain, all protected"
+            f"{label or f'max_size {budget}'} cannot be met: {_size(total)} remain, all protected"
             " (latest, best, pinned, unverified or awaiting mirror)"
         )
     return result, warnings

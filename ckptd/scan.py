@@ -1,7 +1,8 @@
 """One reconciliation pass over a watched folder: the daemon's work, done once.
 
 Given a folder, its patterns and a catalog: verify every checkpoint that is new or changed (an unchanged
-size, mtime and inode is never hashed again), write its sidecar, record it in the catalog, record links,
+size, mtime and inode is never hashed again), write its sidecar, record it in the catalog with its run's
+latest and best (`record`, the one record step), record links,
 mark vanished checkpoints gone and remove their sidecars. `ckptd scan` calls this; so does the daemon at
 start-up, on a schedule and after an observer error.
 """
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ckptd import __version__, discover, fsutil, sidecar
+from ckptd import __version__, discover, fsutil, selection, sidecar
 from ckptd.catalog import Catalog
+from ckptd.config import MetricConfig
 from ckptd.discover import Candidate
-from ckptd.model import CheckpointChanged, Verification
+from ckptd.model import CheckpointChanged, Entry, Verification
 
 _BESIDE = sidecar.Store()  # no state folder: every sidecar beside its checkpoint
 
@@ -145,6 +147,41 @@ def survey(
     return result
 
 
+@dataclass(frozen=True)
+class RunChange:
+    """A run's latest and best after a record step, and whether they changed."""
+
+    run: str
+    latest: Entry | None
+    best: Entry | None
+    metric: str | None  # the metric `best` was ranked by (None: the trainer's own best slot, or none)
+    value: float | None
+    latest_changed: bool
+    best_changed: bool
+    metrics_held: list[str]
+    metric_missing: bool  # the watch names a metric that none of the run's ok checkpoints holds
+
+
+def update_run(catalog: Catalog, *, watch: str, run: str, metric: MetricConfig | None, now: float) -> RunChange:
+    """Store a run's latest and best as its catalog rows say now; return them and what changed."""
+    entries = [r.entry() for r in catalog.in_run(run) if r.kind != "link"]
+    newest = selection.latest(entries)
+    name = metric.name if metric else None
+    top = selection.best(entries, name, metric.mode if metric else "min")
+    value = selection.metric_value(top, name) if top and name else None
+    before_latest, before_best = catalog.set_run(
+        run=run, watch=watch, latest=newest.path if newest else None, best=top.path if top else None,
+        metric=name if value is not None else None, value=value, now=now,
+    )  # fmt: skip
+    held = selection.metric_names(entries)
+    return RunChange(
+        run=run, latest=newest, best=top, metric=name if value is not None else None, value=value,
+        latest_changed=newest is not None and newest.path != before_latest,
+        best_changed=top is not None and top.path != before_best, metrics_held=held,
+        metric_missing=name is not None and name not in held and bool(selection.usable(entries)),
+    )  # fmt: skip
+
+
 def record(
     candidate: Candidate,
     verification: Verification,
@@ -156,9 +193,11 @@ def record(
     root: Path,
     store: sidecar.Store = _BESIDE,
     placement: sidecar.Placement = "auto",
-) -> None:
-    """Write the sidecar of a fresh verification (beside it below `root`, through no link, or in the state
-    folder, as `placement` and its layout say), then its catalog row (a pin is kept)."""
+    metric: MetricConfig | None = None,
+) -> RunChange:
+    """The one record step, for the daemon and `ckptd scan` alike: write the sidecar of a fresh verification
+    (beside it below `root`, through no link, or in the state folder, as `placement` and its layout say),
+    then its catalog row (a pin is kept), then its run's latest and best; return what changed in the run."""
     row = catalog.get(str(candidate.path))
     data = sidecar_bytes(verification, engine, now, row.pinned if row else False)
     state = sidecar.placed_in_state(placement, candidate.path, verification.layout)
@@ -167,6 +206,7 @@ def record(
         watch=watch, run=str(candidate.run), verification=verification,
         mtime_ns=verification.mtime_ns, now=now,
     )  # fmt: skip
+    return update_run(catalog, watch=watch, run=str(candidate.run), metric=metric, now=now)
 
 
 def reconcile(
@@ -181,8 +221,10 @@ def reconcile(
     boundaries: Sequence[Path] = (),
     store: sidecar.Store = _BESIDE,
     placement: sidecar.Placement = "auto",
+    metric: MetricConfig | None = None,
 ) -> ScanReport:
-    """Survey `root`, then verify and record every new or changed checkpoint in this process."""
+    """Survey `root`, then verify and record every new or changed checkpoint in this process; the runs of
+    checkpoints gone meanwhile get their latest and best again too."""
     found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries, store=store)
     report = ScanReport(
         unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars,
@@ -200,7 +242,13 @@ def reconcile(
         except OSError as exc:
             report.failed.append(f"{candidate.path}: {exc}")
             continue
-        record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root,
-               store=store, placement=placement)  # fmt: skip
+        try:
+            record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root,
+                   store=store, placement=placement, metric=metric)  # fmt: skip
+        except OSError as exc:  # a folder not writable (read-only, full): said, and the others go on
+            report.failed.append(f"{candidate.path}: cannot record: {exc}")
+            continue
         report.verified.append(verification)
+    for run in found.gone_runs:
+        update_run(catalog, watch=watch, run=run, metric=metric, now=now())
     return report

@@ -40,6 +40,7 @@ class ScrubReport:
     quarantined: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # found bad and not repaired (mirror copies)
     skipped: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # targets whose copies could not be listed
 
 
 def hash_throttled(path: Path, throttle: Throttle, root: Path) -> str:
@@ -72,7 +73,14 @@ def scrub(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, no
                 return report
             _scrub_local(row, watch, config, catalog, targets, throttle, report, now())
     for target in targets.values():
-        copies = [(prefix, name, copy) for prefix, index in mirroring.indexes(target).items()
+        try:
+            indexes = mirroring.indexes(target)
+        except MirrorError as exc:  # a target down: its copies are checked next time, the others now
+            log.get("ckptd.scrub").warning("target unreachable, its copies not scrubbed", target=target.name,
+                                           error=str(exc))  # fmt: skip
+            report.unreachable.append(target.name)
+            continue
+        copies = [(prefix, name, copy) for prefix, index in indexes.items()
                   for name, copy in index.get("copies", {}).items()]  # fmt: skip
         copies.sort(key=lambda c: catalog.last_scrubbed(f"{target.name}:{c[0]}/{c[1]}"))  # resume: oldest first
         for prefix, name, copy in copies:

@@ -80,3 +80,19 @@ def read_status(state_dir: Path) -> dict[str, Any] | None:
         found = json.loads((state_dir / STATUS_NAME).read_bytes())
         return found if isinstance(found, dict) else None
     return None
+
+
+ACK_NAME = "acknowledged.json"
+
+
+def acknowledge(state_dir: Path, now: float) -> None:
+    """Record that the user has seen every quarantine up to `now` (`ckptd status --ack`)."""
+    atomic_write_bytes(state_dir / ACK_NAME, json.dumps({"acknowledged_at": now}).encode())
+
+
+def acknowledged_at(state_dir: Path) -> float:
+    """When quarantines were last acknowledged (0 if never)."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        found = json.loads((state_dir / ACK_NAME).read_bytes())
+        return float(found.get("acknowledged_at", 0.0))
+    return 0.0

@@ -142,8 +142,10 @@ def print_status(report: dict[str, Any]) -> None:
             table.add_column(column, overflow="fold")
         for run in watch["runs"]:
             best = "-"
-            if run["best"]:
+            if run["best"] and run["best_value"] is not None:
                 best = f"{Path(run['best']).name} ({run['best_metric']}={run['best_value']:.4g})"
+            elif run["best"]:  # no metric ranks the run: the trainer's own best file (selection.best)
+                best = f"{Path(run['best']).name} (the trainer's own best)"
             name = _relative(run["run"], Path(watch["folder"]))
             if run.get("trainer_rotates"):
                 name += " (its trainer rotates it)"
@@ -156,6 +158,25 @@ def print_status(report: dict[str, Any]) -> None:
             table.add_row(name, latest, best)
         if watch["runs"]:
             console.print(table)
+    for watch in report["watches"].values():
+        for bad in watch.get("not_ok", [])[:20]:
+            console.print(f"[red]{bad['status']}[/] {bad['path']}: {bad['problem'] or ''}", highlight=False)
+    for item in report.get("quarantined", [])[:20]:
+        console.print(f"[red]quarantined[/] {item['path']} -> {item['to']}", highlight=False)
+    for path, failure in list(report.get("failing_checkpoints", {}).items())[:20]:
+        console.print(f"[red]cannot record[/] {path}: {failure['error']}", highlight=False)
+    for step, error in report.get("failing_steps", {}).items():
+        console.print(f"[red]daemon step failing[/] {step}: {error}", highlight=False)
+    for name, short in report.get("below_min_free", {}).items():
+        console.print(f"[red]disk below min_free[/] watch {name}: {short} bytes short", highlight=False)
+    for name, error in report.get("broken_targets", {}).items():
+        console.print(f"[red]mirror target unusable[/] {name}: {error}", highlight=False)
+    if report.get("config_rejected"):
+        rejected = report["config_rejected"]
+        console.print(f"[red]config reload rejected[/] at {rejected['at']}, running on the old config:",
+                      highlight=False)  # fmt: skip
+        for problem in rejected["problems"]:
+            console.print(f"  - {problem}", highlight=False)
     for problem in report.get("scrub_problems", [])[:20]:
         console.print(
             f"[red]scrub[/] {problem['location']}: {problem['result']} {problem['detail'] or ''}", highlight=False
@@ -168,6 +189,9 @@ def print_status(report: dict[str, Any]) -> None:
         if backlog["last_error"]:
             line += f"; last error: {backlog['last_error']}"
         console.print(line, highlight=False)
+    if report.get("attention"):
+        console.print(f"\n[red]{len(report['attention'])} thing(s) need attention[/] (`ckptd status --check` fails)",
+                      highlight=False)  # fmt: skip
 
 
 def print_prune(reports: Sequence[Any]) -> None:

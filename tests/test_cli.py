@@ -445,3 +445,63 @@ def test_scan_reads_a_metric_at_the_watchs_key(tmp_path: Path) -> None:
     assert ckptd("scan", "--config", config).returncode == 0
     assert sidecar.read(run / "epoch_2.pt").verification.metrics["map50"] == 0.6  # type: ignore[union-attr]
     assert ckptd("best", run, "--config", config).stdout == f"{run / 'epoch_2.pt'}\n"
+    # the one record step: scan stores the run's latest and best as the daemon would, so status shows the run
+    (listed,) = json.loads(ckptd("status", "--config", config, "--json").stdout)["watches"]["runs"]["runs"]
+    assert (listed["latest"], listed["best"], listed["best_value"]) == (str(run / "epoch_3.pt"),
+                                                                         str(run / "epoch_2.pt"), 0.6)  # fmt: skip
+    (run / "epoch_3.pt").unlink()
+    assert ckptd("scan", "--config", config).returncode == 0
+    (listed,) = json.loads(ckptd("status", "--config", config, "--json").stdout)["watches"]["runs"]["runs"]
+    assert listed["latest"] == str(run / "epoch_2.pt")  # a checkpoint gone: its run's latest follows
+
+
+def test_an_unexpected_error_exits_70_with_one_line_and_the_traceback_only_under_debug(
+    run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug of ours (here a selection that raises, faked: a real bug cannot be summoned on purpose) exits 70
+    with one line naming it; `--debug` or CKPTD_DEBUG=1 add the traceback. Exit 1 stays "a check failed"."""
+    from ckptd import cli as cli_module
+    from ckptd import selection
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("selection broke")
+
+    monkeypatch.setattr(selection, "latest", broken)
+    monkeypatch.setattr(cli_module, "_debug", False)
+    monkeypatch.delenv("CKPTD_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main(["latest", str(run)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 70
+    assert err.strip().splitlines() == [
+        "ckptd: unexpected error: RuntimeError: selection broke (run with --debug for the traceback)"
+    ]
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main(["--debug", "latest", str(run)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 70 and "Traceback (most recent call last)" in err and "selection broke" in err
+    monkeypatch.setattr(cli_module, "_debug", False)
+    monkeypatch.setenv("CKPTD_DEBUG", "1")
+    with pytest.raises(SystemExit) as exited:
+        cli_module.main(["latest", str(run)])
+    assert exited.value.code == 70 and "Traceback" in capsys.readouterr().err
+
+
+def test_status_shows_a_run_ranked_by_the_trainers_own_best_file(tmp_path: Path) -> None:
+    """No checkpoint holds the watch's metric: best is the trainer's `best_model.pt`, and the status table
+    says so, and which metrics the run holds (it once crashed formatting the missing value)."""
+    import torch
+
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\n[[watch]]\nname = "runs"\npath = "runs"\n'
+                      '[watch.metric]\nname = "val_loss"\n')  # fmt: skip
+    run = tmp_path / "runs" / "loop"
+    run.mkdir(parents=True)
+    weights = {"w": torch.ones(2)}
+    torch.save({"epoch": 2, "model": weights, "optimizer": {"lr": 0.1}, "val_dice": 0.4}, run / "epoch_002.pt")
+    torch.save(weights, run / "best_model.pt")
+    assert ckptd("scan", "--config", config).returncode == 0
+    done = subprocess.run([CKPTD, "status", "--config", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "300"}, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "best_model.pt (the trainer's own best) (val_loss missing; held: val_dice)" in done.stdout

@@ -378,6 +378,48 @@ def test_delete_old_without_a_metric_keeps_best_by_name_and_link_targets(tmp_pat
     assert best.exists() and linked.exists() and old.exists()
 
 
+def test_a_delete_old_killed_half_way_is_finished_by_the_next_migrate(
+    tmp_path: Path, ckptd: Ckptd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed once the doomed checkpoint is under its trash name (a folder no watch holds, so no prune pass will
+    ever look): the next `migrate` of that folder deletes exactly that, through the journal, before anything
+    else. Deletions in other folders are left pending for their own next run."""
+    from ckptd import delete
+
+    run = tmp_path / "exp"
+    old = make(run / "epoch_03_step_000300.ckpt", 3, 300)
+    make(run / "epoch_08_step_000800.ckpt", 8, 800)
+    assert ckptd("scan", run).code == 0
+    real_identity = delete.identity_at
+
+    def killed(dir_fd: int, name: str) -> object:
+        if name.startswith(delete.TRASH_PREFIX):
+            raise KeyboardInterrupt
+        return real_identity(dir_fd, name)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(delete, "identity_at", killed)
+        assert ckptd("migrate", run, "--delete-old", "--keep-min-epoch", 5).code == 130  # as Ctrl-C or a kill
+    trash = [p for p in run.iterdir() if p.name.startswith(delete.TRASH_PREFIX)]
+    assert not old.exists() and len(trash) == 1  # never seen half-gone under its own name
+    state = Path.home() / ".local/state/ckptd"
+    with Catalog(state) as catalog:
+        (pending,) = catalog.journal(state="pending")
+        assert pending["watch"] == delete.migrate_watch(run)
+        catalog.journal_intent(  # another folder's intent: not this migrate's to finish
+            action="delete", watch=delete.migrate_watch(tmp_path / "other"), run=str(tmp_path / "other"),
+            path=str(tmp_path / "other" / "a.pt"), sha256=None, size=1, reasons=["epoch < 5"], now=1.0,
+            folder=str(tmp_path / "other"), trash=delete.TRASH_PREFIX + "0123456789abcdef",
+        )  # fmt: skip
+
+    done = ckptd("migrate", run)
+    assert done.code == 0, done.err
+    assert [p.name for p in run.iterdir() if p.name.startswith(delete.TRASH_PREFIX)] == []
+    with Catalog(state) as catalog:
+        states = {e["path"]: e["state"] for e in catalog.journal()}
+    assert states == {str(old): "done", str(tmp_path / "other" / "a.pt"): "pending"}
+
+
 def test_delete_old_needs_keep_min_epoch(tmp_path: Path, ckptd: Ckptd) -> None:
     """--delete-old without --keep-min-epoch is a usage error (exit 2) and changes nothing."""
     run = tmp_path / "exp"

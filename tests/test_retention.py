@@ -591,3 +591,40 @@ def test_the_loops_own_names_are_never_deleted_and_twins_count_once() -> None:
     assert actions["final_weights_13.pt"] == ("keep", ("latest weights",))
     assert actions["epoch_11.pt"] == ("keep", ("latest",))
     assert actions["best.pt"] == ("keep", (slot,))
+
+
+def test_what_max_size_may_delete_is_decided_by_typed_invariants_not_by_reason_text() -> None:
+    """Each decision carries its invariants as values; `protected` reads only them. Under a max_size that
+    nothing fits, the latest and the best stay (LATEST, BEST), the second best and the second newest go."""
+    from ckptd.retention import Invariant
+
+    def entry(name: str, step: int, loss: float) -> Entry:
+        return Entry(path=f"/w/r/{name}", run="/w/r", status="ok", size=10, mtime=NOW - 1000 + step, step=step,
+                     sha256=name, resumable=True, metrics={"val_loss": loss})  # fmt: skip
+
+    entries = [entry("a.pt", 1, 0.1), entry("b.pt", 2, 0.2), entry("c.pt", 3, 0.5), entry("d.pt", 4, 0.9)]
+    policy = Policy(keep_last=2, keep_best=2, metric="val_loss", max_size=1)
+    by_name = {d.path.rpartition("/")[2]: d for d in plan(entries, policy, NOW).decisions}
+    assert by_name["d.pt"].invariants == {Invariant.LATEST} and by_name["d.pt"].action == "keep"
+    assert by_name["a.pt"].invariants == {Invariant.BEST} and by_name["a.pt"].action == "keep"
+    assert by_name["b.pt"].action == by_name["c.pt"].action == "delete"  # keep_best 2/2 and keep_last 2/2: soft
+    reworded = by_name["b.pt"]._replace(reasons=("best val_loss=0.2 (reworded)",), action="keep")
+    assert not reworded.protected  # no text makes a decision protected
+
+
+def test_a_disk_below_min_free_deletes_the_oldest_soft_kept_first_never_an_invariant() -> None:
+    """free_deficit (measured by the caller) deletes the oldest checkpoints that only soft rules keep until
+    that many bytes are planned free; latest and best stay even when the deficit is larger than the rest."""
+
+    def entry(name: str, step: int, loss: float) -> Entry:
+        return Entry(path=f"/w/r/{name}", run="/w/r", status="ok", size=100, mtime=NOW - 1000 + step, step=step,
+                     sha256=name, resumable=True, metrics={"val_loss": loss})  # fmt: skip
+
+    entries = [entry(f"s{i}.pt", i, loss) for i, loss in enumerate((0.1, 0.5, 0.4, 0.3, 0.2), start=1)]
+    policy = Policy(keep_last=10, keep_best=1, metric="val_loss", free_deficit=150)
+    actions = {d.path.rpartition("/")[2]: (d.action, d.reasons[0]) for d in plan(entries, policy, NOW).decisions}
+    assert [n for n, (a, _) in sorted(actions.items()) if a == "delete"] == ["s2.pt", "s3.pt"]  # oldest, 200 >= 150
+    assert actions["s2.pt"][1].startswith("disk below min_free by 150B")
+    huge = plan(entries, Policy(keep_last=10, keep_best=1, metric="val_loss", free_deficit=10_000), NOW)
+    kept = sorted(d.path.rpartition("/")[2] for d in huge.decisions if d.action == "keep")
+    assert kept == ["s1.pt", "s5.pt"] and huge.warnings and "cannot be met" in huge.warnings[0]

@@ -312,6 +312,12 @@ def test_local_rot_without_a_good_copy_is_quarantined_and_shown_in_status(
     assert status["watches"]["w"]["checkpoints"] == {"ok": 2}
     text = ckptd("status", "--config", site.config).out
     assert f"scrub local:{path}: quarantined {moved}" in text
+    (listed,) = status["quarantined"]  # until acknowledged: `status --check` fails on it
+    assert (listed["path"], listed["to"]) == (str(path), str(moved))
+    assert any(line.startswith(f"quarantined {path}") for line in status["attention"])
+    ckptd("status", "--config", site.config, "--ack")
+    after = site.status()
+    assert after["quarantined"] == [] and not any("quarantined" in line for line in after["attention"])
     with Catalog(tmp_path / "state") as catalog:
         row = catalog.get(str(path))
         assert row is not None and row.gone_at is not None and row.status == "corrupt"

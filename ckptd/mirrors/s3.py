@@ -106,10 +106,11 @@ class S3Target:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.checksum = str(getattr(settings, "checksum", "sha256"))
         self.proof = str(getattr(settings, "proof", "auto"))
+        timeout = float(getattr(settings, "timeout", 20.0))
         config = BotoConfig(
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=120,
+            retries={"max_attempts": int(getattr(settings, "attempts", 2)), "mode": "standard"},
+            connect_timeout=timeout,
+            read_timeout=timeout,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

@@ -1,0 +1,259 @@
+"""Faults through the real daemon: one bad folder, one bad target or one failing step never stops the others,
+and `ckptd status` tells what needs a person (`--check` exits 1 for a monitoring probe).
+
+The read-only run folder is a real read-only bind mount (EROFS, what a folder missing from the unit's
+ReadWritePaths= gives); CI runs as root, which may mount. The unusable target is a real boto3 refusal (a
+region it rejects), built beside a good local target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from test_daemon import Daemon, ckptd, small_checkpoint, torch_bytes, wait_until  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+DEADLINE = 60.0
+
+
+def _config(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join([
+        "[daemon]", f'state_dir = "{tmp_path / "state"}"', 'log_format = "json"', 'rescan_interval = "1h"', "",
+        "[[watch]]", 'name = "runs"', f'path = "{runs}"', "settle_seconds = 0.3",
+        "[watch.metric]", 'name = "val_loss"', *extra,
+    ]) + "\n")  # fmt: skip
+    return config, runs
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.close()
+
+
+def status(config: Path, *args: str) -> tuple[int, dict[str, object]]:
+    done = ckptd("status", "--config", str(config), "--json", *args)
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[list[Path]]:
+    """Folders bind-mounted read-only on themselves for the test; unmounted after it."""
+    mounted: list[Path] = []
+    yield mounted
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _mount_read_only(folder: Path, mounted: list[Path]) -> None:
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    mounted.append(folder)
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+
+
+def test_an_unwritable_run_folder_never_stops_the_others(
+    tmp_path: Path, daemons: list[Daemon], read_only: list[Path]
+) -> None:
+    """A run folder the daemon cannot write its sidecar into (EROFS): the daemon stays up, the other runs are
+    verified, `status` names the checkpoint and why, `--check` exits 1; once the folder is writable again a
+    reconciliation (here SIGHUP's) records it and the trouble is gone from status."""
+    config, runs = _config(tmp_path)
+    stuck = small_checkpoint(runs / "frozen" / "a.pt")
+    _mount_read_only(stuck.parent, read_only)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_event("recording a verification failed", path=str(stuck))
+    good = small_checkpoint(runs / "fine" / "b.pt")
+    daemon.wait_verified(good)
+    assert daemon.proc.poll() is None
+
+    def failing() -> dict[str, object] | None:
+        code, found = status(config, "--check")
+        listed = found["failing_checkpoints"]
+        return found if code == 1 and isinstance(listed, dict) and str(stuck) in listed else None
+
+    found = wait_until(failing, "status to name the unwritable checkpoint", DEADLINE, on_fail=daemon.tail())
+    assert "Read-only file system" in json.dumps(found["failing_checkpoints"])
+    assert any(str(stuck) in line for line in found["attention"])  # type: ignore[attr-defined]
+
+    subprocess.run(["mount", "-o", "remount,rw,bind", str(stuck.parent)], check=True)
+    daemon.send(signal.SIGHUP)
+    daemon.wait_verified(stuck)
+    wait_until(lambda: status(config, "--check")[0] == 0, "status --check to pass again", DEADLINE,
+               on_fail=daemon.tail())  # fmt: skip
+
+
+def test_an_unusable_target_never_stops_the_good_one(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """A target boto3 refuses to build sits beside a good local folder: the good one gets its copy, status
+    names the broken one and `--check` fails; `ckptd mirror` copies to the good one and exits 1 naming it."""
+    backup = tmp_path / "backup"
+    config, runs = _config(
+        tmp_path, "[watch.mirror]", 'to = ["cloud", "backup"]', "",
+        "[mirror.cloud]", 'url = "s3://bucket/ckpt"', 'region = "no such region!"', "",
+        "[mirror.backup]", f'url = "{backup}"',
+    )  # fmt: skip
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    checkpoint = small_checkpoint(runs / "exp" / "a.pt", metrics={"val_loss": 0.5})
+    daemon.wait_event("mirror target unusable", target="cloud")
+    daemon.wait_event("checkpoint mirrored", target="backup", path=str(checkpoint))
+    wait_until(lambda: status(config, "--check")[0] == 1, "status --check to fail", DEADLINE, on_fail=daemon.tail())
+    _code, found = status(config, "--check")
+    assert "region" in found["broken_targets"]["cloud"]  # type: ignore[index]
+    assert daemon.proc.poll() is None
+    daemon.close()
+    done = ckptd("mirror", "--config", str(config))
+    assert done.returncode == 1 and "target cloud cannot be used" in done.stderr, done.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB tmpfs, mounted for the test (CI runs as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _place(path: Path, step: int, loss: float) -> Path:
+    """A ~600 KB torch.save checkpoint, written outside and renamed in (one event, whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.incoming")
+    temp.write_bytes(torch_bytes(size_floats=50_000, step=step, metrics={"val_loss": loss}))
+    temp.rename(path)
+    return path
+
+
+def _free(folder: Path) -> int:
+    found = os.statvfs(folder)
+    return found.f_bavail * found.f_frsize
+
+
+def test_a_full_disk_is_a_state_and_min_free_frees_what_no_invariant_keeps(
+    tmp_path: Path, daemons: list[Daemon], small_disk: Path
+) -> None:
+    """On a 4 MiB watched disk with min_free = 1.5MB: retention runs at once when free space falls below it and
+    deletes the oldest checkpoints only keep_last keeps, never the latest or the best. Filled to the last byte,
+    a checkpoint whose sidecar cannot be written is a state (status names it, ENOSPC, `--check` fails, the
+    daemon stays up); once space returns a reconciliation records it and status is clean."""
+    runs = small_disk / "runs"
+    runs.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join([
+        "[daemon]", f'state_dir = "{tmp_path / "state"}"', 'log_format = "json"', 'rescan_interval = "1h"', "",
+        "[[watch]]", 'name = "disk"', f'path = "{runs}"', "settle_seconds = 0.3",
+        "[watch.metric]", 'name = "val_loss"',
+        "[watch.retention]", 'interval = "1h"', "keep_last = 10", "keep_best = 1", 'min_free = "1.5MB"',
+    ]) + "\n")  # fmt: skip
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    run = runs / "exp"
+    saves = [_place(run / f"step_{step}.pt", step, loss) for step, loss in ((1, 0.1), (2, 0.5), (3, 0.4),
+                                                                             (4, 0.3), (5, 0.2))]  # fmt: skip
+    daemon.wait_event("disk below min_free, retention now", watch="disk")
+    wait_until(lambda: _free(runs) >= 1_500_000, "min_free met again", DEADLINE, on_fail=daemon.tail())
+    assert saves[0].exists() and saves[-1].exists()  # the best and the latest: invariants
+    deleted = daemon.events("checkpoint deleted")
+    assert deleted and all("disk below min_free" in e["reasons"][0] for e in deleted)
+
+    # Filled to the last byte right after a save: its sidecar cannot be written.
+    newest = _place(run / "step_6.pt", 6, 0.6)
+    with open(small_disk / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    daemon.wait_event("recording a verification failed", path=str(newest))
+
+    def says_full() -> dict[str, object] | None:
+        code, found = status(config, "--check")
+        return found if code == 1 and str(newest) in json.dumps(found["failing_checkpoints"]) else None
+
+    found = wait_until(says_full, "status to name the sidecar that cannot be written", DEADLINE, on_fail=daemon.tail())
+    assert "No space left on device" in json.dumps(found["failing_checkpoints"])
+    assert daemon.proc.poll() is None and saves[0].exists() and saves[-1].exists()
+
+    (small_disk / "filler").unlink()
+    daemon.send(signal.SIGHUP)  # a reconciliation, as the hourly one would
+    daemon.wait_verified(newest)
+    wait_until(lambda: status(config, "--check")[0] == 0, "status --check to pass again", DEADLINE,
+               on_fail=daemon.tail())  # fmt: skip
+
+
+@pytest.fixture
+def silent_store() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers (a store hung behind a load balancer)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_sigterm_ends_the_daemon_within_15_s_while_a_store_never_answers(
+    tmp_path: Path, daemons: list[Daemon], silent_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy waits on a store that accepted the connection and never answers: SIGTERM still ends the daemon
+    within 15 s (its 20 s timeout is not waited out), and `ckptd ls` fails within attempts x timeout with one
+    line naming the target, exit 1."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-only")  # the store is fake: it never reads a request
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-only")
+    target = ["[mirror.cloud]", 'url = "s3://bucket/ckpt"', f'endpoint_url = "{silent_store}"', 'region = "us-east-1"']
+    config, runs = _config(tmp_path, "[watch.mirror]", 'to = ["cloud"]', "", *target)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    daemon.wait_verified(small_checkpoint(runs / "exp" / "a.pt", metrics={"val_loss": 0.5}))
+    time.sleep(2)  # the copy is under way, waiting for an answer
+    code, seconds = daemon.stop(signal.SIGTERM, timeout=30)
+    assert seconds < 15, daemon.tail()
+    assert code == 0
+
+    quick = tmp_path / "quick.toml"
+    quick.write_text(config.read_text().replace('region = "us-east-1"', 'region = "us-east-1"\ntimeout = "2s"'))
+    started = time.monotonic()
+    done = ckptd("ls", "cloud", "--config", str(quick), timeout=60)
+    assert time.monotonic() - started < 15
+    assert done.returncode == 1 and done.stderr.startswith("ckptd: ") and "Traceback" not in done.stderr
