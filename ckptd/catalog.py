@@ -566,6 +566,23 @@ class Catalog:
         )
         return next((str(r["sha256"]) for r in rows if Path(r["path"]).name == name), None)
 
+    def mirror_proved(self, *, target: str, run: str | None = None) -> list[dict[str, Any]]:
+        """The copies this machine proved on `target` (for one run, or all), each as its mirror_queue row, whatever
+        became of it since (a done row is one the target should still hold while it is wanted)."""
+        query, args = "SELECT * FROM mirror_queue WHERE target = ? AND copied = 1", [target]
+        if run is not None:
+            query, args = query + " AND run = ?", [target, run]
+        return [dict(r) for r in self._exec(query + " ORDER BY run, path", args)]
+
+    def mirror_requeue(self, item: dict[str, Any], *, now: float, recopy: bool) -> None:
+        """Queue a done copy again: the target lost it (`recopy`: copy it again) or only its index entry."""
+        self._exec(
+            "UPDATE mirror_queue SET state = 'pending', copied = CASE WHEN ? THEN 0 ELSE copied END, attempts = 0,"
+            " next_try = 0, last_error = NULL, queued_at = ? WHERE target = ? AND path = ? AND sha256 = ?"
+            " AND state = 'done'",
+            (int(recopy), now, item["target"], item["path"], item["sha256"]),
+        )
+
     def mirror_finish(self, item: dict[str, Any], *, state: str, now: float, error: str | None = None) -> None:
         """Close a queued copy: done (proved on the target) or dropped."""
         self._exec(

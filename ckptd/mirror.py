@@ -14,9 +14,15 @@ checkpoint is intact or was deleted (by the user, retention, the trainer's own r
 checkpoint rotted (corrupt, quarantined) is held for good, since it may be the only good one.
 
 What to copy is queued in the catalog (`mirror_queue`), so a restart picks it up; a failed copy is retried
-with backoff and never blocks verification; retention keeps a checkpoint while it is queued.
-`roles_for`, `local_state`, `clean_index`, `render_index`, `ranked_copies` and `choose_copy` are pure; the rest
-drives targets and the catalog.
+with backoff and never blocks verification; retention keeps a checkpoint while it is queued. The queue is
+derived, not remembered: `recheck` (the daemon's mirror thread after every reconciliation, `ckptd mirror`,
+`mirror --verify`) compares the copies each target should hold (wanted now, proved there) with a listing of the
+target and queues what it lost again; a lost index.json is rebuilt from the sidecars of the copies held; copies
+a pass killed between rewriting index.json and deleting superseded copies left unlisted (orphans) are deleted,
+only this machine's and only superseded ones; `Target.sweep` removes temp files and incomplete uploads.
+`roles_for`, `local_state`, `clean_index`, `render_index`, `ranked_copies`, `choose_copy`, `copy_label`,
+`wanted_copies`, `held_copies`, `lost_copies`, `orphans` and `rebuilt_index` are pure; the rest drives targets
+and the catalog.
 
 A target is untrusted storage. Every name read from one (index entries, superseded lists, listings) is
 checked to be one plain file name (untrusted.component) before it is used; a target may only have deleted
@@ -32,7 +38,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -321,6 +327,112 @@ def choose_copy(index: Mapping[str, Any], *, role: str | None = None, step: int 
     return found[0], copies[found[0]]
 
 
+def copy_label(index: Mapping[str, Any], name: str) -> str:
+    """How `ckptd ls` labels a copy: the roles the index itself gives it; pure.
+
+    "best" and "latest" only for the copies the mirror's pointers name (one of each: what `restore --best` and
+    `--latest` fetch); "milestone" and "all" for copies kept for those; "run's best" or "run's latest" for the
+    copy local selection names so while the mirror keeps another (a better or newer good copy, whose local
+    checkpoint rotted); else "superseded" (listed so) or "-".
+    """
+    copy = (index.get("copies") or {}).get(name) or {}
+    pointed = [r for r in ("best", "latest") if (index.get(r) or {}).get("name") == name]
+    kept = [r for r in _roles(copy) if r in _KEPT]
+    elsewhere = [f"run's {r}" for r in ("best", "latest") if r in _roles(copy) and r not in pointed]
+    return ",".join([*pointed, *kept, *elsewhere]) or ("superseded" if name in index.get("superseded", []) else "-")
+
+
+def wanted_copies(entries: Iterable[Entry], watch: WatchConfig) -> dict[str, tuple[list[str], str]]:
+    """What the watch's mirror rule wants every target to hold of one run: {path: (roles, sha256)} (roles_for)."""
+    if watch.mirror is None:
+        return {}
+    known = list(entries)
+    wanted = roles_for(
+        known, watch.mirror.what, watch.metric.name if watch.metric else None,
+        watch.metric.mode if watch.metric else "min", watch.retention.keep_every if watch.retention else 0,
+    )  # fmt: skip
+    by_path = {e.path: e for e in known}
+    return {path: (roles, by_path[path].sha256 or "") for path, roles in wanted.items()}
+
+
+def held_copies(keys: Iterable[str], prefix: str) -> set[str]:
+    """The copies a run folder on a target holds whole, by a listing of its keys: each name that is a file or
+    a folder of files with its sidecar beside it (written last, so the copy is complete). Names that are not
+    one plain file name (a hostile listing) are left out."""
+    children: set[str] = set()
+    for key in keys:
+        first = key.removeprefix(f"{prefix}/").split("/", 1)[0] if key.startswith(f"{prefix}/") else ""
+        with contextlib.suppress(UntrustedInput):
+            children.add(component(first, what="a name on the target"))
+    return {c for c in children if c != INDEX and not c.endswith(sidecar.SIDECAR_SUFFIX)
+            and sidecar.sidecar_name(c) in children}  # fmt: skip
+
+
+def rebuilt_index(run: str, copies: Mapping[str, Mapping[str, Any]], *, roles: Mapping[str, list[str]],
+                  was: Mapping[str, list[str]], local: Mapping[str, LocalState], now: float,
+                  metric: str | None = None, mode: selection.Mode = "min") -> dict[str, Any]:  # fmt: skip
+    """A run's index.json made again from the copies the target holds (`copies`: name to what its sidecar on
+    the target says: sha256, step, epoch, metrics...) after the index was lost; pure.
+
+    Each copy gets the roles local selection gives it now (`roles`: only where the catalog wants these very
+    bytes there), every role this machine ever mirrored it for (`was`, from the catalog; a milestone or `all`
+    copy stays one), and what became of its local checkpoint (`local`). The mirror's best and latest are then
+    ranked as render_index ranks them, so a copy of a rotted best keeps its role. Every other copy is listed as
+    superseded, oldest first, for render_index to keep or delete by its rules (a copy this machine did not
+    make is never deleted).
+    """
+    stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    held: dict[str, dict[str, Any]] = {}
+    for name, found in copies.items():
+        entry = _clean_copy(found, name)
+        kept = set(was.get(name, [])) & _KEPT
+        entry["roles"] = sorted((set(roles.get(name, [])) | kept) & set(_ROLES))
+        entry["was"] = sorted((set(was.get(name, [])) | set(entry["roles"])) & set(_ROLES))
+        entry["local"] = local.get(name, "intact")
+        held[name] = entry
+    index: dict[str, Any] = {"schema_version": INDEX_SCHEMA, "run": run}
+    for role in ("best", "latest"):
+        order = ranked_copies(held, role, metric, mode)
+        index[role] = {k: held[order[0]][k] for k in _POINTER if k in held[order[0]]} if order else None
+    active = _active(index, held)
+    idle = [n for n in held if n not in active and not set(held[n]["roles"]) & _KEPT]
+    index.update(copies=held, superseded=sorted(idle, key=lambda n: (_recency(held[n]), n)), updated_at=stamp)
+    return index
+
+
+def lost_copies(wanted: Mapping[str, str], held: Set[str], index: Mapping[str, Any] | None) -> list[str]:
+    """The copies (name to sha256) the catalog says a run folder holds that it does not hold as they were made:
+    missing, missing their sidecar, or not named by the run's index with that sha256. Pure."""
+    listed: Mapping[str, Mapping[str, Any]] = (index or {}).get("copies") or {}
+    return sorted(n for n, sha in wanted.items() if n not in held or listed.get(n, {}).get("sha256") != sha)
+
+
+def orphans(held: Set[str], index: Mapping[str, Any], *, proved: Mapping[str, Mapping[str, list[str]]],
+            wanted: Set[str], local: Mapping[str, LocalState],
+            stored: Mapping[str, str | None]) -> list[str]:  # fmt: skip
+    """The copies in a run folder that a pass killed between rewriting index.json and deleting superseded
+    copies left behind (or whose deletion failed), to delete now; pure.
+
+    A copy is one only when all of these hold: the run's index (read, not rebuilt) does not list it; this
+    machine proved these very bytes there (`proved`: name to {sha256: roles it was copied for}; `stored`: the
+    sha256 its sidecar on the target says, None when unreadable); local selection no longer wants it; its
+    local checkpoint is intact, gone or replaced (never rotted: it may be the only good copy); it was never
+    a milestone or `all` copy; and for every role it was copied for the index names a successor that the
+    folder holds. A copy another machine made is never one, listed or not.
+    """
+    listed = (index.get("copies") or {}).keys()
+    succeeded = {r for r in ("best", "latest") if (index.get(r) or {}).get("name") in held}
+    found = []
+    for name in sorted(held - set(listed) - set(wanted)):
+        sha = stored.get(name)
+        copied_for = proved.get(name, {}).get(sha) if sha else None
+        if copied_for is None or local.get(name) not in _RELEASED or set(copied_for) & _KEPT:
+            continue
+        if set(copied_for) <= succeeded:
+            found.append(name)
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ queueing
 
 
@@ -328,16 +440,9 @@ def enqueue_run(catalog: Catalog, config: Config, watch: WatchConfig, run: str, 
     """Queue the run's checkpoints that its mirror rule copies; drop queued ones it no longer wants."""
     if watch.mirror is None:
         return 0
-    entries = [r.entry() for r in catalog.in_run(run) if r.kind != "link"]
-    milestones = watch.retention.keep_every if watch.retention else 0
-    wanted = roles_for(
-        entries, watch.mirror.what, watch.metric.name if watch.metric else None,
-        watch.metric.mode if watch.metric else "min", milestones,
-    )  # fmt: skip
-    by_path = {e.path: e for e in entries}
+    current = wanted_copies((r.entry() for r in catalog.in_run(run) if r.kind != "link"), watch)
     queued = 0
     for target in watch.mirror.to:
-        current = {path: (roles, by_path[path].sha256 or "") for path, roles in wanted.items()}
         queued += catalog.sync_mirror_queue(target=target, watch=watch.name, run=run, wanted=current, now=now)
     return queued
 
@@ -497,8 +602,13 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
         report.copied.append(f"{path} -> {target.name}")
         logger.info("checkpoint mirrored", path=str(path), run=item["run"], target=target.name, roles=item["role"],
                     bytes=found.verification.size_bytes, seconds=round(time.monotonic() - started, 3))  # fmt: skip
-        for name in doomed:
-            _delete_copy(target, prefix, name)
+        for name in doomed:  # the index no longer lists them; one left behind is an orphan (recheck removes it)
+            try:
+                _delete_copy(target, prefix, name)
+            except MirrorError as exc:  # Fix: it raised out of mirror_pass, after the copy was recorded done
+                logger.warning("superseded copy not removed, removed at the next recheck", target=target.name,
+                               run=item["run"], name=name, error=str(exc))  # fmt: skip
+                continue
             logger.info("superseded copy removed", target=target.name, run=item["run"], name=name)
     return report
 
@@ -521,25 +631,36 @@ def read_index(target: Target, prefix: str) -> dict[str, Any] | None:
 def _update_index(target: Target, prefix: str, item: Mapping[str, Any], found: sidecar.Sidecar, config: Config,
                   now: float, ours: frozenset[str], catalog: Catalog) -> list[str]:  # fmt: skip
     """Rewrite the run's index.json for the copy just proved; return the superseded copies to delete now.
-    What became of each copy's local checkpoint comes from the catalog (local_state)."""
-    previous = read_index(target, prefix)
+    What became of each copy's local checkpoint comes from the catalog (local_state). A run folder that holds
+    copies but lost its index.json (or holds an unreadable one) gets it rebuilt from them first: rendered from
+    nothing, the new index would leave every copy the target holds unlisted, the held copy of a rotted best
+    included."""
     record = found.verification
     name = Path(record.path).name
+    previous = read_index(target, prefix)
+    watch = config.watch_named(item["watch"])
+    if previous is None and watch is not None and (held := held_copies(target.list(f"{prefix}/"), prefix) - {name}):
+        previous = _rebuild_index(target, prefix, item["run"], watch, catalog, held, now)
+        log.get("ckptd.mirror").warning("mirror index rebuilt", target=target.name, run=prefix,
+                                        copies=sorted(previous["copies"]))  # fmt: skip
     copy = {"name": name, "sha256": record.sha256, "step": record.global_step, "epoch": record.epoch,
             "metrics": record.metrics, "size_bytes": record.size_bytes, "resumable": record.resumable}  # fmt: skip
     run = Path(item["run"])
     local = {n: local_state(catalog.get(str(run / n)), c.get("sha256"))
              for n, c in ((previous or {}).get("copies") or {}).items()}  # fmt: skip
     local[name] = local_state(catalog.get(str(run / name)), record.sha256)
-    watch = config.watch_named(item["watch"])
     metric = watch.metric if watch is not None else None
     keep = config.mirror[item["target"]].keep_superseded
     index, doomed = render_index(previous, run=prefix, copy=copy, roles=str(item["role"]).split(","),
                                  keep_superseded=keep, now=now, ours=ours | {name}, local=local,
                                  metric=metric.name if metric else None,
                                  mode=metric.mode if metric else "min")  # fmt: skip
-    target.put_bytes(f"{prefix}/{INDEX}", (json.dumps(index, indent=2) + "\n").encode())
+    _write_index(target, prefix, index)
     return doomed
+
+
+def _write_index(target: Target, prefix: str, index: Mapping[str, Any]) -> None:
+    target.put_bytes(f"{prefix}/{INDEX}", (json.dumps(index, indent=2) + "\n").encode())
 
 
 def copy_keys(target: Target, prefix: str, name: str) -> list[str]:
@@ -595,6 +716,154 @@ def recorded_sha(config: Config, catalog: Catalog | None, target: str, prefix: s
     return catalog.mirrored_sha(target=target, run=run, name=name)
 
 
+# ------------------------------------------------------------------------- rechecking what the targets hold
+
+
+@dataclass
+class Recheck:
+    """What one recheck of the targets found (and did, unless a dry run)."""
+
+    lost: list[str] = field(default_factory=list)  # "<target>:<key>": proved copies a target no longer holds
+    requeued: list[str] = field(default_factory=list)  # "<local path> -> <target>": queued to be copied again
+    rebuilt: list[str] = field(default_factory=list)  # "<target>:<run>/index.json": made again from what is held
+    orphans: list[str] = field(default_factory=list)  # "<target>:<key>": left by an interrupted deletion, removed
+    swept: list[str] = field(default_factory=list)  # temp files and incomplete uploads removed (Target.sweep)
+    unreachable: dict[str, str] = field(default_factory=dict)  # target: why it could not be rechecked now
+    indexes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (target, run): rebuilt index
+
+
+def recheck(catalog: Catalog, config: Config, targets: Mapping[str, Target], *, now: Callable[[], float] = time.time,
+            dry_run: bool = False, sweep_idle: float | None = None) -> Recheck:  # fmt: skip
+    """The mirror queue is derived, not remembered: compare what each target should hold with what it holds,
+    and queue the difference.
+
+    What a target should hold: each run's copies its watch's mirror rule wants now (wanted_copies) that the
+    catalog records as proved there (done). What it holds: one listing per watch, and each run's index.json.
+    A copy missing, without its sidecar or not named by the index with its sha256 is queued to be copied
+    again (a store emptied, a folder wiped); a lost index.json is made again from the sidecars the run folder
+    holds (rebuilt_index); copies an interrupted pass left unlisted are deleted (orphans). With `sweep_idle`,
+    each target is first swept of temp files and incomplete uploads idle that long (Target.sweep). A target
+    that fails is reported in `unreachable` and the others go on. Network calls: run it on the mirror thread.
+    """
+    logger = log.get("ckptd.mirror")
+    report = Recheck()
+    for name, target in targets.items():
+        try:
+            if sweep_idle is not None and not dry_run:
+                swept = target.sweep(sweep_idle)
+                report.swept += swept
+                if swept:
+                    logger.info("mirror target swept", target=name, removed=swept[:20], count=len(swept))
+            _recheck_target(catalog, config, target, report, now(), dry_run=dry_run)
+        except MirrorError as exc:  # this target is down: the others are rechecked now, it at the next one
+            report.unreachable[name] = str(exc)
+            logger.warning("mirror target not rechecked", target=name, error=str(exc))
+    if report.lost:
+        logger.warning("mirror copies lost by their target", copies=report.lost[:20], count=len(report.lost),
+                       queued_again=not dry_run)  # fmt: skip
+    return report
+
+
+def _recheck_target(catalog: Catalog, config: Config, target: Target, report: Recheck, now: float, *,
+                    dry_run: bool) -> None:  # fmt: skip
+    proved: dict[str, list[dict[str, Any]]] = {}
+    for row in catalog.mirror_proved(target=target.name):
+        proved.setdefault(row["run"], []).append(row)
+    for watch in config.watch:
+        if watch.mirror is None or target.name not in watch.mirror.to:
+            continue
+        under: dict[str, list[str]] = {}  # every folder on the target: the keys below it
+        for key in target.list(f"{watch.name}/"):
+            parts = key.split("/")
+            for depth in range(1, len(parts)):
+                under.setdefault("/".join(parts[:depth]), []).append(key)
+        runs = {r.run for r in catalog.present(watch=watch.name)} | {
+            run for run, rows in proved.items() if any(r["watch"] == watch.name for r in rows)
+        }
+        for run in sorted(runs):
+            try:
+                prefix = run_key(watch, run)
+            except ValueError:  # no longer below the watched folder (the config changed)
+                continue
+            _recheck_run(catalog, target, watch, run, prefix, under.get(prefix, []), proved.get(run, []), report,
+                         now, dry_run=dry_run)  # fmt: skip
+
+
+def _recheck_run(catalog: Catalog, target: Target, watch: WatchConfig, run: str, prefix: str, keys: list[str],
+                 rows: list[dict[str, Any]], report: Recheck, now: float, *, dry_run: bool) -> None:  # fmt: skip
+    logger = log.get("ckptd.mirror")
+    wanted_all = wanted_copies((r.entry() for r in catalog.in_run(run) if r.kind != "link"), watch)
+    done = {(r["path"], r["sha256"]): r for r in rows if r["state"] == "done"}
+    wanted = {Path(p).name: sha for p, (_roles, sha) in wanted_all.items() if (p, sha) in done}
+    held = held_copies(keys, prefix)
+    index = read_index(target, prefix) if f"{prefix}/{INDEX}" in keys else None
+    rebuilt = False
+    if index is None and held:
+        index = _rebuild_index(target, prefix, run, watch, catalog, held, now)
+        report.rebuilt.append(f"{target.name}:{prefix}/{INDEX}")
+        report.indexes[(target.name, prefix)] = index
+        rebuilt = True
+        if not dry_run:
+            _write_index(target, prefix, index)
+            logger.warning("mirror index rebuilt", target=target.name, run=prefix, copies=sorted(index["copies"]))
+    for name in lost_copies(wanted, held, index):
+        item = done[(str(Path(run) / name), wanted[name])]
+        report.lost.append(f"{target.name}:{prefix}/{name}")
+        report.requeued.append(f"{item['path']} -> {target.name}")
+        if not dry_run:
+            catalog.mirror_requeue(item, now=now, recopy=True)
+    if index is None or rebuilt:
+        return  # a rebuilt index lists every copy held: none is an orphan
+    copied: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        copied.setdefault(Path(row["path"]).name, {})[row["sha256"]] = str(row["role"]).split(",")
+    listed = set((index.get("copies") or {}).keys())
+    candidates = sorted(n for n in held - listed if n in copied and str(Path(run) / n) not in wanted_all)
+    stored = {n: _stored_sha(target, prefix, n) for n in candidates}
+    local = {n: local_state(catalog.get(str(Path(run) / n)), sha) for n, sha in stored.items()}
+    for name in orphans(held, index, proved=copied, wanted={Path(p).name for p in wanted_all}, local=local,
+                        stored=stored):  # fmt: skip
+        report.orphans.append(f"{target.name}:{prefix}/{name}")
+        if not dry_run:
+            _delete_copy(target, prefix, name)
+            logger.info("orphan copy removed", target=target.name, run=prefix, name=name,
+                        reason="superseded, left unlisted by an interrupted pass")  # fmt: skip
+
+
+def _stored_sha(target: Target, prefix: str, name: str) -> str | None:
+    """The sha256 the sidecar of a copy on the target says, or None when it is missing or unreadable."""
+    try:
+        return sidecar.parse(target.get_bytes(f"{prefix}/{sidecar.sidecar_name(name)}")).verification.sha256
+    except (NotFound, sidecar.SidecarError):
+        return None
+
+
+def _rebuild_index(target: Target, prefix: str, run: str, watch: WatchConfig, catalog: Catalog, held: Set[str],
+                   now: float) -> dict[str, Any]:  # fmt: skip
+    """The index of a run folder that lost its index.json, made again from the sidecars of the copies it holds
+    (rebuilt_index), with roles, history and local state from this machine's catalog."""
+    copies: dict[str, dict[str, Any]] = {}
+    for name in sorted(held):
+        try:
+            record = sidecar.parse(target.get_bytes(f"{prefix}/{sidecar.sidecar_name(name)}")).verification
+        except (NotFound, sidecar.SidecarError):
+            continue
+        copies[name] = {"sha256": record.sha256, "step": record.global_step, "epoch": record.epoch,
+                        "metrics": record.metrics, "size_bytes": record.size_bytes,
+                        "resumable": record.resumable}  # fmt: skip
+    wanted = wanted_copies((r.entry() for r in catalog.in_run(run) if r.kind != "link"), watch)
+    roles = {Path(p).name: r for p, (r, sha) in wanted.items() if copies.get(Path(p).name, {}).get("sha256") == sha}
+    was: dict[str, list[str]] = {}
+    for row in catalog.mirror_proved(target=target.name, run=run):
+        name = Path(row["path"]).name
+        if copies.get(name, {}).get("sha256") == row["sha256"]:
+            was[name] = sorted({*was.get(name, []), *str(row["role"]).split(",")})
+    local = {n: local_state(catalog.get(str(Path(run) / n)), c["sha256"]) for n, c in copies.items()}
+    metric = watch.metric
+    return rebuilt_index(prefix, copies, roles=roles, was=was, local=local, now=now,
+                         metric=metric.name if metric else None, mode=metric.mode if metric else "min")  # fmt: skip
+
+
 @dataclass
 class CopyCheck:
     """What reading one copy back found: the keys that do not hold what they should, and why."""
@@ -633,12 +902,35 @@ def check_copy(target: Target, prefix: str, name: str, known: str | None, read_s
 
 
 def verify_target(config: Config, catalog: Catalog, target: Target, *, repair: bool = True) -> MirrorReport:
-    """Read back every copy an index names and compare it with this machine's catalog where it knows the copy,
-    else with the target's sidecar; repair from local checkpoints that still hold the right bytes."""
+    """Check every copy the target should hold, by the catalog and by its own indexes.
+
+    First what the target holds against what this machine's catalog says it should (recheck, on a listing of
+    the target itself, not its indexes): a proved copy it lost is bad, and copied again from the local
+    checkpoint (`repair`); a lost index.json is bad, and rebuilt from the copies held. Then every copy an
+    index names is read back and compared with the catalog where it knows the copy, else with the target's
+    sidecar; a bad one is repaired from a local checkpoint that still holds the right bytes. Without `repair`
+    nothing is written. Raises MirrorError when the target cannot be listed."""
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
-    for prefix, index in indexes(target).items():
+    found_lost = recheck(catalog, config, {target.name: target}, dry_run=not repair)
+    if target.name in found_lost.unreachable:
+        raise MirrorError(found_lost.unreachable[target.name])
+    lost = {key.partition(":")[2] for key in found_lost.lost}
+    report.checked += len(lost)
+    report.failed += [*found_lost.lost, *found_lost.rebuilt]
+    if repair:
+        report.repaired += found_lost.rebuilt
+        if found_lost.requeued:
+            again = set(mirror_pass(config, catalog, {target.name: target}, due_only=False).copied)
+            report.repaired += [key for key, item in zip(found_lost.lost, found_lost.requeued, strict=True)
+                                if item in again]  # fmt: skip
+    held = indexes(target)
+    if not repair:  # the indexes it would rebuild are not written: read back the copies they list all the same
+        held.update({prefix: index for (_target, prefix), index in found_lost.indexes.items()})
+    for prefix, index in held.items():
         for name, copy in index.get("copies", {}).items():
+            if f"{prefix}/{name}" in lost:
+                continue  # counted above, and copied again (proved) or not
             report.checked += 1
             known = recorded_sha(config, catalog, target.name, prefix, name)
             try:

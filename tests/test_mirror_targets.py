@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from ckptd.config import MirrorTargetConfig, parse_config
 from ckptd.errors import ConfigError
-from ckptd.fsutil import TEMP_MARK
+from ckptd.fsutil import TEMP_MARK, temp_name
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, RemoteObject, Target, make_target
 from ckptd.mirrors.local import LocalTarget
 from ckptd.mirrors.s3 import S3Target, composite_sha256
@@ -236,6 +237,103 @@ def test_list_is_a_sorted_string_prefix_match_without_temp_files(target: Target)
     assert list(target.list("a")) == ["a/b/x", "a/b/y.json", "a/bc/z", "a/c", "ab"]
     assert list(target.list("a/b/x")) == ["a/b/x"]
     assert list(target.list("zzz/")) == []
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+def _leave_a_dead_copy(target: Target, key: str) -> None:
+    """What a copy killed half-way leaves: a temp file in a local folder; on S3, a multipart upload with one
+    part and never completed (made with boto3 directly, under the target's prefix)."""
+    if isinstance(target, LocalTarget):
+        folder = target.root.joinpath(*key.split("/")[:-1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / temp_name(key.rsplit("/", 1)[1])).write_bytes(b"half a checkpoint")
+        return
+    assert isinstance(target, S3Target)
+    started = target.client.create_multipart_upload(Bucket=target.bucket, Key=target._key(key))
+    target.client.upload_part(Bucket=target.bucket, Key=target._key(key), UploadId=started["UploadId"], PartNumber=1,
+                              Body=b"half a checkpoint")  # fmt: skip
+
+
+def _dead_copies(target: Target) -> list[str]:
+    """Temp files in a local folder; incomplete multipart uploads anywhere in an S3 bucket."""
+    if isinstance(target, LocalTarget):
+        return _leftovers(target)
+    assert isinstance(target, S3Target)
+    return [str(u["Key"]) for u in target.client.list_multipart_uploads(Bucket=target.bucket).get("Uploads", [])]
+
+
+def test_sweep_removes_what_killed_copies_left_once_idle_and_nothing_else(target: Target, tmp_path: Path) -> None:
+    """A killed copy's temp file (local) or incomplete multipart upload (S3) is left alone while it may still be
+    running somewhere (idle less than `idle_for`), then removed; objects, sidecars and index files stay."""
+    source, digest = _small(tmp_path)
+    target.put_file("runs/exp1/a.ckpt", source, sha256=digest)
+    target.put_bytes("runs/exp1/a.ckpt.ckptd.json", b"{}")
+    target.put_bytes("runs/exp1/index.json", b"{}")
+    _leave_a_dead_copy(target, "runs/exp1/b.ckpt")
+    _leave_a_dead_copy(target, "runs/exp2/deep/c.ckpt")
+    keys = list(target.list())
+    assert target.sweep(3600) == [] and len(_dead_copies(target)) == 2  # just started: maybe still running
+    removed = target.sweep(0)
+    assert len(removed) == 2 and all(r.startswith(f"{target.name}:runs/exp") for r in removed)
+    assert _dead_copies(target) == [] and list(target.list()) == keys
+    assert target.sha256("runs/exp1/a.ckpt") == digest
+    assert target.sweep(0) == []
+
+
+def test_local_sweep_goes_by_the_time_a_temp_file_was_last_written(tmp_path: Path) -> None:
+    """A temp file not written to for over an hour goes at the default age; a fresh one stays; a link named
+    like a temp file is no file of ckptd's and is never followed."""
+    target = make_target("backup", MirrorTargetConfig(url="backup"), tmp_path)
+    assert isinstance(target, LocalTarget)
+    _leave_a_dead_copy(target, "runs/old.ckpt")
+    _leave_a_dead_copy(target, "runs/new.ckpt")
+    old = next(p for p in target.root.rglob(f"*{TEMP_MARK}") if "old" in p.name)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"x{TEMP_MARK}").write_bytes(b"not the target's")
+    (target.root / "runs" / "link").symlink_to(outside, target_is_directory=True)
+    assert target.sweep() == [f"backup:runs/{old.name} (17 bytes)"]
+    fresh = [p.name for p in (target.root / "runs").iterdir() if TEMP_MARK in p.name]
+    assert len(fresh) == 1 and "new.ckpt" in fresh[0] and (outside / f"x{TEMP_MARK}").exists()
+
+
+def test_s3_sweep_stays_under_the_targets_prefix(s3_bucket: Bucket, tmp_path: Path) -> None:
+    """An incomplete upload elsewhere in the bucket (another prefix: someone else's) is never aborted."""
+    settings = MirrorTargetConfig(url=f"s3://{s3_bucket.name}/mirror", endpoint_url=s3_bucket.endpoint)
+    target = make_target("s3", settings, tmp_path)
+    assert isinstance(target, S3Target)
+    client = s3_bucket.server.client()
+    other = client.create_multipart_upload(Bucket=s3_bucket.name, Key="elsewhere/x.ckpt")
+    _leave_a_dead_copy(target, "runs/x.ckpt")
+    removed = target.sweep(0)
+    assert len(removed) == 1 and removed[0].startswith("s3:runs/x.ckpt (incomplete upload ")
+    assert _dead_copies(target) == ["elsewhere/x.ckpt"]
+    client.abort_multipart_upload(Bucket=s3_bucket.name, Key="elsewhere/x.ckpt", UploadId=other["UploadId"])
+
+
+def test_s3_a_multipart_upload_that_fails_leaves_no_incomplete_upload(
+    s3_bucket: Bucket, tmp_path: Path, big_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part refused mid-upload: put_file raises MirrorError, and the upload it started is aborted (s3transfer's
+    own failure cleanup), so nothing is left for the sweep."""
+    settings = MirrorTargetConfig(url=f"s3://{s3_bucket.name}/mirror", endpoint_url=s3_bucket.endpoint)
+    target = make_target("s3", settings, tmp_path)
+    assert isinstance(target, S3Target)
+    real = target.client.upload_part
+
+    def refuse_the_second(**kwargs: object) -> object:
+        if kwargs.get("PartNumber") == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "refused"}}, "UploadPart")
+        return real(**kwargs)
+
+    monkeypatch.setattr(target.client, "upload_part", refuse_the_second)
+    source, digest = big_file
+    with pytest.raises(MirrorError):
+        target.put_file("runs/big.ckpt", source, sha256=digest)
+    assert _dead_copies(target) == [] and s3_bucket.keys() == []
 
 
 # --------------------------------------------------------------------------------------------- get_file

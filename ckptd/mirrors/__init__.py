@@ -2,7 +2,7 @@
 
 `local` (a folder or NFS mount) and `s3` (S3 and S3-compatible stores; the only boto3 import) implement
 `Target`; `make_target` picks one by URL scheme. tests/test_mirror_targets.py runs one contract suite
-against every backend.
+against every backend. `sweep` bounds what interrupted copies leave: temp files, incomplete multipart uploads.
 
 A target is storage other people may write: every key and every byte read from it is untrusted. Backends
 keep keys inside the target (the local one refuses `..` and never follows a link), bound what they read
@@ -11,6 +11,7 @@ into memory, and prove what they store; the callers validate the names they read
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ckptd.errors import CkptdError, ConfigError
 
 Progress = Callable[[int], None]
 SMALL_OBJECT_MAX = 64 << 20  # index.json and sidecars; anything larger on a target is not ckptd's
+STALE_AFTER = 3600.0  # a temp file or multipart upload idle this long is a dead copy's (Target.sweep)
 
 
 class MirrorError(CkptdError):
@@ -89,6 +91,15 @@ class Target(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Every key under `prefix`, sorted. Raises MirrorError."""
+        ...
+
+    def sweep(self, idle_for: float = STALE_AFTER) -> builtins.list[str]:
+        """Remove what interrupted copies left behind, never an object: a local folder's temp files (a copy or
+        index write killed half-way), S3's incomplete multipart uploads (an upload killed, or one whose own
+        abort failed with the store down). Only what has been idle for `idle_for` seconds or more goes (a temp
+        file not written to, an upload no part was added to): a copy still running elsewhere (`ckptd mirror`
+        beside the daemon, another machine mirroring into the same target) is left alone. Returns what it
+        removed, for the log. Raises MirrorError when the target fails."""
         ...
 
 

@@ -2,7 +2,9 @@
 
 A copy goes to a temp file in the target folder with copy_file_range (the kernel copies, no userspace
 buffer), is fsynced and renamed into place, then the folder is fsynced. The read-back that proves the copy
-runs alongside: a second thread hashes each piece of the destination as soon as it is written.
+runs alongside: a second thread hashes each piece of the destination as soon as it is written. A copy
+killed half-way leaves its temp file (named by fsutil.temp_name, never listed as an object): `sweep` removes
+those no copy has written to for an hour (the mirror thread sweeps at start-up and after each reconciliation).
 
 Keys are untrusted (they come from index files and listings a hostile target can write), and so is the
 folder's content: a key is a '/'-joined path of plain components (untrusted.relative), and every operation
@@ -19,11 +21,20 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from ckptd.fsutil import TEMP_MARK, atomic_write_bytes, open_regular, temp_name
-from ckptd.mirrors import SMALL_OBJECT_MAX, IntegrityError, MirrorError, NotFound, Progress, RemoteObject
+from ckptd.mirrors import (
+    SMALL_OBJECT_MAX,
+    STALE_AFTER,
+    IntegrityError,
+    MirrorError,
+    NotFound,
+    Progress,
+    RemoteObject,
+)
 from ckptd.throttle import Throttle
 from ckptd.untrusted import UntrustedInput, relative
 
@@ -279,6 +290,36 @@ class LocalTarget:
                     os.close(below)
             elif stat.S_ISREG(mode) and TEMP_MARK not in name and key.startswith(prefix):
                 keys.append(key)
+
+    def sweep(self, idle_for: float = STALE_AFTER) -> builtins.list[str]:
+        """Remove temp files (fsutil.temp_name: a copy or an index write killed half-way) not written to for
+        `idle_for` seconds, anywhere below the root, through no link; nothing else (see the protocol)."""
+        removed: builtins.list[str] = []
+        try:
+            with self._folder(()) as fd:
+                self._sweep(fd, "", time.time() - idle_for, removed)
+        except NotFound:
+            return []
+        except OSError as exc:
+            raise MirrorError(f"{self.name}: cannot sweep {self.root}: {exc}") from exc
+        return removed
+
+    def _sweep(self, fd: int, at: str, before: float, removed: builtins.list[str]) -> None:
+        for name in os.listdir(fd):
+            key = f"{at}/{name}" if at else name
+            try:
+                found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(found.st_mode):
+                    below = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                    try:
+                        self._sweep(below, key, before, removed)
+                    finally:
+                        os.close(below)
+                elif stat.S_ISREG(found.st_mode) and TEMP_MARK in name and found.st_mtime <= before:
+                    os.unlink(name, dir_fd=fd)
+                    removed.append(f"{self.name}:{key} ({found.st_size} bytes)")
+            except FileNotFoundError:
+                continue  # gone meanwhile: a copy finished or cleaned up after itself
 
 
 def _copy_range(src: int, dst: int, count: int, offset: int) -> int:

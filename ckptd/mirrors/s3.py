@@ -15,15 +15,23 @@ MinIO before late 2022, other compatible stores) proves nothing by echoing. `pro
 - "checksum": the SHA-256 checksum the store reports is trusted (only for stores that validate it, such
   as AWS S3); a store that reports none is read back.
 - "read-back": every copy is downloaded and hashed: the slowest, for stores whose ETag is never an MD5.
+
+Incomplete multipart uploads: an upload that fails is aborted by s3transfer itself (its failure cleanup);
+one that cannot be (the store down, the process killed mid-upload) is left for `sweep`, which aborts those
+under the target's prefix idle for an hour (no part added), at the mirror thread's start and after each
+reconciliation. Only idleness tells a dead upload from one another process is running: the listing of an
+upload says nothing about who started it.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import math
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,15 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from ckptd.mirrors import SMALL_OBJECT_MAX, IntegrityError, MirrorError, NotFound, Progress, RemoteObject
+from ckptd.mirrors import (
+    SMALL_OBJECT_MAX,
+    STALE_AFTER,
+    IntegrityError,
+    MirrorError,
+    NotFound,
+    Progress,
+    RemoteObject,
+)
 from ckptd.throttle import Throttle
 
 _PART = 64 << 20
@@ -278,3 +294,35 @@ class S3Target:
         except (BotoCoreError, ClientError) as exc:
             raise self._fail(prefix, exc) from exc
         return iter(sorted(keys))
+
+    def sweep(self, idle_for: float = STALE_AFTER) -> builtins.list[str]:
+        """Abort the incomplete multipart uploads under the target's prefix that have been idle for `idle_for`
+        seconds: started that long ago and no part added since (see the protocol). An upload still running, here
+        or on another machine, adds a part every few seconds to minutes, so it is left alone."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=idle_for)
+        under = self.prefix + "/" if self.prefix else ""
+        aborted: builtins.list[str] = []
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=under)
+            for upload in (u for page in pages for u in page.get("Uploads", [])):
+                key, upload_id = str(upload["Key"]), str(upload["UploadId"])
+                if upload["Initiated"] > cutoff or self._last_part(key, upload_id) > cutoff:
+                    continue
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                        continue  # it completed, or was aborted, meanwhile
+                    raise
+                aborted.append(f"{self.name}:{key[len(under) :]} (incomplete upload {upload_id[:16]})")
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("(multipart uploads)", exc) from exc
+        return aborted
+
+    def _last_part(self, key: str, upload_id: str) -> datetime:
+        """When the newest part of an upload was added (the epoch when it has none)."""
+        newest = datetime.fromtimestamp(0, UTC)
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        for part in (p for page in pages for p in page.get("Parts", [])):
+            newest = max(newest, part["LastModified"])
+        return newest

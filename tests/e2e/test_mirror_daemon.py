@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -228,6 +230,45 @@ def test_s3_outage_mid_upload_shows_no_partial_object_and_the_copy_completes_lat
         assert set(observer.sizes) <= {len(data)}, f"a partial object was listed: sizes {set(observer.sizes)}"
         assert target.sha256("runs/big/model.pt") == sha256_of(big)
         status = ckptd("status", "--config", config, "--json")
-        assert json.loads(status.stdout)["mirrors"]["s3"] == {"pending": 0, "failed": 0, "done": 2, "last_error": None}
+        assert json.loads(status.stdout)["mirrors"]["s3"] == {"pending": 0, "failed": 0, "done": 2, "last_error": None,
+                                                              "failing_since": None}  # fmt: skip
     finally:
         server.stop()
+
+
+def test_a_store_emptied_while_the_daemon_runs_is_filled_again_within_one_reconciliation(
+    tmp_path: Path, s3_bucket: Bucket, daemons: list[Daemon]
+) -> None:
+    """Both targets forget everything behind the daemon's back (every S3 object deleted with boto3, the backup
+    folder wiped); the next reconciliation (here SIGHUP's) notices, and every wanted copy, sidecar and index is
+    back on both, while status shows an empty backlog again."""
+    config = write_config(tmp_path, {"local": {"url": "backup", "keep_superseded": 0}, "s3": s3_settings(s3_bucket)})
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    first, second = tmp_path / "runs" / "exp" / "a.pt", tmp_path / "runs" / "exp" / "b.pt"
+    first.parent.mkdir()
+    first.write_bytes(torch_bytes(size_floats=1000, step=100, metrics={"val_loss": 0.3}))
+    daemon.wait_verified(first, timeout=60)
+    second.write_bytes(torch_bytes(size_floats=1000, step=200, metrics={"val_loss": 0.5}))
+    daemon.wait_verified(second)
+    wanted = {"best": first, "latest": second}
+    targets = targets_of(load_config(config))
+    for name, target in targets.items():
+        wait_until(functools.partial(holds_exactly, target, "runs/exp", wanted), f"{name} to hold {wanted}",
+                   MIRRORED, on_fail=daemon.tail())  # fmt: skip
+
+    client = s3_bucket.server.client()
+    held = s3_bucket.keys()  # a list (Bucket.keys), not a dict's
+    for key in held:
+        client.delete_object(Bucket=s3_bucket.name, Key=key)
+    shutil.rmtree(tmp_path / "backup")
+    daemon.send(signal.SIGHUP)
+    for name, target in targets.items():
+        wait_until(functools.partial(holds_exactly, target, "runs/exp", wanted), f"{name} to hold {wanted} again",
+                   30, on_fail=daemon.tail())  # fmt: skip
+        for path in wanted.values():
+            assert target.sha256(f"runs/exp/{path.name}") == sha256_of(path)
+    lost = daemon.events("mirror copies lost by their target")
+    assert lost and sum(e["count"] for e in lost) == 4, daemon.tail()
+    mirrors = json.loads(ckptd("status", "--config", config, "--json").stdout)["mirrors"]
+    assert all(m["pending"] == m["failed"] == 0 and m["done"] == 2 for m in mirrors.values()), mirrors
