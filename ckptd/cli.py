@@ -593,7 +593,7 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
     """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
     from ckptd import mirror as mirroring
     from ckptd.catalog import Catalog
-    from ckptd.mirrors import MirrorError
+    from ckptd.mirrors import STALE_AFTER, MirrorError
 
     config = _command_config(config_file)
     if not config.mirror:
@@ -607,6 +607,17 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
         for watch in config.watch:
             for run in {r.run for r in catalog.present(watch=watch.name)}:
                 mirroring.enqueue_run(catalog, config, watch, run, now=time.time())
+        if not verify_copies:  # what the targets lost is queued again (--verify does it, and counts it)
+            found = mirroring.recheck(catalog, config, targets, dry_run=dry_run, sweep_idle=STALE_AFTER)
+            for name, error in sorted(found.unreachable.items()):
+                click.echo(f"failed: {name}: not rechecked: {error}", err=True)
+            for line in found.lost:
+                click.echo(f"lost: {line}")
+            for line in found.rebuilt:
+                click.echo(f"{'would rebuild' if dry_run else 'rebuilt'}: {line}")
+            for line in found.requeued if dry_run else ():
+                click.echo(f"would copy: {line}")
+            failed |= bool(found.unreachable)
         report = mirroring.mirror_pass(config, catalog, targets, dry_run=dry_run, due_only=False)
         for line in report.pending:
             click.echo(f"would copy: {line}")
@@ -623,6 +634,9 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
                     click.echo(f"{target.name}: not checked: {exc}", err=True)
                     failed = True
                     continue
+                for line in checked.failed:
+                    click.echo(f"repaired: {line}" if line in checked.repaired else f"bad: {line}",
+                               err=line not in checked.repaired)  # fmt: skip
                 click.echo(f"{target.name}: {checked.checked} copies checked, {len(checked.failed)} bad,"
                            f" {len(checked.repaired)} repaired")  # fmt: skip
                 failed |= len(checked.failed) > len(checked.repaired)
@@ -657,11 +671,8 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
     for prefix, index in sorted(found.items()):
         click.echo(f"{prefix}:")
         for name, copy in sorted(index.get("copies", {}).items()):
-            roles = [r for r in ("best", "latest") if (index.get(r) or {}).get("name") == name]
-            label = ",".join(roles) or (
-                "superseded" if name in index.get("superseded", []) else ",".join(copy["roles"])
-            )
-            click.echo(f"  {name}  [{label}]  step={copy.get('step')}  sha256={str(copy.get('sha256'))[:16]}")
+            click.echo(f"  {name}  [{mirroring.copy_label(index, name)}]  step={copy.get('step')}"
+                       f"  sha256={str(copy.get('sha256'))[:16]}  local={copy.get('local', 'unknown')}")  # fmt: skip
     return ExitCode.OK
 
 

@@ -34,6 +34,7 @@ from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
+from ckptd.mirrors import STALE_AFTER
 from ckptd.model import CheckpointChanged, Identity, Status, Verification
 from ckptd.prune import PruneReport, free_deficit, prune_watch
 from ckptd.scan import RunChange, record, record_link, survey, update_run
@@ -70,12 +71,18 @@ class MirrorService(threading.Thread):
     """Copies queued checkpoints to the mirror targets on its own thread and catalog connection.
 
     Copies can take minutes or fail for hours (the target down); none of that may delay verification.
+    At its start (daemon start-up, SIGHUP) and after every reconciliation (request_recheck), it sweeps each
+    target of what dead copies left and rechecks what the targets hold against the catalog (mirror.recheck): a
+    target that forgot copies (a store emptied, a folder wiped) gets them again within one reconciliation.
+    Every call to a target happens here, never on the main loop.
     """
 
     def __init__(self, config: Config) -> None:
         super().__init__(name="ckptd-mirror", daemon=True)
         self.config = config
         self.wake = threading.Event()
+        self.recheck = threading.Event()
+        self.recheck.set()  # at start-up: the targets may have changed while no daemon looked
         self._stop_event = threading.Event()
         self._log = log.get("ckptd.mirror")
         self.broken: dict[str, str] = {}  # targets that could not be built, with why (status shows them)
@@ -86,12 +93,23 @@ class MirrorService(threading.Thread):
         self.wake.set()
         self.join(timeout)
 
+    def request_recheck(self) -> None:
+        """Recheck what the targets hold before the next mirror pass (on this thread, soon)."""
+        self.recheck.set()
+        self.wake.set()
+
     def run(self) -> None:
         targets = mirroring.targets_of(self.config, self.broken)
         for name, error in sorted(self.broken.items()):  # shown in status; the other targets keep working
             self._log.error("mirror target unusable", target=name, error=error)
         with Catalog(self.config.daemon.state_dir) as catalog:
             while not self._stop_event.is_set():
+                if self.recheck.is_set():
+                    self.recheck.clear()
+                    try:
+                        mirroring.recheck(catalog, self.config, targets, sweep_idle=STALE_AFTER)
+                    except Exception:  # a bug here must not end mirroring for good
+                        self._log.exception("mirror recheck failed")
                 try:
                     mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set)
                 except Exception:  # a bug here must not end mirroring for good
@@ -580,6 +598,8 @@ class Daemon:
     def _reconcile_all(self, reason: str) -> None:
         for watch in self.config.watch:
             self._reconcile(watch, reason)
+        if self.mirror is not None:  # the wanted copies against what the targets hold, on the mirror thread
+            self.mirror.request_recheck()
 
     def _reconcile(self, watch: WatchConfig, reason: str) -> None:
         """Compare disk with the catalog (the safety net for dropped events); queue what changed."""

@@ -305,6 +305,9 @@ def _quarantine(removal: Removal, dir_fd: int, trash: _Trash, side: str, state_d
     """Move the checkpoint (at `trash`) and its sidecar into the quarantine folder, with a note; return where."""
     target = _quarantine_target(removal, state_dir, now)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Before anything moves: a quarantine that ran out of room half-way would leave the sidecar in one place
+    # and the checkpoint in another, or a truncated copy beside a note that claims the full size.
+    _check_room(trash.folder, target.parent, removal.identity.size)
     note: dict[str, object] = {
         "original_path": removal.path, "quarantined_at": datetime.fromtimestamp(now, UTC).isoformat(),
         "reasons": list(removal.reasons), "sha256": removal.sha256, "size_bytes": removal.identity.size,
@@ -334,6 +337,19 @@ def _quarantine(removal: Removal, dir_fd: int, trash: _Trash, side: str, state_d
     return target
 
 
+_ROOM_MARGIN = 64 << 20  # left free beside a quarantined copy, for the catalog and status.json in the state folder
+
+
+def _check_room(src_fd: int, dst: Path, size: int) -> None:
+    """Raise ENOSPC when `size` bytes moved from the folder `src_fd` into `dst` would be copied (another file
+    system) and do not fit with _ROOM_MARGIN to spare. A rename within one file system needs no room."""
+    if os.fstat(src_fd).st_dev == dst.stat().st_dev:
+        return
+    free = os.statvfs(dst)
+    if free.f_bavail * free.f_frsize < size + _ROOM_MARGIN:
+        raise OSError(errno.ENOSPC, f"the quarantine folder has no room for {size} bytes; nothing was moved", str(dst))
+
+
 def _move(src_fd: int, src: str, dst_fd: int, dst: str, *, size: int = 0) -> None:
     """Rename across folders; across file systems, check the room, copy, fsync, then remove the source."""
     try:
@@ -343,7 +359,7 @@ def _move(src_fd: int, src: str, dst_fd: int, dst: str, *, size: int = 0) -> Non
         if exc.errno != errno.EXDEV:
             raise
     free = os.fstatvfs(dst_fd)
-    if size and free.f_bavail * free.f_frsize < size + (64 << 20):
+    if size and free.f_bavail * free.f_frsize < size + _ROOM_MARGIN:
         raise OSError(errno.ENOSPC, f"the quarantine folder has no room for {size} bytes; nothing was moved", dst)
     temp = temp_name(dst)
     try:

@@ -25,7 +25,18 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from test_daemon import Daemon, ckptd, small_checkpoint, torch_bytes, wait_until  # noqa: E402
+from test_daemon import (  # noqa: E402
+    Big,
+    Daemon,
+    big,  # noqa: F401 - the session's 300 MB checkpoint fixture
+    ckptd,
+    mapped_by_child,
+    sha256_of,
+    small_checkpoint,
+    torch_bytes,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -257,3 +268,138 @@ def test_sigterm_ends_the_daemon_within_15_s_while_a_store_never_answers(
     done = ckptd("ls", "cloud", "--config", str(quick), timeout=60)
     assert time.monotonic() - started < 15
     assert done.returncode == 1 and done.stderr.startswith("ckptd: ") and "Traceback" not in done.stderr
+
+
+def test_a_worker_killed_with_checkpoints_due_takes_nothing_down(
+    tmp_path: Path,
+    daemons: list[Daemon],
+    big: Big,  # noqa: F811 - the fixture imported above
+) -> None:
+    """Two workers; one is SIGKILLed while it hashes 300 MB and the other hashes a second one, with a third
+    checkpoint due: the broken pool is replaced (a submit meeting it retries on a fresh one), every checkpoint
+    ends verified ok, and the daemon stays up."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    config = write_config(tmp_path / "config.toml", state_dir=tmp_path / "state", workers=2,
+                          watches=[{"name": "runs", "path": runs}])  # fmt: skip
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    (runs / "exp").mkdir()
+    first, second = runs / "exp" / "first.pt", runs / "exp" / "second.pt"
+    big.place(first, tmp_path)
+    big.place(second, tmp_path)
+    victim = wait_until(lambda: mapped_by_child(daemon.pid, first), "a verifier hashing the first", DEADLINE,
+                        on_fail=daemon.tail())  # fmt: skip
+    due = small_checkpoint(runs / "exp" / "due.pt")
+    os.kill(victim, signal.SIGKILL)
+    for checkpoint in (first, second, due):
+        daemon.wait_verified(checkpoint, timeout=120)
+    assert daemon.proc.poll() is None
+    assert daemon.events("verifier process died, retrying")
+
+
+def test_a_quarantine_into_a_full_state_folder_moves_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """The state folder on a 4 MiB tmpfs, a corrupt 600 KB checkpoint to quarantine there: the room is checked
+    before anything moves, so the checkpoint and its sidecar stay where they are, no note and no partial copy
+    is left in the quarantine folder, the journal says it was skipped, and prune exits 1 saying why."""
+    import checkpoints
+
+    from ckptd import sidecar
+
+    runs = tmp_path / "runs"
+    state = small_disk / "state"
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join([
+        "[daemon]", f'state_dir = "{state}"', "",
+        "[[watch]]", 'name = "runs"', f'path = "{runs}"',
+        "[watch.retention]", "keep_last = 1", 'on_corrupt = "quarantine"',
+    ]) + "\n")  # fmt: skip
+    broken = _place(runs / "exp" / "broken.pt", 1, 0.5)
+    _place(runs / "exp" / "good.pt", 2, 0.4)
+    checkpoints.flip_tensor_byte(broken)
+    assert ckptd("scan", "--config", str(config)).returncode == 1  # one is corrupt
+    before = broken.read_bytes()
+    done = ckptd("prune", "--config", str(config))
+    assert done.returncode == 1 and "no room" in done.stdout + done.stderr, done.stdout + done.stderr
+    assert broken.read_bytes() == before and sidecar.sidecar_path(broken).is_file()
+    assert [p for p in state.rglob("*") if "quarantine" in p.parts and p.is_file()] == []
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [('to = ["bakup"]', "did you mean 'backup'"), ('url = "gs://bucket/x"', "unknown scheme 'gs'"),
+     ('cron = "99 * * * *"', "watch[0].retention.cron")],
+)  # fmt: skip
+def test_a_config_the_runtime_would_reject_fails_at_start_and_a_reload_keeps_the_old(
+    tmp_path: Path, daemons: list[Daemon], line: str, named: str
+) -> None:
+    """A typo in `to`, a scheme no target implements, a cron APScheduler refuses: `check-config` and `ckptd run`
+    exit 78 naming the key; sent to a running daemon by SIGHUP, the old config stays, the log says why,
+    `status` shows the rejection and `--check` fails; the daemon goes on verifying."""
+    backup = tmp_path / "backup"
+    good = ["[watch.retention]", 'interval = "1h"', "[watch.mirror]", 'to = ["backup"]', "",
+            "[mirror.backup]", f'url = "{backup}"']  # fmt: skip
+    config, runs = _config(tmp_path, *good)
+    text = config.read_text()
+    key = line.split(" = ")[0]
+    bad_text = "\n".join(
+        line if ln.startswith(f"{key} = ") or (key == "cron" and ln.startswith("interval = ")) else ln
+        for ln in text.splitlines()
+    ) + "\n"  # fmt: skip
+    bad = tmp_path / "bad.toml"
+    bad.write_text(bad_text)
+    for args in (["check-config", str(bad)], ["run", "--config", str(bad)]):
+        done = ckptd(*args)
+        assert done.returncode == 78 and named in done.stderr and str(bad) in done.stderr, done.stderr
+
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    config.write_text(bad_text)
+    daemon.send(signal.SIGHUP)
+    daemon.wait_event("config reload rejected, keeping the old config")
+
+    assert ckptd("status", "--config", str(config)).returncode == 78  # a shell's status names the bad file too
+    running = tmp_path / "running.toml"  # what the daemon still runs on
+    running.write_text(text)
+
+    def rejected() -> dict[str, object] | None:
+        code, found = status(running, "--check")
+        return found if code == 1 and found["config_rejected"] else None
+
+    found = wait_until(rejected, "status to show the rejected reload", DEADLINE, on_fail=daemon.tail())
+    assert named in json.dumps(found["config_rejected"])
+    daemon.wait_verified(small_checkpoint(runs / "exp" / "a.pt", metrics={"val_loss": 0.5}))
+    assert daemon.proc.poll() is None
+
+
+def test_a_full_local_target_is_a_failing_copy_that_completes_when_space_returns(
+    tmp_path: Path, daemons: list[Daemon], small_disk: Path
+) -> None:
+    """The mirror's folder on a 4 MiB tmpfs, filled: the copy fails with ENOSPC, no partial file is left on the
+    target, status shows the error, the daemon goes on; once space returns the copy completes."""
+    backup = small_disk / "backup"
+    config, runs = _config(tmp_path, "[watch.mirror]", 'to = ["backup"]', "", "[mirror.backup]", f'url = "{backup}"')
+    with open(small_disk / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    checkpoint = _place(runs / "exp" / "a.pt", 1, 0.5)
+    daemon.wait_verified(checkpoint)
+    daemon.wait_event("mirror copy failed, will retry", target="backup")
+
+    def failing() -> dict[str, object] | None:
+        _code, found = status(config)
+        backlog = found["mirrors"]["backup"]  # type: ignore[index]
+        return backlog if backlog["failed"] and "No space left" in str(backlog["last_error"]) else None
+
+    wait_until(failing, "status to show the full target", DEADLINE, on_fail=daemon.tail())
+    assert [p.name for p in backup.rglob("*") if p.is_file() and p.name.startswith("a.pt")] == []
+    assert daemon.proc.poll() is None
+    (small_disk / "filler").unlink()
+    daemon.wait_event("checkpoint mirrored", target="backup", path=str(checkpoint), timeout=90)
+    assert sha256_of(checkpoint) == sha256_of(backup / "runs" / "exp" / "a.pt")
