@@ -86,6 +86,10 @@ CREATE TABLE IF NOT EXISTS scrubs (
     result      TEXT NOT NULL,            -- ok, repaired, quarantined, mismatch, unreadable
     detail      TEXT
 );
+CREATE TABLE IF NOT EXISTS target_health (
+    target        TEXT PRIMARY KEY,       -- a [mirror.NAME]
+    failing_since REAL                    -- first failed copy since the last proved one; NULL while copies work
+);
 CREATE TABLE IF NOT EXISTS runs (
     run         TEXT PRIMARY KEY,
     watch       TEXT NOT NULL,
@@ -584,14 +588,16 @@ class Catalog:
         )
 
     def mirror_finish(self, item: dict[str, Any], *, state: str, now: float, error: str | None = None) -> None:
-        """Close a queued copy: done (proved on the target) or dropped."""
+        """Close a queued copy: done (proved on the target: the target works again) or dropped."""
         self._exec(
             "UPDATE mirror_queue SET state = ?, done_at = ?, last_error = ?, copied = copied OR ?"
             " WHERE target = ? AND path = ? AND sha256 = ?",
             (state, now, error, int(state == "done"), item["target"], item["path"], item["sha256"]),
         )
+        if state == "done":
+            self._exec("UPDATE target_health SET failing_since = NULL WHERE target = ?", (item["target"],))
 
-    def mirror_retry(self, item: dict[str, Any], *, error: str, next_try: float) -> None:
+    def mirror_retry(self, item: dict[str, Any], *, error: str, next_try: float, now: float) -> None:
         """Record a failed copy; it is tried again at `next_try`."""
         # Fix: a copy dropped while it was being made (its checkpoint superseded or deleted meanwhile) stays
         # dropped; this brought it back as failed, shown in `ckptd status` and kept by retention until retried.
@@ -600,10 +606,16 @@ class Catalog:
             " WHERE target = ? AND path = ? AND sha256 = ? AND state != 'dropped'",
             (error, next_try, item["target"], item["path"], item["sha256"]),
         )
+        # How long the target has failed, whatever rows came and went meanwhile (a new save re-queues its row).
+        self._exec(
+            "INSERT INTO target_health (target, failing_since) VALUES (?, ?) ON CONFLICT (target) DO UPDATE"
+            " SET failing_since = COALESCE(target_health.failing_since, excluded.failing_since)",
+            (item["target"], now),
+        )
 
     def mirror_backlog(self) -> dict[str, dict[str, Any]]:
-        """Per target: copies waiting, copies failing, the last error, and since when the oldest failing copy
-        has waited (`failing_since`, a timestamp, or None)."""
+        """Per target: copies waiting, copies failing, the last error, and since when the target has failed
+        (`failing_since`: its first failed copy since the last proved one, a timestamp, or None)."""
         backlog: dict[str, dict[str, Any]] = {}
         for row in self._exec("SELECT target, state, COUNT(*) AS n FROM mirror_queue GROUP BY target, state"):
             backlog.setdefault(
@@ -612,13 +624,14 @@ class Catalog:
             if row["state"] in ("pending", "failed", "done"):
                 backlog[row["target"]][row["state"]] = row["n"]
         for row in self._exec(
-            "SELECT target, last_error, queued_at FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
+            "SELECT target, last_error FROM mirror_queue WHERE state = 'failed' ORDER BY next_try DESC"
         ):
             found = backlog[row["target"]]
             if found["last_error"] is None:
                 found["last_error"] = row["last_error"]
-            since = found["failing_since"]
-            found["failing_since"] = row["queued_at"] if since is None else min(since, row["queued_at"])
+        for row in self._exec("SELECT target, failing_since FROM target_health WHERE failing_since IS NOT NULL"):
+            if row["target"] in backlog and backlog[row["target"]]["failed"]:
+                backlog[row["target"]]["failing_since"] = row["failing_since"]
         return backlog
 
     def not_ok(self, watch: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ torch, so they answer in a fraction of a second inside launch scripts.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -47,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = exc.exit_code
     except BrokenPipeError:
         code = ExitCode.OK
+    except OSError as exc:  # the machine refused (a state folder not writable, a full disk): not a bug of ours
+        if _debugging():
+            traceback.print_exc()
+        click.echo(f"ckptd: {exc}", err=True)
+        code = ExitCode.IO
     except Exception as exc:  # a bug of ours: one line for the user, the traceback for a report
         if _debugging():
             traceback.print_exc()
@@ -201,6 +207,13 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
     log.configure(config.daemon.log_format if config else "console", "warning")
     state_dir = config.daemon.state_dir if config else Path.home() / ".local/state/ckptd"
     trusted = config.daemon.trusted_globals if config else []
+    from ckptd.verify import TrustError, resolve_trusted
+
+    try:  # once, before any checkpoint: a name that will not import concerns the config, not a checkpoint
+        resolve_trusted(trusted)
+    except TrustError as exc:
+        assert config is not None
+        raise ConfigError(str(config.source), [f"at 'daemon.trusted_globals': {exc}"]) from None
     targets: list[tuple[str, Path, list[str]]] = []
     if paths:
         for path in paths:
@@ -444,6 +457,8 @@ def status(config_file: Path | None, as_json: bool, check: bool, failing_for: st
         "failing_steps": published.get("failing_steps", {}),
         "failing_checkpoints": published.get("failing_checkpoints", {}),
         "broken_targets": published.get("broken_targets", {}),
+        "unreachable_targets": published.get("unreachable_targets", {}),
+        "unhealthy_watches": sorted(n for n, w in published.get("watches", {}).items() if not w.get("healthy", True)),
         "below_min_free": published.get("below_min_free", {}),
         "config_rejected": published.get("config_rejected"),
     }  # fmt: skip
@@ -478,8 +493,18 @@ def _attention(report: dict[str, Any], *, now: float, failing_for: float) -> lis
     found = []
     if not report["running"]:
         found.append("the daemon is not running")
+    elif report["updated_at"] is None or now - _epoch(report["updated_at"]) > STATUS_STALE:
+        found.append(f"the daemon has not written its status since {report['updated_at']} (a full state folder,"
+                     " or a main loop that stopped): its other answers may be old")  # fmt: skip
     for name, error in report["broken_targets"].items():
         found.append(f"mirror target {name} cannot be used: {error}")
+    for name, error in report["unreachable_targets"].items():
+        found.append(f"mirror target {name} could not be reached at the last recheck: {error}")
+    for name in report["unhealthy_watches"]:
+        found.append(f"watch {name}: its observer stopped (restarted and rescanned by the daemon)")
+    for problem in report["scrub_problems"]:
+        if problem["result"] in ("mismatch", "unreadable"):
+            found.append(f"scrub {problem['location']}: {problem['result']} {problem['detail'] or ''}".strip())
     for name, backlog in report["mirrors"].items():
         since = backlog.get("failing_since")
         if since is not None and now - since >= failing_for:
@@ -503,6 +528,16 @@ def _attention(report: dict[str, Any], *, now: float, failing_for: float) -> lis
 
 def _iso(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+STATUS_STALE = 180.0  # a running daemon rewrites status.json at least every minute (daemon.STATUS_IDLE_EVERY)
+
+
+def _epoch(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _run_status(catalog: Catalog, watch: WatchConfig, run: dict[str, Any]) -> dict[str, Any]:
@@ -532,6 +567,7 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
 
     config = _command_config(config_file)
     reports = []
+    before = _finish_before(config.daemon.state_dir)
     with Catalog(config.daemon.state_dir) as catalog:
         for watch in config.watch:
             if watch.retention is None:
@@ -540,6 +576,7 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
                 prune_watch(
                     watch, watch.retention, catalog=catalog, state_dir=config.daemon.state_dir, dry_run=dry_run,
                     awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
+                    finish_before=before,
                 )
             )  # fmt: skip
     if not reports:
@@ -551,6 +588,14 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
 
         tables.print_prune(reports)
     return ExitCode.CHECK_FAILED if any(r.skipped for r in reports) else ExitCode.OK
+
+
+def _finish_before(state_dir: Path) -> float:
+    """Which journal intents a command may finish (delete.finish_pending): all of them, unless a daemon runs
+    on the same state folder; then only those an hour old, so as never to race one it is carrying out."""
+    from ckptd import state
+
+    return time.time() - 3600 if state.holder(state_dir) is not None else float("inf")
 
 
 @cli.command()
@@ -649,7 +694,11 @@ def _target(config: Config, name: str) -> Any:
     if name not in config.mirror:
         known = ", ".join(sorted(config.mirror)) or "none"
         raise UsageError(f"unknown mirror target {name!r} (configured: {known})")
-    return mirroring.targets_of(config)[name]
+    broken: dict[str, str] = {}
+    targets = mirroring.targets_of(config, broken)
+    if name in broken:
+        raise NoAnswer(f"mirror target {name} cannot be used: {broken[name]}")
+    return targets[name]
 
 
 @cli.command(name="ls")
@@ -680,7 +729,13 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
 @click.argument("target")
 @click.argument("run")
 @click.option("--best", "role", flag_value="best", help="Restore the mirror's best copy of the run.")
-@click.option("--latest", "role", flag_value="latest", help="Restore the newest copy TARGET holds of the run.")
+@click.option(
+    "--latest",
+    "role",
+    flag_value="latest",
+    help="Restore the mirror's latest: the run's newest resumable copy (never moved back past a copy whose"
+    " local checkpoint rotted).",
+)
 @click.option("--step", type=click.IntRange(min=0), help="Restore the copy at this global step (see ckptd ls).")
 @click.option("--sha256", "sha_prefix", metavar="PREFIX", help="Restore the copy whose sha256 starts with PREFIX.")
 @click.option("--to", "destination", required=True, type=click.Path(file_okay=False, path_type=Path))
@@ -767,7 +822,7 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
     here = root.absolute()
     journal_watch, journal_root = (watch.name, watch.path) if watch else (delete.migrate_watch(here), here)
     if catalog is not None and not dry_run:  # a migrate killed half-way: finished through its journal first
-        delete.finish_pending(catalog, {journal_watch: journal_root}, state_dir)
+        delete.finish_pending(catalog, {journal_watch: journal_root}, state_dir, before=_finish_before(state_dir))
     if delete_old:
         assert keep_min_epoch is not None and catalog is not None
         metric = watch.metric if watch else None
@@ -893,10 +948,18 @@ def check_config(file: Path) -> int:
     """Validate a config file; print every problem (exit 78) or `ok`."""
     from ckptd.config import load_config
 
-    try:
-        config = load_config(file)
-    except ConfigError:
-        raise
+    config = load_config(file)
+    # The trusted globals are imported by the verifier only: an import that fails would surface as every
+    # checkpoint failing. Tried here, where importing a module costs nothing that matters.
+    problems = []
+    for i, name in enumerate(config.daemon.trusted_globals):
+        module, _, attr = name.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"at 'daemon.trusted_globals[{i}]': {name!r} cannot be imported ({exc})")
+    if problems:
+        raise ConfigError(str(file), problems)
     # Say what chose the state folder: one chosen by $STATE_DIRECTORY differs from what a shell without it reads.
     chosen_by = {
         "$STATE_DIRECTORY": " (from $STATE_DIRECTORY; set daemon.state_dir so commands run without it agree)",

@@ -140,6 +140,32 @@ def min_free_bytes(setting: str, disk_size: int) -> int:
     return parse_size(setting)
 
 
+_REGION = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")  # botocore's own rule for a region name
+
+
+def _region(value: Any) -> str:
+    """An S3 region boto3 accepts ("" for the AWS chain's): checked here, not when the first copy fails."""
+    text = str(value)
+    if text and not _REGION.match(text):
+        raise ValueError('expected a region name such as "us-east-1" (lowercase letters, digits and dashes)')
+    return text
+
+
+def _endpoint(value: Any) -> str:
+    """An S3 endpoint URL boto3 accepts ("" for AWS): http(s)://host[:port][/path]."""
+    text = str(value)
+    if not text:
+        return text
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError as exc:
+        raise ValueError(f'expected a URL such as "https://minio.example:9000" ({exc})') from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError('expected a URL such as "https://minio.example:9000" (http or https, a host, no query)')
+    return text
+
+
 def _cron(value: Any) -> str | None:
     """A crontab line that the scheduler's own parser accepts (ckptd.scheduler.cron_trigger), checked here so
     that a bad one is a config error at load time and on SIGHUP, not a crash of a running daemon."""
@@ -253,8 +279,8 @@ class MirrorTargetConfig(_Model):
     url: Annotated[str, BeforeValidator(_no_nul), Field(min_length=1)]
     keep_superseded: int = Field(default=1, ge=0)
     max_bandwidth: Annotated[int, BeforeValidator(parse_rate)] = 0
-    endpoint_url: str = ""
-    region: str = ""
+    endpoint_url: Annotated[str, BeforeValidator(_endpoint)] = ""
+    region: Annotated[str, BeforeValidator(_region)] = ""
     checksum: Literal["sha256", "off"] = "sha256"
     # How a stored copy is proved (S3): "auto" compares the store's own MD5 ETag and reads back where it is no
     # MD5; "checksum" trusts the SHA-256 the store reports (stores that validate it, such as AWS S3);
@@ -380,6 +406,7 @@ def parse_config(text: str, source: Path, default_state_dir: Path | None = None)
     resolved = _resolved(checked, source.parent) if checked is not None else None
     if resolved is not None:
         problems += url_problems(resolved) + layout_problems(resolved, lambda p: Path(os.path.normpath(p)))
+        problems += _shared_locations(resolved) + (_milestones_without_rule(resolved) if config else [])
     if problems:
         raise ConfigError(str(source), problems)
     assert config is not None and resolved is not None
@@ -420,7 +447,10 @@ def url_problems(config: Config) -> list[str]:
         for key, url in (("url", target.url), ("endpoint_url", target.endpoint_url)):
             if "://" not in url:
                 continue
-            parts = urlsplit(url)
+            try:
+                parts = urlsplit(url)
+            except ValueError:  # unparsable ("http://[::1"): its own field check says so
+                continue
             if "@" in parts.netloc or parts.username or parts.password:
                 problems.append(
                     f"at 'mirror.{name}.{key}': the URL holds credentials (user:password@); they never go in the"
@@ -501,6 +531,29 @@ def _did_you_mean(name: str, defined: list[str]) -> str:
     close = difflib.get_close_matches(name, defined, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{hint}(defined: {', '.join(defined)})"
+
+
+def _milestones_without_rule(config: Config) -> list[str]:
+    """Mirrored milestones are the epochs retention's keep_every names: without it none is one, and a mirror
+    that copies "milestones" would copy none."""
+    return [
+        f"at 'watch[{i}].mirror.what': \"milestones\" needs [watch.retention] keep_every = N (the milestone epochs)"
+        for i, watch in enumerate(config.watch)
+        if watch.mirror and "milestones" in watch.mirror.what and not (watch.retention and watch.retention.keep_every)
+    ]
+
+
+def _shared_locations(config: Config) -> list[str]:
+    """Two targets at one place (a folder, a bucket and prefix): each would rewrite the other's index.json."""
+    seen: dict[str, str] = {}
+    problems = []
+    for name, target in config.mirror.items():
+        where = f"{target.endpoint_url}|{target.url.rstrip('/')}"
+        if where in seen:
+            problems.append(f"at 'mirror.{name}.url': {target.url!r} is also [mirror.{seen[where]}]'s; give each"
+                            " target a place of its own (another folder or prefix)")  # fmt: skip
+        seen.setdefault(where, name)
+    return problems
 
 
 def _unknown_schemes(raw: dict[str, Any]) -> list[str]:

@@ -47,6 +47,7 @@ from ckptd.workers import Result, VerifierPool
 
 T = TypeVar("T")
 
+WATCH_RETRY = 30.0  # seconds between tries to watch a folder whose observer could not start
 DISK_CHECK_EVERY = 5.0  # seconds between looks at the free space of watches with min_free
 DISK_RETRY = 10.0  # at most one retention run for min_free this often per watch
 TICK = 0.1  # seconds between looks at the settle tracker and the workers
@@ -86,6 +87,7 @@ class MirrorService(threading.Thread):
         self._stop_event = threading.Event()
         self._log = log.get("ckptd.mirror")
         self.broken: dict[str, str] = {}  # targets that could not be built, with why (status shows them)
+        self.unreachable: dict[str, str] = {}  # targets the last recheck could not reach, with why
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop after the copy in progress (not waited for beyond `timeout`: copies are atomic)."""
@@ -107,7 +109,8 @@ class MirrorService(threading.Thread):
                 if self.recheck.is_set():
                     self.recheck.clear()
                     try:
-                        mirroring.recheck(catalog, self.config, targets, sweep_idle=STALE_AFTER)
+                        found = mirroring.recheck(catalog, self.config, targets, sweep_idle=STALE_AFTER)
+                        self.unreachable = dict(found.unreachable)  # until the next recheck: status shows it
                     except Exception:  # a bug here must not end mirroring for good
                         self._log.exception("mirror recheck failed")
                 try:
@@ -158,6 +161,8 @@ class Daemon:
         self._metric_missing_told: set[str] = set()  # runs already warned of a metric none of their checkpoints has
         self._published_queue = (0, 0)
         self._config_rejected: dict[str, Any] | None = None  # the last SIGHUP's config, refused: status says
+        self._watch_retry_at: dict[str, float] = {}  # watches whose observer could not start: when to try again
+        self._retiring: MirrorService | None = None  # the mirror thread of the config before a reload, finishing
         self._lock = StateLock(self.config.daemon.state_dir)
         self.catalog: Catalog | None = None
         self.pool: VerifierPool | None = None
@@ -191,7 +196,7 @@ class Daemon:
             if self.pool is not None:
                 self.pool.warm()
             self.notifier.ready()
-            self._publish()
+            self._guarded("status", self._publish)
             self.log.info("daemon ready", queued=len(self.tracker))
             self._loop()
         finally:
@@ -229,7 +234,7 @@ class Daemon:
             self.pool.kill()
         self.in_flight.clear()
         if self.catalog is not None:
-            self._publish(running=False)
+            self._guarded("status", self._publish, False)
             self.catalog.close()
         self._lock.release()
         self.log.info("daemon stopped")
@@ -254,7 +259,14 @@ class Daemon:
                 self._reload = False
                 self._guarded("reload", self._reload_config)
                 next_rescan = now + self.config.daemon.rescan_interval
+            if self._retiring is not None and not self._retiring.is_alive():
+                self._guarded("mirror", self._start_mirror)
             unhealthy = [name for name, w in self.watchers.items() if not w.healthy()]
+            unhealthy += [
+                w.name
+                for w in self.config.watch  # could not start: tried again every WATCH_RETRY s
+                if w.name not in self.watchers and now >= self._watch_retry_at.get(w.name, 0.0)
+            ]
             if unhealthy:
                 self._guarded("restart watchers", self._restart_watchers, unhealthy)
             if now >= next_rescan:
@@ -307,14 +319,23 @@ class Daemon:
             watcher = FolderWatcher(
                 watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
             )
-            watcher.start()
+            try:
+                watcher.start()
+            except Exception as exc:  # its folder gone or unreadable: the others are watched; retried each tick
+                self.log.error("cannot watch folder", watch=watch.name, folder=str(watch.path), error=repr(exc))
+                self._step_errors[f"watch {watch.name}"] = repr(exc)
+                self._watch_retry_at[watch.name] = time.monotonic() + WATCH_RETRY
+                continue
+            self._step_errors.pop(f"watch {watch.name}", None)
             self.watchers[watch.name] = watcher
             self.log.info("watching", watch=watch.name, folder=str(watch.path), polling=watcher.polling)
 
     def _restart_watchers(self, names: list[str]) -> None:
         for name in names:
             self.log.error("observer stopped, restarting it and rescanning", watch=name)
-            self.watchers.pop(name).stop()
+            stopped = self.watchers.pop(name, None)
+            if stopped is not None:
+                stopped.stop()
         self._start_watchers(names)
         for name in names:
             watch = self.config.watch_named(name)
@@ -374,6 +395,8 @@ class Daemon:
     def _on_deleted(self, watch: WatchConfig, path: Path) -> None:
         assert self.catalog is not None
         self.tracker.forget(str(path))
+        for key in [k for k in self.failing if k == str(path) or k.startswith(f"{path}/")]:
+            del self.failing[key]  # nothing left to record
         rows = list(self.catalog.present(under=str(path)))
         runs = set()
         for row in rows:
@@ -488,8 +511,11 @@ class Daemon:
             except BrokenProcessPool:
                 self._on_crash(watch, job)
                 continue
-            except Exception as exc:
+            except Exception as exc:  # the verifier itself failed (a trusted global that will not import...)
                 self.log.error("verify failed", path=key, run=str(job.candidate.run), error=repr(exc))
+                self.failing[key] = {"run": str(job.candidate.run), "error": f"verify failed: {exc!r}",
+                                     "since": _iso(time.time())}  # fmt: skip
+                self._dirty = True
                 continue
             self.crashes.pop(key, None)
             if not job.candidate.path.exists():
@@ -612,7 +638,9 @@ class Daemon:
             )  # fmt: skip
         except Exception as exc:  # one watch that cannot be surveyed never stops the others
             self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=repr(exc))
+            self._step_errors[f"reconcile {watch.name}"] = repr(exc)
             return
+        self._step_errors.pop(f"reconcile {watch.name}", None)
         for failure in found.failed:
             self.log.warning("checkpoint unreadable", watch=watch.name, error=failure)
         for candidate in [*found.to_verify, *found.incomplete]:
@@ -650,20 +678,38 @@ class Daemon:
             self.notifier.ready()
             return
         if fresh.daemon.state_dir != self.config.daemon.state_dir:
-            self.log.error("config reload: state_dir cannot change while running; restart the daemon instead")
+            problem = "at 'daemon.state_dir': cannot change while the daemon runs; restart it instead"
+            self.log.error("config reload rejected, keeping the old config", problems=[problem])
+            self._config_rejected = {"at": _iso(time.time()), "problems": [problem]}
             self.notifier.ready()
             return
+        old_daemon = self.config.daemon
         for watcher in self.watchers.values():
             watcher.stop()
         self.watchers.clear()
         self.config = fresh
+        self.failing.clear()  # verified again by the reconciliation below, or no longer watched
         if self.pool is not None:
             self.pool.trusted = list(fresh.daemon.trusted_globals)
+            if (fresh.daemon.workers, fresh.daemon.worker_idle_timeout) != (
+                old_daemon.workers,
+                old_daemon.worker_idle_timeout,
+            ):
+                # A pool of the new size: what was in flight is verified again there (a kill is no crash of it).
+                for key, job in list(self.in_flight.items()):
+                    del self.in_flight[key]
+                    watch = self.config.watch_named(job.watch)
+                    if watch is not None:
+                        self._track(watch, job.candidate, closed=True)
+                self.pool.kill()
+                self.pool = self._make_pool()
         self._start_watchers()
         self.scheduler.clear()
         self._schedule_jobs()
         if self.mirror is not None:
             self.mirror.stop()
+            if self.mirror.is_alive():  # a copy still under way: the new thread starts once it has ended
+                self._retiring = self.mirror
         self._start_mirror()
         self._config_rejected = None
         self._reconcile_all("reload")
@@ -673,7 +719,12 @@ class Daemon:
     # ---------------------------------------------------------------------------------------------- mirror
 
     def _start_mirror(self) -> None:
+        """Start the mirror thread of the config in force; not while the previous one still finishes a copy
+        (two threads would race on a run's index.json): the main loop starts it once that one has ended."""
         self.mirror = None
+        if self._retiring is not None and self._retiring.is_alive():
+            return
+        self._retiring = None
         if any(w.mirror for w in self.config.watch):
             self.mirror = MirrorService(self.config)
             self.mirror.start()
@@ -738,6 +789,7 @@ class Daemon:
             report = prune_watch(
                 watch, watch.retention, catalog=catalog, state_dir=self.config.daemon.state_dir, dry_run=False,
                 awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
+                finish_before=self.stats.started_at,  # later intents are this process's own, perhaps in flight
             )  # fmt: skip
         self.log.info(
             "retention done", watch=watch.name, deleted=len(report.done), skipped=len(report.skipped),
@@ -769,6 +821,7 @@ class Daemon:
                 "failing_steps": dict(self._step_errors),
                 "failing_checkpoints": dict(sorted(self.failing.items())[:100]),
                 "broken_targets": dict(self.mirror.broken) if self.mirror is not None else {},
+                "unreachable_targets": dict(self.mirror.unreachable) if self.mirror is not None else {},
                 "below_min_free": {name: short for name, short in self.disk_short.items() if short},
                 "config_rejected": self._config_rejected,
             },

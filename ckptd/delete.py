@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -404,12 +405,15 @@ def _copy_at(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
 
 
 def finish_pending(
-    catalog: Catalog, roots: Mapping[str, Path], state_dir: Path, now: Callable[[], float] = time.time
-) -> int:
+    catalog: Catalog, roots: Mapping[str, Path], state_dir: Path, now: Callable[[], float] = time.time,
+    *, before: float = math.inf,
+) -> int:  # fmt: skip
     """Complete the journal intents a killed run left; return how many were completed.
 
     `roots` maps each watch name to its folder (`migrate_watch(root)` for a folder migrated outside any watch);
-    intents of other watches are left for their own runs. An intent whose checkpoint was moved to its trash name is
+    intents of other watches are left for their own runs, and so are intents planned at or after `before` (the
+    start of this process, or an hour ago while a daemon runs beside a command): an executor in another thread
+    or process may be carrying them out right now. An intent whose checkpoint was moved to its trash name is
     completed when what is there still has the journaled identity (else it is put back); one whose
     checkpoint is still in place was never acted on and is closed as skipped: the next plan decides again.
     """
@@ -417,6 +421,8 @@ def finish_pending(
     for entry in catalog.journal(state="pending"):
         root = roots.get(entry["watch"])
         if root is None:  # another watch's, or another migrate root's: finished by its own next run
+            continue
+        if entry["planned_at"] >= before:  # perhaps still being carried out by a process alive now
             continue
         try:
             state, detail = _finish_one(entry, root, state_dir, now())
@@ -452,7 +458,11 @@ def _finish_one(entry: Mapping[str, Any], root: Path, state_dir: Path, now: floa
                 action=entry["action"], watch=entry["watch"], root=root, path=entry["path"], run=entry["run"],
                 identity=planned, sha256=entry["sha256"], reasons=tuple(entry["reasons"]),
             )  # fmt: skip
-            done = _finish(removal, dir_fd, _Trash(trash_fd, trash), name, state_dir, now)
+            at = _Trash(trash_fd, trash)
+            try:
+                done = _finish(removal, dir_fd, at, name, state_dir, now)
+            except OSError as exc:  # no room to quarantine, a read-only folder: never left hidden under trash
+                return "skipped", f"could not be completed ({exc}); {_put_back(at, dir_fd, name)}"
             return "done", done or "completed after an interruption"
         if _exists_at(dir_fd, name):
             return "skipped", "interrupted before acting"

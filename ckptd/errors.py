@@ -12,6 +12,7 @@ class ExitCode(enum.IntEnum):
     CHECK_FAILED = 1  # a checkpoint is not ok, or there is no answer (no latest checkpoint yet)
     USAGE = 2  # bad arguments: a missing path, an unknown option
     SOFTWARE = 70  # EX_SOFTWARE: a bug in ckptd; one line, the traceback under --debug or CKPTD_DEBUG=1
+    IO = 74  # EX_IOERR: the file system refused (a state folder not writable, a full disk); the message names it
     ALREADY_RUNNING = 75  # EX_TEMPFAIL: another daemon holds the state folder's lock
     CONFIG = 78  # EX_CONFIG: the config file is unreadable or invalid; systemd does not restart on it
 

@@ -593,7 +593,8 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
                 logger.info("mirror copy dropped", path=str(path), target=target.name, reason="gone from disk")
                 continue
             delay = min(MAX_BACKOFF, 5.0 * 2 ** min(int(item["attempts"]), 12))
-            catalog.mirror_retry(item, error=str(exc), next_try=now() + delay)
+            failed_at = now()
+            catalog.mirror_retry(item, error=str(exc), next_try=failed_at + delay, now=failed_at)
             report.failed.append(f"{path} -> {target.name}: {exc}")
             logger.warning("mirror copy failed, will retry", path=str(path), target=target.name, error=str(exc),
                            retry_in=round(delay), attempts=int(item["attempts"]) + 1)  # fmt: skip
@@ -748,12 +749,16 @@ def recheck(catalog: Catalog, config: Config, targets: Mapping[str, Target], *, 
     logger = log.get("ckptd.mirror")
     report = Recheck()
     for name, target in targets.items():
-        try:
-            if sweep_idle is not None and not dry_run:
+        if sweep_idle is not None and not dry_run:
+            try:  # on its own: a store that may not list uploads (an IAM policy without it) is still rechecked
                 swept = target.sweep(sweep_idle)
-                report.swept += swept
-                if swept:
-                    logger.info("mirror target swept", target=name, removed=swept[:20], count=len(swept))
+            except MirrorError as exc:
+                logger.warning("mirror target not swept", target=name, error=str(exc))
+                swept = []
+            report.swept += swept
+            if swept:
+                logger.info("mirror target swept", target=name, removed=swept[:20], count=len(swept))
+        try:
             _recheck_target(catalog, config, target, report, now(), dry_run=dry_run)
         except MirrorError as exc:  # this target is down: the others are rechecked now, it at the next one
             report.unreachable[name] = str(exc)

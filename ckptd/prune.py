@@ -9,6 +9,7 @@ makes, and stops before the journal.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -87,11 +88,13 @@ def prune_watch(
     dry_run: bool,
     awaiting_mirror: Callable[[], frozenset[str]] = frozenset,
     now: Callable[[], float] = time.time,
+    finish_before: float = math.inf,
 ) -> PruneReport:
-    """Plan and (unless dry_run or the policy's dry_run) apply retention for one watch."""
+    """Plan and (unless dry_run or the policy's dry_run) apply retention for one watch, after finishing the
+    journal intents of a killed run planned before `finish_before` (see delete.finish_pending)."""
     logger = log.get("ckptd.prune")
     if not (dry_run or retention.dry_run):  # a dry run changes nothing, not even an interrupted run's leftovers
-        delete.finish_pending(catalog, {watch.name: watch.path}, state_dir, now=now)
+        delete.finish_pending(catalog, {watch.name: watch.path}, state_dir, now=now, before=finish_before)
     current = plan_watch(watch, retention, catalog, now(), awaiting_mirror(), free_deficit(watch, retention))
     report = PruneReport(watch=watch.name, plan=current, dry_run=dry_run or retention.dry_run)
     for warning in current.warnings:

@@ -198,6 +198,16 @@ def record(
     """The one record step, for the daemon and `ckptd scan` alike: write the sidecar of a fresh verification
     (beside it below `root`, through no link, or in the state folder, as `placement` and its layout say),
     then its catalog row (a pin is kept), then its run's latest and best; return what changed in the run."""
+    _write_record(candidate, verification, watch=watch, catalog=catalog, engine=engine, now=now, root=root,
+                  store=store, placement=placement)  # fmt: skip
+    return update_run(catalog, watch=watch, run=str(candidate.run), metric=metric, now=now)
+
+
+def _write_record(
+    candidate: Candidate, verification: Verification, *, watch: str, catalog: Catalog, engine: dict[str, str],
+    now: float, root: Path, store: sidecar.Store, placement: sidecar.Placement,
+) -> None:  # fmt: skip
+    """`record` without the run update: a pass over many checkpoints updates each run once, at its end."""
     row = catalog.get(str(candidate.path))
     data = sidecar_bytes(verification, engine, now, row.pinned if row else False)
     state = sidecar.placed_in_state(placement, candidate.path, verification.layout)
@@ -206,7 +216,6 @@ def record(
         watch=watch, run=str(candidate.run), verification=verification,
         mtime_ns=verification.mtime_ns, now=now,
     )  # fmt: skip
-    return update_run(catalog, watch=watch, run=str(candidate.run), metric=metric, now=now)
 
 
 def reconcile(
@@ -231,6 +240,7 @@ def reconcile(
         failed=list(found.failed),
         busy=[str(c.path) for c in found.incomplete],  # a save the trainer has not finished: left for later
     )  # fmt: skip
+    touched: set[str] = set()
     for candidate in found.to_verify:
         try:
             verification = verifier(candidate.path)
@@ -243,12 +253,16 @@ def reconcile(
             report.failed.append(f"{candidate.path}: {exc}")
             continue
         try:
-            record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(), root=root,
-                   store=store, placement=placement, metric=metric)  # fmt: skip
-        except OSError as exc:  # a folder not writable (read-only, full): said, and the others go on
+            _write_record(candidate, verification, watch=watch, catalog=catalog, engine=engine(), now=now(),
+                          root=root, store=store, placement=placement)  # fmt: skip
+        except Exception as exc:  # a folder not writable (read-only, full), a catalog error: said, others go on
             report.failed.append(f"{candidate.path}: cannot record: {exc}")
             continue
         report.verified.append(verification)
-    for run in found.gone_runs:
-        update_run(catalog, watch=watch, run=run, metric=metric, now=now())
+        touched.add(str(candidate.run))
+    for run in sorted(touched | found.gone_runs):  # each run once: a first scan of a big run stays linear
+        try:
+            update_run(catalog, watch=watch, run=run, metric=metric, now=now())
+        except Exception as exc:
+            report.failed.append(f"{run}: cannot update its latest and best: {exc}")
     return report

@@ -99,6 +99,9 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
         found = discover.identity(path)
     except FileNotFoundError:
         return
+    except OSError:  # unreadable now (permissions, a stale NFS handle): not rot; the next scrub looks again
+        report.skipped.append(row.path)
+        return
     if (found.size, found.mtime_ns, found.inode) != (row.size, row.mtime_ns, row.inode):
         report.skipped.append(row.path)  # rewritten since verified: the daemon verifies it again, not rot
         return
@@ -108,7 +111,11 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
     except (OSError, ValueError):  # gone, or its folder is a link now: not rot, and never read through it
         report.skipped.append(row.path)
         return
-    if discover.identity(path) != found:
+    try:
+        changed = discover.identity(path) != found
+    except OSError:  # deleted while it was read: not rot
+        changed = True
+    if changed:
         report.skipped.append(row.path)
         return
     if actual == row.sha256:

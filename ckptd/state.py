@@ -41,8 +41,11 @@ class StateLock:
                 f"another ckptd daemon (pid {holder}) is using the state folder {self.path.parent};"
                 " stop it first, or give this one another state_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # The pid is for people (`status`, the AlreadyRunning message); the flock is the lock. A full disk must
+        # not stop a restart, the one thing that lets retention free space again.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:

@@ -169,6 +169,10 @@ def print_status(report: dict[str, Any]) -> None:
         console.print(f"[red]daemon step failing[/] {step}: {error}", highlight=False)
     for name, short in report.get("below_min_free", {}).items():
         console.print(f"[red]disk below min_free[/] watch {name}: {short} bytes short", highlight=False)
+    for name, error in report.get("unreachable_targets", {}).items():
+        console.print(f"[red]mirror target unreachable[/] {name}: {error}", highlight=False)
+    for name in report.get("unhealthy_watches", []):
+        console.print(f"[red]observer stopped[/] watch {name} (restarted by the daemon)", highlight=False)
     for name, error in report.get("broken_targets", {}).items():
         console.print(f"[red]mirror target unusable[/] {name}: {error}", highlight=False)
     if report.get("config_rejected"):

@@ -505,3 +505,30 @@ def test_status_shows_a_run_ranked_by_the_trainers_own_best_file(tmp_path: Path)
                           env={**os.environ, "COLUMNS": "300"}, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "best_model.pt (the trainer's own best) (val_loss missing; held: val_dice)" in done.stdout
+
+
+def test_a_state_folder_the_file_system_refuses_exits_74_naming_it(tmp_path: Path) -> None:
+    """Not a bug of ours (70): the file system refused. One line names the path, no traceback, exit 74."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "runs").mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\nstate_dir = "afile/state"\n[[watch]]\nname = "w"\npath = "runs"\n')
+    done = ckptd("status", "--config", config)
+    assert done.returncode == 74, done.stderr
+    assert done.stderr.count("\n") == 1 and str(tmp_path / "afile" / "state") in done.stderr
+
+
+def test_status_check_fails_when_the_daemon_stopped_writing_its_status() -> None:
+    """A daemon whose status.json is minutes old (a full state folder, a stuck loop) is news for a probe."""
+    from ckptd.cli import _attention
+
+    report: dict[str, Any] = {
+        "running": True, "updated_at": "2026-01-01T00:00:00Z", "broken_targets": {}, "unreachable_targets": {},
+        "unhealthy_watches": [], "scrub_problems": [], "mirrors": {}, "quarantined": [], "failing_checkpoints": {},
+        "failing_steps": {}, "below_min_free": {}, "config_rejected": None,
+    }  # fmt: skip
+    fresh = datetime(2026, 1, 1, 0, 1, tzinfo=UTC).timestamp()
+    assert _attention(report, now=fresh, failing_for=3600) == []
+    stale = datetime(2026, 1, 1, 0, 10, tzinfo=UTC).timestamp()
+    (line,) = _attention(report, now=stale, failing_for=3600)
+    assert line.startswith("the daemon has not written its status since 2026-01-01T00:00:00Z")

@@ -382,9 +382,19 @@ def test_check_config_passes_a_config_at_every_lower_bound(tmp_path: Path) -> No
         ('cron = "0 3 * * sun"', "interval = 0", "watch[0].retention.interval",
          'expected a duration of at least 1s, such as "10m": leave interval and cron out to run every 10m, got 0'),
         ('max_size = "500GB"', "max_size = 0", "watch[0].retention.max_size", "leave max_size out for no limit"),
+        ('url = "s3://bucket/prefix"', 'url = "s3://bucket/prefix"\n    region = "no such region!"',
+         "mirror.s3.region", 'expected a region name such as "us-east-1"'),
+        ('url = "s3://bucket/prefix"', 'url = "s3://bucket/prefix"\n    endpoint_url = "http://[::1"',
+         "mirror.s3.endpoint_url", "Invalid IPv6 URL"),
+        ('to = ["backup", "s3"]', 'to = ["backup", "s3"]\n    what = ["milestones"]', "watch[0].mirror.what",
+         '"milestones" needs [watch.retention] keep_every = N'),
+        ('url = "backup"', 'url = "s3://bucket/prefix/"', "mirror.s3.url", "is also [mirror.backup]'s"),
+        ('state_dir = "state"', 'state_dir = "state"\n    trusted_globals = ["nosuchmod.Thing"]',
+         "daemon.trusted_globals[0]", "'nosuchmod.Thing' cannot be imported"),
     ],
     ids=["typo-in-to", "bad-cron", "gs-scheme", "poll-0", "rescan-0s", "scrub-0s", "retention-interval-0",
-         "max-size-0"],
+         "max-size-0", "bad-region", "bad-endpoint", "milestones-without-keep-every", "two-targets-one-place",
+         "trusted-global-missing"],
 )  # fmt: skip
 def test_check_config_refuses_each_cross_check_naming_file_and_key(
     tmp_path: Path, old: str, new: str, key: str, fragment: str

@@ -608,7 +608,7 @@ def test_a_copy_dropped_while_it_was_being_made_stays_dropped_when_it_fails(tmp_
         (item,) = catalog.mirror_due(None)  # the mirror thread starts copying it...
         new = {"/w/r/last.ckpt": (["latest"], "b" * 64)}
         catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=new, now=2.0)  # ...a new one lands
-        catalog.mirror_retry(item, error="changed while being copied", next_try=10.0)  # ...and the copy fails
+        catalog.mirror_retry(item, error="changed while being copied", next_try=10.0, now=2.5)  # ...and the copy fails
         assert [(q["sha256"], q["state"]) for q in catalog.mirror_due(None)] == [("b" * 64, "pending")]
         assert catalog.mirror_backlog()["t"] == {
             "pending": 1,
@@ -833,3 +833,20 @@ def test_an_nshtrainer_checkpoint_is_mirrored_with_its_record(
     best_name = next(p.name for p in (tmp_path / "runs").rglob("best_val_loss/*.ckpt"))
     mirror._delete_copy(target, prefix, best_name)
     assert not [k for k in target.list("") if best_name.removesuffix(".ckpt") in k]
+
+
+def test_a_target_fails_since_its_first_failure_whatever_rows_come_and_go(tmp_path: Path) -> None:
+    """`failing_since` is the target's first failed copy since the last proved one: a new save that re-queues
+    its row does not reset it, and one proved copy clears it (`status --check --failing-for` reads it)."""
+    with Catalog(tmp_path) as catalog:
+        first = {"/w/r/a.pt": (["latest"], "a" * 64)}
+        catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=first, now=1.0)
+        (item,) = catalog.mirror_due(None)
+        catalog.mirror_retry(item, error="down", next_try=50.0, now=10.0)
+        second = {"/w/r/b.pt": (["latest"], "b" * 64)}
+        catalog.sync_mirror_queue(target="t", watch="w", run="/w/r", wanted=second, now=100.0)  # a new save
+        (newer,) = [q for q in catalog.mirror_due(None) if q["path"] == "/w/r/b.pt"]
+        catalog.mirror_retry(newer, error="still down", next_try=200.0, now=150.0)
+        assert catalog.mirror_backlog()["t"]["failing_since"] == 10.0
+        catalog.mirror_finish(newer, state="done", now=300.0)
+        assert catalog.mirror_backlog()["t"]["failing_since"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -476,6 +477,40 @@ def test_a_quarantine_killed_halfway_is_finished_by_the_next_run(env: Env, monke
     assert trash(env.runs / "exp1") == [] and orphan_sidecars(env.runs) == []
     assert [r["state"] for r in journal(env) if r["path"] == str(victim)] == ["done"]
     assert str(victim) not in {d.path for d in report.plan.decisions}
+
+
+def test_a_pending_quarantine_that_cannot_be_finished_is_put_back_never_left_hidden(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed with the checkpoint under its trash name, then the next run cannot finish the quarantine (the
+    state folder full, faked here: the real room check is exercised on a tmpfs in test_faults_daemon): the
+    checkpoint goes back under its name, never left hidden (it would read as a trainer's own deletion)."""
+    victim = env.ckpt(3)
+    checkpoints.flip_tensor_byte(victim)
+    scan(env)
+    before = victim.read_bytes()
+    real_move = delete._move
+
+    def move(src_fd: int, src: str, *args: Any, **kwargs: Any) -> None:
+        if src.startswith(delete.TRASH_PREFIX):
+            raise KeyboardInterrupt
+        real_move(src_fd, src, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(delete, "_move", move)
+        with pytest.raises(KeyboardInterrupt):
+            prune(env)
+    assert not victim.exists()
+
+    def no_room(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(delete, "_check_room", no_room)
+        assert env.finish_pending() == 0
+    assert victim.read_bytes() == before and trash(env.runs / "exp1") == []
+    (entry,) = [r for r in journal(env) if r["path"] == str(victim)]
+    assert entry["state"] == "skipped" and "put back" in entry["detail"]
 
 
 def test_an_interrupted_directory_deletion_is_finished_by_the_next_run(

@@ -276,14 +276,22 @@ class LocalTarget:
                 self._walk(fd, "/".join(start), prefix, keys)
         except NotFound:
             return iter(())
+        except OSError as exc:  # unreadable, a stale NFS handle: the target fails, never the caller
+            raise MirrorError(f"{self.name}: cannot list {self.root}: {exc}") from exc
         return iter(sorted(keys))
 
     def _walk(self, fd: int, at: str, prefix: str, keys: builtins.list[str]) -> None:
         for name in os.listdir(fd):
             key = f"{at}/{name}" if at else name
-            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            try:
+                mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:  # a temp file renamed into place meanwhile: listed under its new name
+                continue
             if stat.S_ISDIR(mode) and (key.startswith(prefix) or prefix.startswith(key + "/")):
-                below = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    below = os.open(name, _DIR | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
                 try:
                     self._walk(below, key, prefix, keys)
                 finally:

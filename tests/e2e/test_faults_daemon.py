@@ -115,15 +115,23 @@ def test_an_unwritable_run_folder_never_stops_the_others(
                on_fail=daemon.tail())  # fmt: skip
 
 
-def test_an_unusable_target_never_stops_the_good_one(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """A target boto3 refuses to build sits beside a good local folder: the good one gets its copy, status
-    names the broken one and `--check` fails; `ckptd mirror` copies to the good one and exits 1 naming it."""
+def test_an_unusable_target_never_stops_the_good_one(
+    tmp_path: Path, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 target that cannot be built (boto3 missing: a package that fails to import stands in for an install
+    without the `s3` extra) sits beside a good local folder: the good one gets its copy, status names the
+    broken one and `--check` fails; `ckptd mirror` copies to the good one and exits 1 naming it."""
+    missing = tmp_path / "no-boto3"
+    (missing / "boto3").mkdir(parents=True)
+    (missing / "boto3" / "__init__.py").write_text("raise ImportError(\"No module named 'boto3'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(missing))
     backup = tmp_path / "backup"
     config, runs = _config(
         tmp_path, "[watch.mirror]", 'to = ["cloud", "backup"]', "",
-        "[mirror.cloud]", 'url = "s3://bucket/ckpt"', 'region = "no such region!"', "",
+        "[mirror.cloud]", 'url = "s3://bucket/ckpt"', "",
         "[mirror.backup]", f'url = "{backup}"',
     )  # fmt: skip
+    assert ckptd("check-config", str(config)).returncode == 0  # nothing in the file is wrong
     daemon = Daemon(config, tmp_path / "daemon.log")
     daemons.append(daemon)
     checkpoint = small_checkpoint(runs / "exp" / "a.pt", metrics={"val_loss": 0.5})
@@ -131,7 +139,7 @@ def test_an_unusable_target_never_stops_the_good_one(tmp_path: Path, daemons: li
     daemon.wait_event("checkpoint mirrored", target="backup", path=str(checkpoint))
     wait_until(lambda: status(config, "--check")[0] == 1, "status --check to fail", DEADLINE, on_fail=daemon.tail())
     _code, found = status(config, "--check")
-    assert "region" in found["broken_targets"]["cloud"]  # type: ignore[index]
+    assert "boto3" in found["broken_targets"]["cloud"]  # type: ignore[index]
     assert daemon.proc.poll() is None
     daemon.close()
     done = ckptd("mirror", "--config", str(config))
@@ -403,3 +411,25 @@ def test_a_full_local_target_is_a_failing_copy_that_completes_when_space_returns
     (small_disk / "filler").unlink()
     daemon.wait_event("checkpoint mirrored", target="backup", path=str(checkpoint), timeout=90)
     assert sha256_of(checkpoint) == sha256_of(backup / "runs" / "exp" / "a.pt")
+
+
+def test_a_reload_that_moves_the_state_folder_is_refused_and_status_says_so(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """state_dir cannot change under a running daemon: the reload keeps the old config and status shows why."""
+    config, runs = _config(tmp_path)
+    running = tmp_path / "running.toml"
+    running.write_text(config.read_text())
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemons.append(daemon)
+    config.write_text(config.read_text().replace(str(tmp_path / "state"), str(tmp_path / "elsewhere")))
+    daemon.send(signal.SIGHUP)
+    daemon.wait_event("config reload rejected, keeping the old config")
+
+    def rejected() -> dict[str, object] | None:
+        code, found = status(running, "--check")
+        return found if code == 1 and found["config_rejected"] else None
+
+    found = wait_until(rejected, "status to show the refused reload", DEADLINE, on_fail=daemon.tail())
+    assert "daemon.state_dir" in json.dumps(found["config_rejected"])
+    daemon.wait_verified(small_checkpoint(runs / "exp" / "a.pt", metrics={"val_loss": 0.5}))
