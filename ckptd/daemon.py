@@ -675,12 +675,14 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("config reload rejected, keeping the old config", problems=exc.problems)
             self._config_rejected = {"at": _iso(time.time()), "problems": exc.problems}
+            self._dirty = True
             self.notifier.ready()
             return
         if fresh.daemon.state_dir != self.config.daemon.state_dir:
             problem = "at 'daemon.state_dir': cannot change while the daemon runs; restart it instead"
             self.log.error("config reload rejected, keeping the old config", problems=[problem])
             self._config_rejected = {"at": _iso(time.time()), "problems": [problem]}
+            self._dirty = True
             self.notifier.ready()
             return
         old_daemon = self.config.daemon

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape as _e
 from rich.table import Table
 
 from ckptd.model import Entry, Verification
@@ -50,22 +51,22 @@ def print_verifications(results: Sequence[Verification]) -> None:
         table.add_column(column, overflow="fold")
     for r in results:
         table.add_row(
-            r.path, _status(r.status), r.format or "-", human_bytes(r.size_bytes),
+            _e(r.path), _status(r.status), r.format or "-", human_bytes(r.size_bytes),
             "-" if r.epoch is None else str(r.epoch), "-" if r.global_step is None else str(r.global_step),
-            str(r.tensors.count), _metrics(r.metrics),
+            str(r.tensors.count), _e(_metrics(r.metrics)),
         )  # fmt: skip
     console.print(table)
     for r in results:
         for line in r.problems:
-            console.print(f"[red]problem[/] {line}", highlight=False)
+            console.print(f"[red]problem[/] {_e(line)}", highlight=False)
         if r.unsafe_globals:
             console.print(
-                f"[magenta]unsafe[/] {r.path}: needs globals {', '.join(r.unsafe_globals)}"
+                f"[magenta]unsafe[/] {_e(r.path)}: needs globals {_e(', '.join(r.unsafe_globals))}"
                 " (admit harmless ones with --trust MODULE.NAME)",
                 highlight=False,
             )
         for line in r.warnings:
-            console.print(f"[yellow]warning[/] {r.path}: {line}", highlight=False)
+            console.print(f"[yellow]warning[/] {_e(r.path)}: {_e(line)}", highlight=False)
 
 
 def print_entries(entries: Sequence[Entry], base: Path) -> None:
@@ -76,11 +77,11 @@ def print_entries(entries: Sequence[Entry], base: Path) -> None:
     for e in sorted(entries, key=lambda e: (e.run, e.step if e.step is not None else -1, e.mtime)):
         status = _status(e.status) if e.verified else "[yellow]changed since verified[/]"
         table.add_row(
-            _relative(e.path, base), status, "-" if e.epoch is None else str(e.epoch),
+            _e(_relative(e.path, base)), status, "-" if e.epoch is None else str(e.epoch),
             "-" if e.step is None else str(e.step), human_bytes(e.size),
-            datetime.fromtimestamp(e.mtime, UTC).strftime("%Y-%m-%d %H:%M:%S"), _metrics(e.metrics),
+            datetime.fromtimestamp(e.mtime, UTC).strftime("%Y-%m-%d %H:%M:%S"), _e(_metrics(e.metrics)),
         )  # fmt: skip
-    Console().print(table if entries else f"no verified checkpoints under {base}")
+    Console().print(table if entries else f"no verified checkpoints under {_e(str(base))}")
 
 
 def print_sidecar(found: Sidecar, current: bool) -> None:
@@ -99,7 +100,8 @@ def print_sidecar(found: Sidecar, current: bool) -> None:
     rows += [("problem", p) for p in v.problems] + [("warning", w) for w in v.warnings]
     rows += [("unsafe global", g) for g in v.unsafe_globals]
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/]", "-" if value is None else str(value))
+        shown = "-" if value is None else str(value) if key == "status" else _e(str(value))  # status is markup
+        table.add_row(f"[bold]{key}[/]", shown)
     Console().print(table)
 
 
@@ -109,17 +111,18 @@ def print_scan(summary: dict[str, Any], state_dir: Path) -> None:
     for root, s in summary.items():
         verified = ", ".join(f"{n} {status}" for status, n in sorted(s["verified"].items())) or "none"
         console.print(
-            f"[bold]{root}[/]: verified {verified}; {s['unchanged']} unchanged; {s['links']} link(s);"
+            f"[bold]{_e(root)}[/]: verified {verified}; {s['unchanged']} unchanged; {s['links']} link(s);"
             f" {len(s['gone'])} gone; {len(s['removed_sidecars'])} stale sidecar(s) removed",
             highlight=False,
         )
         for item in s["not_ok"]:
-            console.print(f"  [red]{item['status']}[/] {item['path']}: {'; '.join(item['problems'])}", highlight=False)
+            console.print(f"  [red]{item['status']}[/] {_e(item['path'])}: {_e('; '.join(item['problems']))}",
+                          highlight=False)  # fmt: skip
         for path in s["still_being_written"]:
-            console.print(f"  [yellow]busy[/] {path}: changed while being read; will be verified later")
+            console.print(f"  [yellow]busy[/] {_e(path)}: changed while being read; will be verified later")
         for line in s["unreadable"]:
-            console.print(f"  [red]unreadable[/] {line}", highlight=False)
-    console.print(f"catalog: {state_dir}", highlight=False, style="dim")
+            console.print(f"  [red]unreadable[/] {_e(line)}", highlight=False)
+    console.print(f"catalog: {_e(str(state_dir))}", highlight=False, style="dim")
 
 
 def print_status(report: dict[str, Any]) -> None:
@@ -133,7 +136,7 @@ def print_status(report: dict[str, Any]) -> None:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(watch["checkpoints"].items())) or "no checkpoints"
         mode = "polling" if watch["polling"] else "inotify"
         console.print(
-            f"\n[bold]{name}[/] {watch['folder']} ({mode}): {counts};"
+            f"\n[bold]{_e(name)}[/] {_e(watch['folder'])} ({mode}): {counts};"
             f" last reconciliation {watch['last_reconciliation'] or 'never'}",
             highlight=False,
         )
@@ -155,35 +158,36 @@ def print_status(report: dict[str, Any]) -> None:
             if run.get("metric_missing"):
                 missing = run["metric_missing"]
                 best += f" ({missing['metric']} missing; held: {', '.join(missing['held']) or 'none'})"
-            table.add_row(name, latest, best)
+            table.add_row(_e(name), _e(latest), _e(best))
         if watch["runs"]:
             console.print(table)
     for watch in report["watches"].values():
         for bad in watch.get("not_ok", [])[:20]:
-            console.print(f"[red]{bad['status']}[/] {bad['path']}: {bad['problem'] or ''}", highlight=False)
+            console.print(f"[red]{bad['status']}[/] {_e(bad['path'])}: {_e(bad['problem'] or '')}", highlight=False)
     for item in report.get("quarantined", [])[:20]:
-        console.print(f"[red]quarantined[/] {item['path']} -> {item['to']}", highlight=False)
+        console.print(f"[red]quarantined[/] {_e(item['path'])} -> {_e(str(item['to']))}", highlight=False)
     for path, failure in list(report.get("failing_checkpoints", {}).items())[:20]:
-        console.print(f"[red]cannot record[/] {path}: {failure['error']}", highlight=False)
+        console.print(f"[red]cannot record[/] {_e(path)}: {_e(failure['error'])}", highlight=False)
     for step, error in report.get("failing_steps", {}).items():
-        console.print(f"[red]daemon step failing[/] {step}: {error}", highlight=False)
+        console.print(f"[red]daemon step failing[/] {_e(step)}: {_e(error)}", highlight=False)
     for name, short in report.get("below_min_free", {}).items():
         console.print(f"[red]disk below min_free[/] watch {name}: {short} bytes short", highlight=False)
     for name, error in report.get("unreachable_targets", {}).items():
-        console.print(f"[red]mirror target unreachable[/] {name}: {error}", highlight=False)
+        console.print(f"[red]mirror target unreachable[/] {name}: {_e(error)}", highlight=False)
     for name in report.get("unhealthy_watches", []):
         console.print(f"[red]observer stopped[/] watch {name} (restarted by the daemon)", highlight=False)
     for name, error in report.get("broken_targets", {}).items():
-        console.print(f"[red]mirror target unusable[/] {name}: {error}", highlight=False)
+        console.print(f"[red]mirror target unusable[/] {name}: {_e(error)}", highlight=False)
     if report.get("config_rejected"):
         rejected = report["config_rejected"]
         console.print(f"[red]config reload rejected[/] at {rejected['at']}, running on the old config:",
                       highlight=False)  # fmt: skip
         for problem in rejected["problems"]:
-            console.print(f"  - {problem}", highlight=False)
+            console.print(f"  - {_e(problem)}", highlight=False)
     for problem in report.get("scrub_problems", [])[:20]:
         console.print(
-            f"[red]scrub[/] {problem['location']}: {problem['result']} {problem['detail'] or ''}", highlight=False
+            f"[red]scrub[/] {_e(problem['location'])}: {problem['result']} {_e(problem['detail'] or '')}",
+            highlight=False,
         )
     for name, backlog in report.get("mirrors", {}).items():
         line = (
@@ -191,7 +195,7 @@ def print_status(report: dict[str, Any]) -> None:
             f" {backlog['failed']} failing"
         )
         if backlog["last_error"]:
-            line += f"; last error: {backlog['last_error']}"
+            line += f"; last error: {_e(backlog['last_error'])}"
         console.print(line, highlight=False)
     if report.get("attention"):
         console.print(f"\n[red]{len(report['attention'])} thing(s) need attention[/] (`ckptd status --check` fails)",
@@ -207,17 +211,17 @@ def print_prune(reports: Sequence[Any]) -> None:
             by_run.setdefault(decision.run, []).append(decision)
         skipped = {d.path: why for d, why in report.skipped}
         for run, decisions in sorted(by_run.items()):
-            table = Table(title=f"{report.watch}: {run}", title_justify="left", show_edge=False, pad_edge=False)
+            table = Table(title=_e(f"{report.watch}: {run}"), title_justify="left", show_edge=False, pad_edge=False)
             for column in ("checkpoint", "action", "size", "reasons"):
                 table.add_column(column, overflow="fold")
             for d in sorted(decisions, key=lambda d: d.path):
                 action = {"keep": "[green]keep[/]", "delete": "[red]delete[/]"}.get(d.action, f"[yellow]{d.action}[/]")
                 if d.path in skipped:
-                    action += f" [dim](skipped: {skipped[d.path]})[/]"
-                table.add_row(Path(d.path).name, action, human_bytes(d.size), "; ".join(d.reasons))
+                    action += f" [dim](skipped: {_e(skipped[d.path])})[/]"
+                table.add_row(_e(Path(d.path).name), action, human_bytes(d.size), _e("; ".join(d.reasons)))
             console.print(table)
         verb = "would free" if report.dry_run else "freed"
         freed = sum(d.size for d in report.plan.decisions if d.action != "keep" and d.path not in skipped)
         console.print(f"{report.watch}: {verb} {human_bytes(freed)}", highlight=False)
         for warning in report.plan.warnings:
-            console.print(f"[yellow]warning[/] {warning}", highlight=False)
+            console.print(f"[yellow]warning[/] {_e(warning)}", highlight=False)

@@ -532,3 +532,22 @@ def test_status_check_fails_when_the_daemon_stopped_writing_its_status() -> None
     stale = datetime(2026, 1, 1, 0, 10, tzinfo=UTC).timestamp()
     (line,) = _attention(report, now=stale, failing_for=3600)
     assert line.startswith("the daemon has not written its status since 2026-01-01T00:00:00Z")
+
+
+def test_status_text_prints_brackets_from_names_and_problems_as_they_are(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[mirror.bakup]` in a problem and `[x]` in a run's name are text, never rich markup eaten away."""
+    from ckptd import tables
+
+    monkeypatch.setenv("COLUMNS", "300")
+    report: dict[str, Any] = {
+        "running": True, "pid": 1, "queue": 0, "mirrors": {}, "scrub_problems": [],
+        "config_rejected": {"at": "now", "problems": ["at 'watch[0].mirror.to[0]': no [mirror.bakup] table"]},
+        "watches": {"w": {"folder": "/runs", "polling": False, "last_reconciliation": None, "checkpoints": {"ok": 1},
+                          "runs": [{"run": "/runs/[x]", "latest": "/runs/[x]/a[1].pt", "best": None,
+                                    "best_metric": None, "best_value": None}]}},
+    }  # fmt: skip
+    tables.print_status(report)
+    out = capsys.readouterr().out
+    assert "no [mirror.bakup] table" in out and "[x]" in out and "a[1].pt" in out
