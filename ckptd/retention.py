@@ -160,7 +160,8 @@ def _plan_run(
     # The keep rules count only names that are not slots: a slot is kept anyway (SLOT), and its bytes go when
     # the trainer writes it again, or a crash truncates it; keep_last = 1 must then still hold the last good
     # epoch under a name of its own.
-    ok = _one_per_content([e for e in selection.usable(entries) if not selection.is_slot(e.path)])
+    slots = {e.path for e in entries if selection.is_slot(e.path)}  # one look at each name
+    ok = _one_per_content([e for e in selection.usable(entries) if e.path not in slots])
     newest_first = sorted(ok, key=selection.recency, reverse=True)
     reasons: dict[str, list[str]] = {}
     invariants: dict[str, set[Invariant]] = {}
@@ -212,7 +213,7 @@ def _plan_run(
         path = entry.path
         if entry.pinned:
             hold(path, PINNED, Invariant.PINNED)
-        slot = selection.is_slot(path)
+        slot = path in slots
         if slot:
             hold(path, SLOT, Invariant.SLOT)
         if not entry.verified or entry.status is None:

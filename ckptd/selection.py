@@ -26,6 +26,7 @@ from ckptd.model import Entry
 Mode = Literal["min", "max"]
 
 _SLOT = re.compile(r"(?:^|[_\-.])(latest|last|best)(?:$|[_\-.])", re.IGNORECASE)
+_DIGIT = re.compile(r"\d")
 _BEST_SLOT = re.compile(r"(?:^|[_\-.])best(?:$|[_\-.])", re.IGNORECASE)
 _SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin", ".tar")
 
@@ -41,7 +42,7 @@ def is_slot(path: str) -> bool:
     """True for a name the trainer rewrites in place (`latest_checkpoint.pt`, `last.ckpt`, `best_model.pt`,
     `model_best.pth.tar`, `best_val_loss.ckpt`): no digit, and latest, last or best as a word."""
     stem = _stem(path)
-    return not any(c.isdigit() for c in stem) and _SLOT.search(stem) is not None
+    return _DIGIT.search(stem) is None and _SLOT.search(stem) is not None
 
 
 def is_best_slot(path: str) -> bool:
