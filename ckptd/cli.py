@@ -688,35 +688,69 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
     return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
-def _target(config: Config, name: str) -> Any:
-    from ckptd import mirror as mirroring
+def _is_url(target: str) -> bool:
+    """A target given as a store's URL (`s3://bucket/prefix`, `file:///srv/backup`), not a [mirror.NAME]."""
+    return "://" in target
 
+
+def _target(config: Config | None, name: str, node: str | None = None) -> Any:
+    """The target to read: a configured [mirror.NAME] in this box's namespace (or `node`'s), or a store's URL at
+    the top of the fleet (or in `node`'s namespace). A URL needs no config: S3 credentials come from the AWS
+    chain and an endpoint from $AWS_ENDPOINT_URL."""
+    from ckptd import mirror as mirroring
+    from ckptd.config import MirrorTargetConfig
+    from ckptd.mirrors import make_target, scheme_problem
+
+    if _is_url(name):
+        problem = scheme_problem(name)
+        if problem:
+            raise UsageError(f"{name}: {problem}")
+        settings = MirrorTargetConfig(url=name, endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""))
+        try:
+            return make_target("fleet", settings, Path.cwd(), node=node or "")
+        except Exception as exc:
+            raise NoAnswer(f"{name} cannot be used: {exc}") from None
+    if config is None:
+        raise UsageError(f"no config file to find the mirror target {name!r} in: pass --config, or give a URL")
     if name not in config.mirror:
         known = ", ".join(sorted(config.mirror)) or "none"
         raise UsageError(f"unknown mirror target {name!r} (configured: {known})")
-    broken: dict[str, str] = {}
-    targets = mirroring.targets_of(config, broken)
-    if name in broken:
-        raise NoAnswer(f"mirror target {name} cannot be used: {broken[name]}")
-    return targets[name]
+    if node is None:
+        broken: dict[str, str] = {}
+        targets = mirroring.targets_of(config, broken)
+        if name in broken:
+            raise NoAnswer(f"mirror target {name} cannot be used: {broken[name]}")
+        return targets[name]
+    try:
+        return make_target(name, config.mirror[name], config.source.parent, node=node)
+    except Exception as exc:
+        raise NoAnswer(f"mirror target {name} cannot be used: {exc}") from None
 
 
 @cli.command(name="ls")
 @click.argument("target")
 @click.argument("run", required=False)
+@click.option("--node", help="Another box's copies (its [daemon] node); a URL TARGET without it lists every box.")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the index files as JSON.")
-def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -> int:
-    """What a mirror TARGET holds (optionally for one RUN, as <watch>/<run>), from its index files."""
+def ls_(target: str, run: str | None, node: str | None, config_file: Path | None, as_json: bool) -> int:
+    """What a mirror TARGET holds: a [mirror.NAME] (this box's copies, or --node's; optionally one RUN, as
+    <watch>/<run>), or a store's URL (s3://bucket/prefix): every box of the fleet, every run, each copy's
+    roles, step, metrics, size and age, from one listing and the small index files."""
     from ckptd import mirror as mirroring
+    from ckptd import tables
 
-    config = _command_config(config_file, folders=False)
-    found = mirroring.indexes(_target(config, target), run)
+    fleet = _is_url(target) and node is None
+    config = None if _is_url(target) else _command_config(config_file, folders=False)
+    found = mirroring.indexes(_target(config, target, node), run)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return ExitCode.OK
     if not found:
         raise NoAnswer(f"{target}: holds no run{' ' + run if run else ''} yet")
+    if fleet:
+        tables.print_fleet(found, now=time.time())
+        return ExitCode.OK
     for prefix, index in sorted(found.items()):
         click.echo(f"{prefix}:")
         for name, copy in sorted(index.get("copies", {}).items()):
@@ -739,10 +773,15 @@ def ls_(target: str, run: str | None, config_file: Path | None, as_json: bool) -
 @click.option("--step", type=click.IntRange(min=0), help="Restore the copy at this global step (see ckptd ls).")
 @click.option("--sha256", "sha_prefix", metavar="PREFIX", help="Restore the copy whose sha256 starts with PREFIX.")
 @click.option("--to", "destination", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--node", help="Restore another box's copy (its [daemon] node); with a URL TARGET, RUN starts with it.")
 @config_option
 def restore(target: str, run: str, role: str | None, step: int | None, sha_prefix: str | None, destination: Path,
-            config_file: Path | None) -> int:  # fmt: skip
-    """Download one copy of RUN from TARGET into --to DIR, prove it, verify it, print its path."""
+            node: str | None, config_file: Path | None) -> int:  # fmt: skip
+    """Download one copy of RUN from TARGET into --to DIR, prove it, verify it, print its path.
+
+    TARGET is a [mirror.NAME] (RUN is <watch>/<run> of this box, or of --node), or a store's URL
+    (s3://bucket/prefix; RUN is <node>/<watch>/<run>, as `ckptd ls URL` shows it): any machine can bring back
+    any box's run, with no config."""
     from ckptd import mirror as mirroring
     from ckptd import sidecar
     from ckptd.mirrors import MirrorError
@@ -754,14 +793,21 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
         raise UsageError("say which checkpoint, once: --best, --latest, --step N or --sha256 PREFIX")
     from ckptd.catalog import Catalog
 
-    config = _command_config(config_file, folders=False)
-    chosen = _target(config, target)
+    if _is_url(target) and node is None:
+        node, _, run = run.strip("/").partition("/")
+        if not run:
+            raise UsageError(f"with a URL, RUN starts with the box: <node>/<watch>/<run> (see: ckptd ls {target})")
+    config = None if _is_url(target) else _command_config(config_file, folders=False)
+    chosen = _target(config, target, node)
     prefix = run.strip("/")
-    catalog = Catalog.existing(config.daemon.state_dir)  # a fresh machine has none, and gets none made
+    own = config is not None and node in (None, config.daemon.node)
+    # Only this box's own copies can be proved against its catalog; another box's against the target's sidecar.
+    catalog = Catalog.existing(config.daemon.state_dir) if own and config is not None else None
     try:
         found = mirroring.restore(
             chosen, run, role, destination.absolute(),
-            known=lambda name: mirroring.recorded_sha(config, catalog, chosen.name, prefix, name),
+            known=lambda name: (mirroring.recorded_sha(config, catalog, chosen.name, prefix, name)
+                                if own and config is not None else None),
             step=step, sha256=sha_prefix,
         )  # fmt: skip
     except MirrorError as exc:
@@ -771,7 +817,8 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
             catalog.close()
     restored = found.path
     # Its hashes proved it whole; a completion marker outside it (DeepSpeed's `latest`) was not restored.
-    result = engine_verify(restored, trusted=config.daemon.trusted_globals, require_complete=False)
+    trusted = config.daemon.trusted_globals if config is not None else []
+    result = engine_verify(restored, trusted=trusted, require_complete=False)
     if not sidecar.placed_in_state("auto", restored, result.layout):  # never a name a trainer would count
         sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
     if result.status != "ok":
@@ -965,5 +1012,6 @@ def check_config(file: Path) -> int:
         "$STATE_DIRECTORY": " (from $STATE_DIRECTORY; set daemon.state_dir so commands run without it agree)",
         "default": " (the default, beside the config file)",
     }.get(config.state_dir_from, "")
-    click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir}{chosen_by})")
+    click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir}{chosen_by};"
+               f" node {config.daemon.node} on mirror targets)")  # fmt: skip
     return ExitCode.OK

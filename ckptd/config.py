@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -193,10 +194,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+def default_node() -> str:
+    """This box's name in a shared target when `[daemon] node` is left out: its short host name, made a safe
+    path component (anything else becomes "-")."""
+    short = socket.gethostname().split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", short).lstrip(".-")[:63] or "node"
+
+
 class DaemonConfig(_Model):
     """`[daemon]`: settings of the daemon and of every command."""
 
     state_dir: PathText = Path(".ckptd")
+    # This box's namespace on every mirror target: copies go to <target>/<node>/<watch>/<run>/, so boxes that
+    # mirror into one bucket never write, rewrite or delete each other's keys. Default: the short host name.
+    # Set it where host names change (containers) or to keep a box's copies when it is replaced.
+    node: str = Field(default_factory=default_node, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     trusted_globals: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")]] = []

@@ -468,7 +468,7 @@ def targets_of(config: Config, broken: dict[str, str] | None = None) -> dict[str
     targets: dict[str, Target] = {}
     for name, settings in config.mirror.items():
         try:
-            targets[name] = make_target(name, settings, config.source.parent)
+            targets[name] = make_target(name, settings, config.source.parent, node=config.daemon.node)
         except Exception as exc:  # whatever it is, it concerns this target alone
             if broken is None:
                 raise

@@ -225,3 +225,38 @@ def print_prune(reports: Sequence[Any]) -> None:
         console.print(f"{report.watch}: {verb} {human_bytes(freed)}", highlight=False)
         for warning in report.plan.warnings:
             console.print(f"[yellow]warning[/] {_e(warning)}", highlight=False)
+
+
+def print_fleet(indexes: dict[str, dict[str, Any]], *, now: float) -> None:
+    """Every box's runs on a shared target (`ckptd ls s3://...`): one row per copy, with its box, run, roles,
+    step, metrics, size and age, from the runs' index files (keys `<node>/<watch>/<run>`)."""
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("box", "run", "copy", "roles", "step", "epoch", "metrics", "size", "age"):
+        table.add_column(column, overflow="fold")
+    for prefix, index in sorted(indexes.items()):
+        node, _, run = prefix.partition("/")
+        for name, copy in sorted(index.get("copies", {}).items()):
+            roles = [r for r in ("best", "latest") if (index.get(r) or {}).get("name") == name]
+            roles += [r for r in copy.get("roles", []) if r in ("milestone", "all")]
+            size = copy.get("size_bytes")
+            table.add_row(
+                _e(node), _e(run), _e(name), ", ".join(roles) or "superseded",
+                "-" if copy.get("step") is None else str(copy["step"]),
+                "-" if copy.get("epoch") is None else str(copy["epoch"]), _e(_metrics(copy.get("metrics") or {})),
+                "-" if size is None else human_bytes(size), _age(copy.get("mirrored_at"), now),
+            )  # fmt: skip
+    Console().print(table)
+
+
+def _age(when: object, now: float) -> str:
+    """How long ago an ISO time was ("3h"), or "-"."""
+    if not isinstance(when, str):
+        return "-"
+    try:
+        seconds = now - datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"

@@ -391,10 +391,11 @@ def test_check_config_passes_a_config_at_every_lower_bound(tmp_path: Path) -> No
         ('url = "backup"', 'url = "s3://bucket/prefix/"', "mirror.s3.url", "is also [mirror.backup]'s"),
         ('state_dir = "state"', 'state_dir = "state"\n    trusted_globals = ["nosuchmod.Thing"]',
          "daemon.trusted_globals[0]", "'nosuchmod.Thing' cannot be imported"),
+        ('state_dir = "state"', 'state_dir = "state"\n    node = "../other-box"', "daemon.node", "string should match"),
     ],
     ids=["typo-in-to", "bad-cron", "gs-scheme", "poll-0", "rescan-0s", "scrub-0s", "retention-interval-0",
          "max-size-0", "bad-region", "bad-endpoint", "milestones-without-keep-every", "two-targets-one-place",
-         "trusted-global-missing"],
+         "trusted-global-missing", "node-not-a-name"],
 )  # fmt: skip
 def test_check_config_refuses_each_cross_check_naming_file_and_key(
     tmp_path: Path, old: str, new: str, key: str, fragment: str
@@ -656,7 +657,7 @@ def test_check_config_says_when_state_directory_chose_the_state_folder(tmp_path:
     pinned = _write(
         tmp_path / "pinned.toml", '[daemon]\nstate_dir = "/srv/state"\n[[watch]]\nname = "r"\npath = "runs"\n'
     )
-    assert _check_config(pinned, env).stdout == f"{pinned}: ok (1 watched folder(s), state in /srv/state)\n"
+    assert _check_config(pinned, env).stdout.startswith(f"{pinned}: ok (1 watched folder(s), state in /srv/state;")
 
 
 def test_parse_config_records_what_chose_the_state_folder(tmp_path: Path) -> None:

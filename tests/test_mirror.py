@@ -26,7 +26,7 @@ from trainer_fixtures import CopyOutput
 from ckptd import mirror, sidecar
 from ckptd.catalog import Catalog, Row
 from ckptd.cli import main
-from ckptd.config import Config, load_config
+from ckptd.config import Config, default_node, load_config
 from ckptd.mirror import (
     choose_copy,
     clean_index,
@@ -43,6 +43,8 @@ from ckptd.model import Entry
 from ckptd.prune import prune_watch
 from ckptd.scan import reconcile
 from ckptd.verify import engine_versions, verify
+
+NODE = default_node()  # this box's namespace on every target ([daemon] node left out)
 
 if TYPE_CHECKING:
     from mirror_fixtures import Bucket, MotoS3
@@ -648,13 +650,15 @@ def test_mirror_verify_finds_corrupted_copies_and_repairs_them(site: Site, s3_bu
     code, out, err = ckptd(capsys, "mirror", "--config", site.config_path)
     assert code == 0, err
     assert out.count("copied: ") == 6
-    copy = site.root / "backup" / "runs" / "exp1" / site.best.name
+    copy = site.root / "backup" / NODE / "runs" / "exp1" / site.best.name
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
-    s3_key = f"ckpts/runs/exp1/{site.latest.name}"
+    s3_key = f"ckpts/{NODE}/runs/exp1/{site.latest.name}"
     s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key=s3_key, Body=b"not the checkpoint")
-    s3_bucket.server.client().delete_object(Bucket=s3_bucket.name, Key="ckpts/runs/exp10/seed0/epoch=1-step=50.pt")
+    s3_bucket.server.client().delete_object(
+        Bucket=s3_bucket.name, Key=f"ckpts/{NODE}/runs/exp10/seed0/epoch=1-step=50.pt"
+    )
     code, out, err = ckptd(capsys, "mirror", "--config", site.config_path, "--verify")
     assert code == 0, err
     assert "local: 3 copies checked, 1 bad, 1 repaired" in out and "s3: 3 copies checked, 2 bad, 2 repaired" in out
@@ -745,7 +749,7 @@ def test_restore_of_a_corrupted_copy_fails_and_leaves_no_file(local_site: Site, 
                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     """A copy whose bytes do not match the mirrored sidecar is not restored: exit 1, nothing left in --to."""
     assert ckptd(capsys, "mirror", "--config", local_site.config_path)[0] == 0
-    copy = local_site.root / "backup" / "runs" / "exp1" / local_site.best.name
+    copy = local_site.root / "backup" / NODE / "runs" / "exp1" / local_site.best.name
     data = bytearray(copy.read_bytes())
     data[100] ^= 0x01
     copy.write_bytes(bytes(data))

@@ -27,10 +27,12 @@ from test_mirror import local_site as local_site  # the fixture: exp1 and exp10/
 
 from ckptd import mirror as mirroring
 from ckptd import sidecar
-from ckptd.config import MirrorTargetConfig
+from ckptd.config import MirrorTargetConfig, default_node
 from ckptd.mirror import mirror_pass, targets_of
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, make_target
 from ckptd.mirrors.s3 import S3Target
+
+NODE = default_node()  # this box's namespace on every target ([daemon] node left out)
 
 if TYPE_CHECKING:
     from cli_fixtures import Ckptd
@@ -96,7 +98,7 @@ def test_restore_from_a_hostile_s3_index_writes_nothing_outside_to(s3_bucket: Bu
 def test_restore_through_the_cli_refuses_the_hostile_entry_and_says_why(s3_bucket: Bucket, tmp_path: Path,
                                                                        ckptd: Ckptd) -> None:  # fmt: skip
     """`ckptd restore` on such an index exits 1, logs the refused name and writes nothing."""
-    _plant(s3_bucket, "runs/exp1", "../../../etc/cron.d/evil", b"* * * * * root sh\n")
+    _plant(s3_bucket, f"{NODE}/runs/exp1", "../../../etc/cron.d/evil", b"* * * * * root sh\n")  # this box's
     config = tmp_path / "config.toml"
     config.write_text(f'[[watch]]\nname = "runs"\npath = "runs"\n[mirror.s3]\nurl = "s3://{s3_bucket.name}"\n'
                       f'endpoint_url = "{s3_bucket.endpoint}"\n')  # fmt: skip
@@ -162,7 +164,7 @@ def test_restore_proves_against_the_local_catalog_and_says_so(local_site: Site, 
 def _forge(site: Site, victim: Path, impostor: Path) -> None:
     """Rewrite the copy of `victim` on the local target with `impostor`'s bytes, and its sidecar and index entry
     to match: consistent to anyone who trusts only the target."""
-    folder = site.root / "backup" / "runs" / "exp1"
+    folder = site.root / "backup" / NODE / "runs" / "exp1"
     (folder / victim.name).write_bytes(impostor.read_bytes())
     forged = json.loads(sidecar.sidecar_path(impostor).read_bytes())
     forged["path"] = str(victim)
@@ -200,7 +202,7 @@ def test_a_consistently_forged_copy_fails_verify_scrub_and_restore_where_the_cat
     _forge(site, site.latest, impostor)
     code, out, err = run(ckptd, "mirror", "--verify", "--config", site.config_path)
     assert "1 bad, 1 repaired" in out, out + err
-    copy = site.root / "backup" / "runs" / "exp1" / site.latest.name
+    copy = site.root / "backup" / NODE / "runs" / "exp1" / site.latest.name
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == hashlib.sha256(site.latest.read_bytes()).hexdigest()
     code, _out, err = run(ckptd, "restore", "local", "runs/exp1", "--latest", "--to", tmp_path / "out",
                             "--config", site.config_path)  # fmt: skip
@@ -217,7 +219,7 @@ def test_a_hostile_superseded_list_never_deletes_another_runs_copy(local_site: S
     with site.catalog() as catalog:
         _enqueue(catalog, site.config)
         mirror_pass(site.config, catalog, targets_of(site.config))
-    backup = site.root / "backup" / "runs"
+    backup = site.root / "backup" / NODE / "runs"
     foreign = backup / "exp1" / "someone-elses.pt"
     foreign.write_bytes(b"not ours")
     other = backup / "exp10" / "seed0" / "epoch=1-step=50.pt"

@@ -23,6 +23,7 @@ from test_mirror import local_site as local_site  # the fixture: exp1 and exp10/
 from test_mirror_history import _rot, _scrub_without_mirror
 
 from ckptd.catalog import Catalog
+from ckptd.config import default_node
 from ckptd.daemon import MirrorService
 from ckptd.fsutil import temp_name
 from ckptd.mirror import (
@@ -37,6 +38,8 @@ from ckptd.mirror import (
     targets_of,
 )
 from ckptd.mirrors import MirrorError, Target
+
+NODE = default_node()  # this box's namespace on every target ([daemon] node left out)
 
 if TYPE_CHECKING:
     from mirror_fixtures import Bucket
@@ -162,7 +165,7 @@ def test_a_lost_index_is_rebuilt_from_the_copies_held_and_the_rotted_best_keeps_
     assert code == 0 and out.count("[best") == 1, out
     assert f"{site.best.name}  [best]" in out and f"{newer.name}  [latest,run's best]" in out
     assert "local=rotted" in out and "local=intact" in out
-    (site.root / "backup" / "runs" / "exp1" / "index.json").unlink()
+    (site.root / "backup" / NODE / "runs" / "exp1" / "index.json").unlink()
     with site.catalog() as catalog:
         found = recheck(catalog, site.config, {"local": target})
     assert found.rebuilt == ["local:runs/exp1/index.json"] and found.lost == []
@@ -241,7 +244,7 @@ def test_an_interrupted_deletion_leaves_orphans_that_recheck_removes_but_never_a
     machine's copies in the same run folder, listed in the index or not, stay."""
     site = local_site
     target: Target = targets_of(site.config)["local"]
-    folder = site.root / "backup" / "runs" / "exp1"
+    folder = site.root / "backup" / NODE / "runs" / "exp1"
     with site.catalog() as catalog:
         _enqueue(catalog, site.config)
         mirror_pass(site.config, catalog, {"local": target})
@@ -278,7 +281,7 @@ def test_a_target_down_is_reported_and_the_others_are_rechecked(tmp_path: Path, 
         mirror_pass(site.config, catalog, targets)
         shutil.rmtree(site.root / "backup")
         (site.root / "backup").write_text("a file where the folder was")
-        s3_bucket.server.client().delete_object(Bucket=s3_bucket.name, Key=f"ckpts/runs/exp1/{site.best.name}")
+        s3_bucket.server.client().delete_object(Bucket=s3_bucket.name, Key=f"ckpts/{NODE}/runs/exp1/{site.best.name}")
         found = recheck(catalog, site.config, targets)
     assert list(found.unreachable) == ["local"] and found.lost == [f"s3:runs/exp1/{site.best.name}"]
 
@@ -308,8 +311,8 @@ def test_the_mirror_thread_rechecks_at_its_start_and_when_the_daemon_asks(local_
     try:
         _wait(holds_all, "the first copies")
         shutil.rmtree(backup)
-        (backup / "runs").mkdir(parents=True)
-        dead = backup / "runs" / temp_name("killed.pt")
+        (backup / NODE / "runs").mkdir(parents=True)
+        dead = backup / NODE / "runs" / temp_name("killed.pt")
         dead.write_bytes(b"half")
         os.utime(dead, (time.time() - 7200, time.time() - 7200))
         service.request_recheck()

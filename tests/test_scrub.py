@@ -23,7 +23,7 @@ from cli_fixtures import Ckptd, Done
 from ckptd import scrub as scrubbing
 from ckptd import sidecar, throttle
 from ckptd.catalog import Catalog
-from ckptd.config import load_config
+from ckptd.config import default_node, load_config
 from ckptd.daemon import Daemon
 from ckptd.discover import identity
 from ckptd.migrate import apply_rename
@@ -31,6 +31,8 @@ from ckptd.mirror import targets_of
 from ckptd.scrub import hash_throttled
 from ckptd.throttle import Throttle
 from ckptd.verify import verify
+
+NODE = default_node()  # this box's namespace on every target ([daemon] node left out)
 
 if TYPE_CHECKING:
     from mirror_fixtures import Bucket
@@ -82,20 +84,20 @@ class Site:
     def copy_bytes(self, path: Path) -> bytes:
         """The bytes of a checkpoint's copy on the target."""
         if self.mirror == "local":
-            return (self.root / "backup" / "w" / "exp" / path.name).read_bytes()
+            return (self.root / "backup" / NODE / "w" / "exp" / path.name).read_bytes()
         assert self.bucket is not None
-        found = self.bucket.server.client().get_object(Bucket=self.bucket.name, Key=f"mirror/w/exp/{path.name}")
+        found = self.bucket.server.client().get_object(Bucket=self.bucket.name, Key=f"mirror/{NODE}/w/exp/{path.name}")
         return bytes(found["Body"].read())
 
     def rot_copy(self, path: Path) -> None:
         """Flip one byte of a checkpoint's copy on the target (S3: overwrite the object with the bad bytes)."""
         if self.mirror == "local":
-            rot(self.root / "backup" / "w" / "exp" / path.name)
+            rot(self.root / "backup" / NODE / "w" / "exp" / path.name)
             return
         assert self.bucket is not None
         bad = bytearray(self.copy_bytes(path))
         bad[len(bad) // 2] ^= 0x01
-        self.bucket.server.client().put_object(Bucket=self.bucket.name, Key=f"mirror/w/exp/{path.name}",
+        self.bucket.server.client().put_object(Bucket=self.bucket.name, Key=f"mirror/{NODE}/w/exp/{path.name}",
                                                Body=bytes(bad))  # fmt: skip
 
     def scrub(self) -> tuple[Done, dict[str, Any]]:
@@ -372,7 +374,7 @@ def test_a_copy_is_never_reported_repaired_from_a_checkpoint_renamed_since(local
     assert done.code == 1
     assert report["repaired"] == [] and report["mismatched"] == [site.copy_location(path)]
     assert site.copy_bytes(path) == bad_copy
-    assert not (site.root / "backup" / "w" / "exp" / "renamed.pt").exists()
+    assert not (site.root / "backup" / NODE / "w" / "exp" / "renamed.pt").exists()
 
 
 def test_a_garbage_sidecar_on_the_target_is_repaired_and_a_deleted_checkpoint_ignored(
@@ -381,7 +383,7 @@ def test_a_garbage_sidecar_on_the_target_is_repaired_and_a_deleted_checkpoint_ig
     """A copy whose sidecar on the target is garbage is bad, and repaired from the local checkpoint this machine's
     catalog knows it came from; a checkpoint deleted locally is no rot."""
     site = local_site
-    garbage = site.root / "backup" / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}"
+    garbage = site.root / "backup" / NODE / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}"
     garbage.write_text("{not json")
     site.paths[2].unlink()
     done = ckptd("scrub", "--config", site.config)
@@ -396,7 +398,9 @@ def test_a_garbage_sidecar_on_the_target_is_repaired_and_a_deleted_checkpoint_ig
 def test_an_unreadable_copy_without_a_local_source_is_reported_bad(local_site: Site, ckptd: Ckptd) -> None:
     """A garbage sidecar on the target whose local checkpoint is gone cannot be repaired: reported bad, exit 1."""
     site = local_site
-    (site.root / "backup" / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}").write_text("{not json")
+    (site.root / "backup" / NODE / "w" / "exp" / f"{site.paths[0].name}{sidecar.SIDECAR_SUFFIX}").write_text(
+        "{not json"
+    )
     site.paths[0].unlink()
     done = ckptd("scrub", "--config", site.config)
     assert done.code == 1

@@ -103,17 +103,18 @@ class Target(Protocol):
         ...
 
 
-def _local(name: str, settings: object, config_dir: Path) -> Target:
+def _local(name: str, settings: object, config_dir: Path, node: str) -> Target:
     from ckptd.mirrors.local import LocalTarget
 
     folder = Path(str(getattr(settings, "url", "")).removeprefix("file://"))
-    return LocalTarget(name, folder if folder.is_absolute() else config_dir / folder, settings)
+    root = folder if folder.is_absolute() else config_dir / folder
+    return LocalTarget(name, root / node if node else root, settings)
 
 
-def _s3(name: str, settings: object, config_dir: Path) -> Target:
+def _s3(name: str, settings: object, config_dir: Path, node: str) -> Target:
     from ckptd.mirrors.s3 import S3Target  # the only boto3 import, and only when an s3:// target is built
 
-    return S3Target(name, settings)
+    return S3Target(name, settings, node=node)
 
 
 def _s3_problem(url: str) -> str | None:
@@ -130,7 +131,7 @@ class Scheme:
     """One kind of target: what it is, what else its URLs need, and how one is built."""
 
     what: str  # for messages: what the target is and what its URLs look like
-    build: Callable[[str, object, Path], Target]  # (name, [mirror.NAME] settings, the config file's folder)
+    build: Callable[[str, object, Path, str], Target]  # (name, settings, the config file's folder, node)
     problem: Callable[[str], str | None]  # why a URL of this scheme cannot be used, or None
 
 
@@ -162,16 +163,19 @@ def scheme_problem(url: str) -> str | None:
     return SCHEMES[scheme].problem(url)
 
 
-def make_target(name: str, settings: object, config_dir: Path, *, source: str = "config") -> Target:
+def make_target(name: str, settings: object, config_dir: Path, *, node: str = "", source: str = "config") -> Target:
     """Build the target named `name` from its `[mirror.NAME]` settings, by the URL's scheme (SCHEMES).
 
     A URL without a scheme (or `file://`) is a local folder, relative to `config_dir` (the config file's
-    folder); `s3://bucket/prefix` is S3. Raises ConfigError naming `source` (the config file, where the caller
-    knows it) for a URL that scheme_problem faults; load_config refuses those first, so a loaded config never
-    meets it.
+    folder); `s3://bucket/prefix` is S3. With `node` (the box's `[daemon] node`), the target is that box's
+    namespace in the store: `<folder>/<node>` or `s3://bucket/prefix/<node>`. Every key a target reads, writes
+    or deletes lies below its root, so a box never touches another's copies (many boxes, one bucket); "" is
+    the store's top, for a fleet listing (`ckptd ls s3://...`). Raises ConfigError naming `source` (the config
+    file, where the caller knows it) for a URL that scheme_problem faults; load_config refuses those first,
+    so a loaded config never meets it.
     """
     url = str(getattr(settings, "url", ""))
     problem = scheme_problem(url)
     if problem:
         raise ConfigError(source, [f"at 'mirror.{name}.url': {problem}"])
-    return SCHEMES[scheme_of(url)].build(name, settings, config_dir)
+    return SCHEMES[scheme_of(url)].build(name, settings, config_dir, node)

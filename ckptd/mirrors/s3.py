@@ -115,11 +115,12 @@ class _LocalDigests:
 class S3Target:
     """Mirror target in an S3 bucket, under a prefix."""
 
-    def __init__(self, name: str, settings: Any) -> None:
+    def __init__(self, name: str, settings: Any, *, node: str = "") -> None:
         self.name = name
         self.url = str(settings.url)
         bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.bucket, self.prefix = bucket, "/".join(p for p in (prefix.strip("/"), node) if p)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.checksum = str(getattr(settings, "checksum", "sha256"))
         self.proof = str(getattr(settings, "proof", "auto"))
         timeout = float(getattr(settings, "timeout", 20.0))

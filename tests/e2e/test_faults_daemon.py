@@ -38,6 +38,8 @@ from test_daemon import (  # noqa: E402
     write_config,
 )
 
+from ckptd.config import default_node  # noqa: E402
+
 pytestmark = pytest.mark.e2e
 
 DEADLINE = 60.0
@@ -410,7 +412,7 @@ def test_a_full_local_target_is_a_failing_copy_that_completes_when_space_returns
     assert daemon.proc.poll() is None
     (small_disk / "filler").unlink()
     daemon.wait_event("checkpoint mirrored", target="backup", path=str(checkpoint), timeout=90)
-    assert sha256_of(checkpoint) == sha256_of(backup / "runs" / "exp" / "a.pt")
+    assert sha256_of(checkpoint) == sha256_of(backup / default_node() / "runs" / "exp" / "a.pt")
 
 
 def test_a_reload_that_moves_the_state_folder_is_refused_and_status_says_so(

@@ -28,7 +28,7 @@ if str(TESTS) not in sys.path:  # mirror_fixtures lives in tests/
 
 from test_daemon import CKPTD, Daemon, read_sidecar, sha256_of, torch_bytes, wait_until  # noqa: E402
 
-from ckptd.config import load_config  # noqa: E402
+from ckptd.config import default_node, load_config  # noqa: E402
 from ckptd.mirror import targets_of  # noqa: E402
 from ckptd.mirrors import Target  # noqa: E402
 
@@ -192,7 +192,7 @@ def test_s3_outage_mid_upload_shows_no_partial_object_and_the_copy_completes_lat
         config = write_config(tmp_path, {"s3": s3_settings(bucket)})
         daemon = Daemon(config, tmp_path / "daemon.log")
         daemons.append(daemon)
-        key = "mirror/runs/big/model.pt"
+        key = f"mirror/{default_node()}/runs/big/model.pt"  # this box's namespace
         observer = Observer(server, bucket.name, key)
         observer.start()
         data = torch_bytes(size_floats=8_500_000, step=100)  # ~102 MB: two 64 MiB parts
