@@ -461,6 +461,7 @@ def status(config_file: Path | None, as_json: bool, check: bool, failing_for: st
         "unhealthy_watches": sorted(n for n, w in published.get("watches", {}).items() if not w.get("healthy", True)),
         "below_min_free": published.get("below_min_free", {}),
         "config_rejected": published.get("config_rejected"),
+        "standing_by": published.get("standing_by", {}),
     }  # fmt: skip
     with Catalog(state_dir) as catalog:
         for watch in config.watch:

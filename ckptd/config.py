@@ -231,6 +231,10 @@ class DaemonConfig(_Model):
         MIN_SCRUB_INTERVAL, "7d", "each scrub re-reads every checkpoint; leave scrub_interval out to never scrub"
     ))] = None  # fmt: skip
     scrub_bandwidth: Annotated[int, BeforeValidator(lambda v: parse_rate(v))] = 50_000_000
+    # How long a daemon's claim on a watched folder lasts unless renewed (ckptd.lease): two daemons that watch
+    # one shared folder (NFS, Lustre) agree on one owner; a standby takes over within this after the owner died.
+    lease_term: Annotated[float, BeforeValidator(_duration_at_least(
+        3.0, "60s", "the owner renews every third of it; it must outlast NFS attribute caching"))] = 60.0  # fmt: skip
 
 
 class MetricConfig(_Model):

@@ -11,6 +11,7 @@ old one stays).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -22,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -34,6 +35,7 @@ from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
+from ckptd.lease import Lease, lease_path
 from ckptd.mirrors import STALE_AFTER
 from ckptd.model import CheckpointChanged, Identity, Status, Verification
 from ckptd.prune import PruneReport, free_deficit, prune_watch
@@ -78,9 +80,10 @@ class MirrorService(threading.Thread):
     Every call to a target happens here, never on the main loop.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, standby: Callable[[], set[str]] = set) -> None:
         super().__init__(name="ckptd-mirror", daemon=True)
         self.config = config
+        self.standby = standby  # the watches another daemon owns (Daemon.standby): never copied from here
         self.wake = threading.Event()
         self.recheck = threading.Event()
         self.recheck.set()  # at start-up: the targets may have changed while no daemon looked
@@ -114,7 +117,8 @@ class MirrorService(threading.Thread):
                     except Exception:  # a bug here must not end mirroring for good
                         self._log.exception("mirror recheck failed")
                 try:
-                    mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set)
+                    mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set,
+                                          standby=self.standby)  # fmt: skip
                 except Exception:  # a bug here must not end mirroring for good
                     self._log.exception("mirror pass failed")
                 self.wake.wait(MIRROR_EVERY)
@@ -161,6 +165,8 @@ class Daemon:
         self._metric_missing_told: set[str] = set()  # runs already warned of a metric none of their checkpoints has
         self._published_queue = (0, 0)
         self._config_rejected: dict[str, Any] | None = None  # the last SIGHUP's config, refused: status says
+        self.leases: dict[str, Lease] = {}  # one claim per watched folder (ckptd.lease)
+        self.standby: set[str] = set()  # watches whose folder another daemon owns: watched by it, not by us
         self._watch_retry_at: dict[str, float] = {}  # watches whose observer could not start: when to try again
         self._retiring: MirrorService | None = None  # the mirror thread of the config before a reload, finishing
         self._lock = StateLock(self.config.daemon.state_dir)
@@ -186,6 +192,7 @@ class Daemon:
                 "daemon starting", config=str(self.config_path), state_dir=str(self.config.daemon.state_dir),
                 watches=[w.name for w in self.config.watch], workers=self.config.daemon.workers,
             )  # fmt: skip
+            self._guarded("lease", self._look_leases)
             self._start_watchers()
             self._reconcile_all("start-up")
             self._schedule_jobs()
@@ -230,6 +237,10 @@ class Daemon:
             self.mirror.stop()
         for watcher in self.watchers.values():
             watcher.stop()
+        for name, lease in self.leases.items():
+            if name not in self.standby:
+                with contextlib.suppress(OSError):
+                    lease.release()  # a standby takes over at its next look, not a whole term later
         if self.pool is not None:
             self.pool.kill()
         self.in_flight.clear()
@@ -246,6 +257,7 @@ class Daemon:
         last_ping = last_status = 0.0
         next_rescan = time.monotonic() + self.config.daemon.rescan_interval
         next_disk_check = 0.0
+        next_lease_look = time.monotonic() + self.config.daemon.lease_term / 3
         while not self._stop:
             # Each step is guarded on its own: a bug or an OSError in one (a full disk under status.json, an
             # observer that cannot restart) is logged and the loop goes on; the steps guard each checkpoint,
@@ -265,13 +277,18 @@ class Daemon:
             unhealthy += [
                 w.name
                 for w in self.config.watch  # could not start: tried again every WATCH_RETRY s
-                if w.name not in self.watchers and now >= self._watch_retry_at.get(w.name, 0.0)
+                if w.name not in self.watchers
+                and w.name not in self.standby
+                and now >= self._watch_retry_at.get(w.name, 0.0)
             ]
             if unhealthy:
                 self._guarded("restart watchers", self._restart_watchers, unhealthy)
             if now >= next_rescan:
                 self._guarded("reconcile", self._reconcile_all, "schedule")
                 next_rescan = now + self.config.daemon.rescan_interval
+            if now >= next_lease_look:
+                self._guarded("lease", self._look_leases)
+                next_lease_look = now + self.config.daemon.lease_term / 3
             if now >= next_disk_check:
                 self._guarded("disk check", self._check_free_space, now)
                 next_disk_check = now + DISK_CHECK_EVERY
@@ -314,7 +331,7 @@ class Daemon:
     def _start_watchers(self, names: list[str] | None = None) -> None:
         """Start an observer for every watch (or for the watches in `names`)."""
         for watch in self.config.watch:
-            if names is not None and watch.name not in names:
+            if (names is not None and watch.name not in names) or watch.name in self.standby:
                 continue
             watcher = FolderWatcher(
                 watch.name, watch.path, poll=watch.poll, poll_interval=watch.poll_interval, sink=self.changes
@@ -623,7 +640,8 @@ class Daemon:
 
     def _reconcile_all(self, reason: str) -> None:
         for watch in self.config.watch:
-            self._reconcile(watch, reason)
+            if watch.name not in self.standby:
+                self._reconcile(watch, reason)
         if self.mirror is not None:  # the wanted copies against what the targets hold, on the mirror thread
             self.mirror.request_recheck()
 
@@ -728,12 +746,12 @@ class Daemon:
             return
         self._retiring = None
         if any(w.mirror for w in self.config.watch):
-            self.mirror = MirrorService(self.config)
+            self.mirror = MirrorService(self.config, standby=lambda: set(self.standby))
             self.mirror.start()
 
     def _enqueue_mirror(self, watch: WatchConfig, run: str) -> None:
         assert self.catalog is not None
-        if watch.mirror is None:
+        if watch.mirror is None or watch.name in self.standby:
             return
         if mirroring.enqueue_run(self.catalog, self.config, watch, run, now=time.time()) and self.mirror:
             self.mirror.wake.set()
@@ -750,6 +768,41 @@ class Daemon:
                     f"retention:{watch.name}", functools.partial(self.prune_job, watch.name),
                     every=watch.retention.every, cron=watch.retention.cron,
                 )  # fmt: skip
+
+    def _look_leases(self) -> None:
+        """Renew or take each watched folder's lease (ckptd.lease); stand by where another daemon owns it: no
+        watcher, no verification, no retention, no copies for that folder until its lease expires."""
+        for watch in self.config.watch:
+            lease = self.leases.get(watch.name)
+            if lease is None or lease.path != lease_path(watch.path):
+                lease = Lease(watch.path, self.config.daemon.node, self.config.daemon.lease_term)
+                self.leases[watch.name] = lease
+            try:
+                owned = lease.look()
+            except OSError as exc:  # a folder we cannot write: no other daemon can lease it either
+                self._step_errors[f"lease {watch.name}"] = repr(exc)
+                owned = True
+            else:
+                self._step_errors.pop(f"lease {watch.name}", None)
+            if owned and watch.name in self.standby:
+                self.standby.discard(watch.name)
+                before = lease.previous
+                self.log.warning("took over the folder", watch=watch.name, folder=str(watch.path),
+                                 previous_owner=before.node if before else None)  # fmt: skip
+                self._start_watchers([watch.name])
+                self._reconcile(watch, "lease taken over")
+                self._dirty = True
+            elif not owned and watch.name not in self.standby:
+                self.standby.add(watch.name)
+                holder = lease.holder
+                self.log.warning("another daemon owns the folder, standing by", watch=watch.name,
+                                 folder=str(watch.path), owner=holder.node if holder else None,
+                                 owner_host=holder.host if holder else None)  # fmt: skip
+                stopped = self.watchers.pop(watch.name, None)
+                if stopped is not None:
+                    stopped.stop()
+                self.tracker.forget_watch(watch.name)
+                self._dirty = True
 
     def _check_free_space(self, now: float) -> None:
         """Below a watch's min_free, run its retention at once (at most every DISK_RETRY seconds): it deletes the
@@ -785,8 +838,8 @@ class Daemon:
     def prune_job(self, watch_name: str) -> PruneReport | None:
         """One scheduled retention pass over a watch, with the config in force when it runs."""
         watch = self.config.watch_named(watch_name)
-        if watch is None or watch.retention is None:
-            return None
+        if watch is None or watch.retention is None or watch_name in self.standby:
+            return None  # another daemon owns the folder: its retention is that daemon's
         with Catalog(self.config.daemon.state_dir) as catalog:
             report = prune_watch(
                 watch, watch.retention, catalog=catalog, state_dir=self.config.daemon.state_dir, dry_run=False,
@@ -819,6 +872,11 @@ class Daemon:
                 "last_reconciliation": self.stats.last_reconciliation,
                 "watches": {
                     name: {"polling": w.polling, "healthy": w.healthy()} for name, w in self.watchers.items()
+                },
+                "standing_by": {
+                    name: asdict(lease.holder) if lease.holder else None
+                    for name, lease in self.leases.items()
+                    if name in self.standby
                 },
                 "failing_steps": dict(self._step_errors),
                 "failing_checkpoints": dict(sorted(self.failing.items())[:100]),

@@ -555,10 +555,12 @@ def _put_with_retries(target: Target, key: str, path: Path, sha256: str) -> None
 
 def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, dry_run: bool = False,
                 now: Callable[[], float] = time.time, due_only: bool = True,
-                stop: Callable[[], bool] = lambda: False) -> MirrorReport:  # fmt: skip
+                stop: Callable[[], bool] = lambda: False,
+                standby: Callable[[], Set[str]] = frozenset) -> MirrorReport:  # fmt: skip
     """Copy every queued checkpoint that is due, target by target; a failing target never stops the others.
 
-    `stop` is asked between copies, so a daemon shutting down does not start another one.
+    `stop` is asked between copies, so a daemon shutting down does not start another one. Watches in `standby`
+    (their folder owned by another daemon: ckptd.lease) are left to that daemon.
     """
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
@@ -566,6 +568,8 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
     for item in catalog.mirror_due(now() if due_only else None):
         if stop():
             break
+        if item["watch"] in standby():
+            continue
         watch = config.watch_named(item["watch"])
         target = targets.get(item["target"])
         path = Path(item["path"])

@@ -209,13 +209,31 @@ def _write_record(
 ) -> None:  # fmt: skip
     """`record` without the run update: a pass over many checkpoints updates each run once, at its end."""
     row = catalog.get(str(candidate.path))
-    data = sidecar_bytes(verification, engine, now, row.pinned if row else False)
     state = sidecar.placed_in_state(placement, candidate.path, verification.layout)
-    store.write(candidate.path, data, root=root, state=state)
+    if not _says_the_same(store.read(candidate.path), verification, row.pinned if row else False):
+        data = sidecar_bytes(verification, engine, now, row.pinned if row else False)
+        store.write(candidate.path, data, root=root, state=state)
     catalog.record_verified(
         watch=watch, run=str(candidate.run), verification=verification,
         mtime_ns=verification.mtime_ns, now=now,
     )  # fmt: skip
+
+
+def _says_the_same(found: sidecar.Sidecar | None, verification: Verification, pinned: bool) -> bool:
+    """Whether a sidecar already records this verification's result for these very bytes (its hash, status,
+    size and mtime, and the pin): then it is read, not rewritten. Another daemon that took over a shared
+    folder (ckptd.lease) verifies each checkpoint once for its own catalog (a sidecar is never trusted without
+    the hash: anyone who can write the folder can write one) and leaves the owner's sidecars as they are."""
+    if found is None:
+        return False
+    recorded = found.verification
+    return (recorded.sha256, recorded.status, recorded.size_bytes, recorded.mtime_ns, found.pinned) == (
+        verification.sha256,
+        verification.status,
+        verification.size_bytes,
+        verification.mtime_ns,
+        pinned,
+    ) and verification.sha256 is not None
 
 
 def reconcile(

@@ -62,6 +62,11 @@ class SettleTracker:
         """Stop waiting for `path` (it was deleted)."""
         self._waiting.pop(path, None)
 
+    def forget_watch(self, watch: str) -> None:
+        """Stop waiting for every checkpoint of `watch` (another daemon owns its folder now)."""
+        for key in [k for k, w in self._waiting.items() if w.watch == watch]:
+            del self._waiting[key]
+
     def due(
         self,
         now: float,

@@ -170,6 +170,9 @@ def print_status(report: dict[str, Any]) -> None:
         console.print(f"[red]cannot record[/] {_e(path)}: {_e(failure['error'])}", highlight=False)
     for step, error in report.get("failing_steps", {}).items():
         console.print(f"[red]daemon step failing[/] {_e(step)}: {_e(error)}", highlight=False)
+    for name, holder in report.get("standing_by", {}).items():
+        owner = f"{holder['node']} ({holder['host']}, pid {holder['pid']})" if holder else "another daemon"
+        console.print(f"[yellow]standing by[/] watch {name}: its folder is owned by {_e(owner)}", highlight=False)
     for name, short in report.get("below_min_free", {}).items():
         console.print(f"[red]disk below min_free[/] watch {name}: {short} bytes short", highlight=False)
     for name, error in report.get("unreachable_targets", {}).items():
