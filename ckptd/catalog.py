@@ -263,6 +263,16 @@ class Catalog:
         found = self._exec("SELECT * FROM checkpoints WHERE path = ?", (path,)).fetchone()
         return _row(found) if found else None
 
+    def identities(self, watch: str) -> dict[str, tuple[int, int, int]]:
+        """{path: (size, mtime_ns, inode)} of every verified checkpoint of a watch on disk: one query for a
+        whole rescan, where `unchanged` per checkpoint would be one each (100,000 at a large site)."""
+        rows = self._exec(
+            "SELECT path, size, mtime_ns, inode FROM checkpoints WHERE watch = ? AND status IS NOT NULL"
+            " AND gone_at IS NULL",
+            (watch,),
+        )
+        return {decode(r["path"]): (r["size"], r["mtime_ns"], r["inode"]) for r in rows}
+
     def unchanged(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
         """True when `path` was verified before with exactly this size, mtime and inode (and is not gone)."""
         found = self._exec(

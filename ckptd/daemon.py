@@ -652,7 +652,7 @@ class Daemon:
         try:
             found = survey(
                 watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots(),
-                store=sidecar.store_of(self.config),
+                store=sidecar.store_of(self.config), read_sidecars=False,
             )  # fmt: skip
         except Exception as exc:  # one watch that cannot be surveyed never stops the others
             self.log.error("reconciliation failed", watch=watch.name, folder=str(watch.path), error=repr(exc))

@@ -76,6 +76,19 @@ def decide(current: Holder | None, token: str, now: float) -> State:
     return "mine" if current.token == token else "held"
 
 
+def _dead_here(holder: Holder) -> bool:
+    """Whether the holder ran on this host and its process is gone."""
+    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 class Lease:
     """This daemon's claim on one folder."""
 
@@ -106,13 +119,18 @@ class Lease:
         now = time.time() if now is None else now
         current = self.read()
         state = decide(current, self.token, now)
+        if state == "held" and current is not None and _dead_here(current):
+            state = "free"  # this host's daemon that held it is gone (killed, then restarted): no need to wait
         if state == "held":
             self.holder = current
             return False
         if state == "free":
             self.previous = current
             self._write(now)
-            time.sleep(self.settle)  # another daemon may have taken it in the same instant: the last rename wins
+            # Another daemon may have taken it in the same instant: the last rename wins. A takeover (standbys
+            # racing for an expired lease) waits the full settle; a first claim (no lease yet: two daemons
+            # started together on a new folder) a quarter, so a start-up is not held up.
+            time.sleep(self.settle if current is not None else self.settle / 4)
             found = self.read()
             self.holder = found
             return found is not None and found.token == self.token

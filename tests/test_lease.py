@@ -52,3 +52,19 @@ def test_two_daemons_claiming_a_free_folder_at_once_end_with_one_owner(tmp_path:
     assert other.look() is False and other.holder is not None and other.holder.node == owner
     claims[owner].release()
     assert other.look() is True  # a clean stop hands the folder over at once
+
+
+def test_a_lease_of_a_dead_daemon_on_this_host_is_taken_at_once(tmp_path: Path) -> None:
+    """Killed with -9 and restarted on the same host: the new daemon does not wait a whole term for its dead
+    predecessor's lease; another host's lease it does wait for (its process cannot be seen from here)."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = {"node": "a", "host": socket.gethostname(), "pid": pid, "token": "t", "expires_at": 4e9}
+    lease_path(tmp_path).write_text(json.dumps(stale))
+    assert Lease(tmp_path, "a", term=30.0, settle=0.0).look() is True
+    lease_path(tmp_path).write_text(json.dumps({**stale, "host": "another-host"}))
+    assert Lease(tmp_path, "a", term=30.0, settle=0.0).look() is False
