@@ -65,14 +65,19 @@ def test_a_reader_sees_committed_rows_while_the_catalog_is_open(tmp_path: Path) 
             reader.close()
 
 
+def unchanged(catalog: Catalog, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+    """What a rescan asks of the catalog (scan.survey): is `path` verified with exactly this identity?"""
+    return catalog.identities("w").get(path) == (size, mtime_ns, inode)
+
+
 def test_unchanged_is_true_only_for_identical_size_mtime_and_inode(catalog: Catalog) -> None:
-    """unchanged() holds for the exact recorded size, mtime_ns and inode, and for nothing else."""
+    """identities() holds the exact recorded size, mtime_ns and inode, and nothing else."""
     _record(catalog, "/r/a.pt")
-    assert catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
-    assert not catalog.unchanged("/r/a.pt", 1001, MTIME_NS, 42)
-    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS + 1, 42)
-    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 43)
-    assert not catalog.unchanged("/r/b.pt", 1000, MTIME_NS, 42)
+    assert unchanged(catalog, "/r/a.pt", 1000, MTIME_NS, 42)
+    assert not unchanged(catalog, "/r/a.pt", 1001, MTIME_NS, 42)
+    assert not unchanged(catalog, "/r/a.pt", 1000, MTIME_NS + 1, 42)
+    assert not unchanged(catalog, "/r/a.pt", 1000, MTIME_NS, 43)
+    assert not unchanged(catalog, "/r/b.pt", 1000, MTIME_NS, 42)
 
 
 def test_record_verified_stores_the_record(catalog: Catalog) -> None:
@@ -101,18 +106,18 @@ def test_first_seen_is_kept_when_a_checkpoint_is_verified_again(catalog: Catalog
     assert row is not None
     assert (row.first_seen, row.verified_at) == (100.0, 250.0)
     assert (row.size, row.sha256, row.status, row.mtime_ns) == (2000, "c" * 64, "corrupt", MTIME_NS + 7)
-    assert catalog.unchanged("/r/a.pt", 2000, MTIME_NS + 7, 42)
-    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+    assert unchanged(catalog, "/r/a.pt", 2000, MTIME_NS + 7, 42)
+    assert not unchanged(catalog, "/r/a.pt", 1000, MTIME_NS, 42)
 
 
 def test_mark_gone_hides_the_row_from_present_but_keeps_its_history(catalog: Catalog) -> None:
-    """A checkpoint marked gone leaves present(), in_run() and unchanged(); get() still has it."""
+    """A checkpoint marked gone leaves present(), in_run() and identities(); get() still has it."""
     _record(catalog, "/r/a.pt")
     _record(catalog, "/r/b.pt")
     catalog.mark_gone("/r/a.pt", 300.0)
     assert [r.path for r in catalog.present()] == ["/r/b.pt"]
     assert [r.path for r in catalog.in_run("/r")] == ["/r/b.pt"]
-    assert not catalog.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+    assert not unchanged(catalog, "/r/a.pt", 1000, MTIME_NS, 42)
     row = catalog.get("/r/a.pt")
     assert row is not None and row.gone_at == 300.0
     catalog.mark_gone("/r/a.pt", 400.0)  # already gone: the first time is kept
@@ -151,7 +156,7 @@ def test_record_link_stores_a_pointer_that_is_never_unchanged(catalog: Catalog) 
     assert row is not None
     assert (row.kind, row.link_target, row.status, row.sha256) == ("link", "/r/a.pt", None, None)
     assert (row.size, row.mtime_ns, row.inode, row.first_seen) == (7, MTIME_NS, 9, 50.0)
-    assert not catalog.unchanged("/r/last.pt", 7, MTIME_NS, 9)
+    assert not unchanged(catalog, "/r/last.pt", 7, MTIME_NS, 9)
     assert [r.path for r in catalog.present()] == ["/r/last.pt"]
 
     catalog.record_link(
@@ -176,7 +181,7 @@ def test_rows_survive_reopening(tmp_path: Path) -> None:
     with Catalog(tmp_path) as first:
         _record(first, "/r/a.pt", now=100.0)
     with Catalog(tmp_path) as second:
-        assert second.unchanged("/r/a.pt", 1000, MTIME_NS, 42)
+        assert unchanged(second, "/r/a.pt", 1000, MTIME_NS, 42)
         row = second.get("/r/a.pt")
         assert row is not None and row.first_seen == 100.0
 
