@@ -698,7 +698,6 @@ def _target(config: Config | None, name: str, node: str | None = None) -> Any:
     """The target to read: a configured [mirror.NAME] in this box's namespace (or `node`'s), or a store's URL at
     the top of the fleet (or in `node`'s namespace). A URL needs no config: S3 credentials come from the AWS
     chain and an endpoint from $AWS_ENDPOINT_URL."""
-    from ckptd import mirror as mirroring
     from ckptd.config import MirrorTargetConfig
     from ckptd.mirrors import make_target, scheme_problem
 
@@ -706,26 +705,21 @@ def _target(config: Config | None, name: str, node: str | None = None) -> Any:
         problem = scheme_problem(name)
         if problem:
             raise UsageError(f"{name}: {problem}")
+        label, folder, namespace = "fleet", Path.cwd(), node or ""
         settings = MirrorTargetConfig(url=name, endpoint_url=os.environ.get("AWS_ENDPOINT_URL", ""))
-        try:
-            return make_target("fleet", settings, Path.cwd(), node=node or "")
-        except Exception as exc:
-            raise NoAnswer(f"{name} cannot be used: {exc}") from None
-    if config is None:
+    elif config is None:
         raise UsageError(f"no config file to find the mirror target {name!r} in: pass --config, or give a URL")
-    if name not in config.mirror:
+    elif name not in config.mirror:
         known = ", ".join(sorted(config.mirror)) or "none"
         raise UsageError(f"unknown mirror target {name!r} (configured: {known})")
-    if node is None:
-        broken: dict[str, str] = {}
-        targets = mirroring.targets_of(config, broken)
-        if name in broken:
-            raise NoAnswer(f"mirror target {name} cannot be used: {broken[name]}")
-        return targets[name]
-    try:
-        return make_target(name, config.mirror[name], config.source.parent, node=node)
+    else:
+        label, folder, namespace = name, config.source.parent, node or config.daemon.node
+        settings = config.mirror[name]
+    try:  # only the target asked for: building every configured one would open a client for each
+        return make_target(label, settings, folder, node=namespace)
     except Exception as exc:
-        raise NoAnswer(f"mirror target {name} cannot be used: {exc}") from None
+        what = name if _is_url(name) else f"mirror target {name}"
+        raise NoAnswer(f"{what} cannot be used: {exc}") from None
 
 
 @cli.command(name="ls")
