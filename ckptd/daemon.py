@@ -529,10 +529,7 @@ class Daemon:
                 self._on_crash(watch, job)
                 continue
             except Exception as exc:  # the verifier itself failed (a trusted global that will not import...)
-                self.log.error("verify failed", path=key, run=str(job.candidate.run), error=repr(exc))
-                self.failing[key] = {"run": str(job.candidate.run), "error": f"verify failed: {exc!r}",
-                                     "since": _iso(time.time())}  # fmt: skip
-                self._dirty = True
+                self._failing(job.candidate, "verify failed", repr(exc), shown=f"verify failed: {exc!r}")
                 continue
             self.crashes.pop(key, None)
             if not job.candidate.path.exists():
@@ -585,12 +582,16 @@ class Daemon:
             self._failed_to_record(candidate, exc)
 
     def _failed_to_record(self, candidate: Candidate, exc: Exception) -> None:
-        """A verification whose sidecar or row could not be written (a read-only or full folder): logged with
-        the folder, shown in status until it works, verified again at the next reconciliation."""
-        key = str(candidate.path)
+        """A verification whose sidecar or row could not be written (a read-only or full folder)."""
         error = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else repr(exc)
-        self.log.error("recording a verification failed", path=key, run=str(candidate.run), error=error)
-        self.failing[key] = {"run": str(candidate.run), "error": error, "since": _iso(time.time())}
+        self._failing(candidate, "recording a verification failed", error)
+
+    def _failing(self, candidate: Candidate, event: str, error: str, shown: str | None = None) -> None:
+        """A checkpoint that could not be verified or recorded: logged with its folder, shown in status (as
+        `shown`, else the error) until it works, verified again at the next reconciliation."""
+        key = str(candidate.path)
+        self.log.error(event, path=key, run=str(candidate.run), error=error)
+        self.failing[key] = {"run": str(candidate.run), "error": shown or error, "since": _iso(time.time())}
         self._dirty = True
 
     def _record(

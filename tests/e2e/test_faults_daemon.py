@@ -57,14 +57,6 @@ def _config(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     return config, runs
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.close()
-
-
 def status(config: Path, *args: str) -> tuple[int, dict[str, object]]:
     done = ckptd("status", "--config", str(config), "--json", *args)
     return done.returncode, json.loads(done.stdout)
@@ -169,6 +161,17 @@ def _place(path: Path, step: int, loss: float) -> Path:
     return path
 
 
+def _fill(path: Path) -> None:
+    """Write zeros into `path` until its file system is full to the last byte."""
+    with open(path, "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
 def _free(folder: Path) -> int:
     found = os.statvfs(folder)
     return found.f_bavail * found.f_frsize
@@ -203,13 +206,7 @@ def test_a_full_disk_is_a_state_and_min_free_frees_what_no_invariant_keeps(
 
     # Filled to the last byte right after a save: its sidecar cannot be written.
     newest = _place(run / "step_6.pt", 6, 0.6)
-    with open(small_disk / "filler", "wb") as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
-        except OSError:
-            pass
+    _fill(small_disk / "filler")
     daemon.wait_event("recording a verification failed", path=str(newest))
 
     def says_full() -> dict[str, object] | None:
@@ -389,13 +386,7 @@ def test_a_full_local_target_is_a_failing_copy_that_completes_when_space_returns
     target, status shows the error, the daemon goes on; once space returns the copy completes."""
     backup = small_disk / "backup"
     config, runs = _config(tmp_path, "[watch.mirror]", 'to = ["backup"]', "", "[mirror.backup]", f'url = "{backup}"')
-    with open(small_disk / "filler", "wb") as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
-        except OSError:
-            pass
+    _fill(small_disk / "filler")
     daemon = Daemon(config, tmp_path / "daemon.log")
     daemons.append(daemon)
     checkpoint = _place(runs / "exp" / "a.pt", 1, 0.5)

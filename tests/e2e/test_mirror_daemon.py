@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,15 +65,6 @@ def s3_settings(bucket: Bucket) -> dict[str, Any]:
     """A [mirror.s3] section for `bucket`: endpoint, region, keep_superseded = 0; no credentials."""
     return {"url": f"s3://{bucket.name}/mirror", "endpoint_url": bucket.endpoint, "region": "us-east-1",
             "keep_superseded": 0}  # fmt: skip
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons a test starts; each is stopped at its end."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.close()
 
 
 def holds_exactly(target: Target, run_key: str, local: dict[str, Path]) -> bool:

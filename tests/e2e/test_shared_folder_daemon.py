@@ -13,7 +13,6 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +43,6 @@ def _config(tmp_path: Path, node: str, runs: Path) -> Path:
         "[watch.retention]", 'interval = "1s"', "keep_last = 1", "keep_best = 1",
     ]) + "\n")  # fmt: skip
     return config
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.close()
 
 
 def test_two_daemons_on_one_folder_have_one_owner_and_the_standby_takes_over_after_kill_9(
