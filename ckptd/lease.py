@@ -109,9 +109,10 @@ class Lease:
         finally:
             os.close(fd)
 
-    def _write(self, now: float) -> None:
+    def _write(self, now: float) -> Holder:
         mine = Holder(self.node, socket.gethostname(), os.getpid(), self.token, now + self.term)
         atomic_write_bytes(self.path, json.dumps(asdict(mine)).encode())
+        return mine
 
     def look(self, now: float | None = None) -> bool:
         """Renew the lease if it is ours, take it if it is free, stand by if another daemon holds it; return
@@ -134,8 +135,7 @@ class Lease:
             found = self.read()
             self.holder = found
             return found is not None and found.token == self.token
-        self._write(now)
-        self.holder = self.read()
+        self.holder = self._write(now)  # a renewal: no one else may take an unexpired lease of ours
         return True
 
     def release(self) -> None:
