@@ -37,7 +37,7 @@ from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
 from ckptd.lease import Lease, lease_path
 from ckptd.mirrors import STALE_AFTER
-from ckptd.model import CheckpointChanged, Identity, Status, Verification
+from ckptd.model import CheckpointChanged, Entry, Identity, Status, Verification
 from ckptd.prune import PruneReport, free_deficit, prune_watch
 from ckptd.scan import RunChange, record, record_link, survey, update_run
 from ckptd.scheduler import Scheduler
@@ -635,7 +635,7 @@ class Daemon:
             self.log.warning("metric missing", run=run, metric=watch.metric.name,
                              metrics_held=change.metrics_held[:20],
                              hint="set [watch.metric] name (or key) to one the checkpoints hold")  # fmt: skip
-        self._enqueue_mirror(watch, run)
+        self._enqueue_mirror(watch, run, change.entries)
 
     # -------------------------------------------------------------------------------------- reconciliation
 
@@ -750,11 +750,14 @@ class Daemon:
             self.mirror = MirrorService(self.config, standby=lambda: set(self.standby))
             self.mirror.start()
 
-    def _enqueue_mirror(self, watch: WatchConfig, run: str) -> None:
+    def _enqueue_mirror(self, watch: WatchConfig, run: str, entries: list[Entry]) -> None:
         assert self.catalog is not None
         if watch.mirror is None or watch.name in self.standby:
             return
-        if mirroring.enqueue_run(self.catalog, self.config, watch, run, now=time.time()) and self.mirror:
+        if (
+            mirroring.enqueue_run(self.catalog, self.config, watch, run, now=time.time(), entries=entries)
+            and self.mirror
+        ):
             self.mirror.wake.set()
 
     # ------------------------------------------------------------------------------------------- retention

@@ -436,11 +436,15 @@ def orphans(held: Set[str], index: Mapping[str, Any], *, proved: Mapping[str, Ma
 # ------------------------------------------------------------------------------------------------ queueing
 
 
-def enqueue_run(catalog: Catalog, config: Config, watch: WatchConfig, run: str, now: float) -> int:
-    """Queue the run's checkpoints that its mirror rule copies; drop queued ones it no longer wants."""
+def enqueue_run(catalog: Catalog, config: Config, watch: WatchConfig, run: str, now: float,
+                entries: Iterable[Entry] | None = None) -> int:  # fmt: skip
+    """Queue the run's checkpoints that its mirror rule copies; drop queued ones it no longer wants. `entries`:
+    the run's checkpoints when the caller has just read them (the record step), else read here."""
     if watch.mirror is None:
         return 0
-    current = wanted_copies((r.entry() for r in catalog.in_run(run) if r.kind != "link"), watch)
+    if entries is None:
+        entries = (r.entry() for r in catalog.in_run(run) if r.kind != "link")
+    current = wanted_copies(entries, watch)
     queued = 0
     for target in watch.mirror.to:
         queued += catalog.sync_mirror_queue(target=target, watch=watch.name, run=run, wanted=current, now=now)

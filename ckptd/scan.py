@@ -169,6 +169,7 @@ class RunChange:
     best_changed: bool
     metrics_held: list[str]
     metric_missing: bool  # the watch names a metric that none of the run's ok checkpoints holds
+    entries: list[Entry]  # the run's checkpoints as the catalog holds them now (links left out)
 
 
 def update_run(catalog: Catalog, *, watch: str, run: str, metric: MetricConfig | None, now: float) -> RunChange:
@@ -188,6 +189,7 @@ def update_run(catalog: Catalog, *, watch: str, run: str, metric: MetricConfig |
         latest_changed=newest is not None and newest.path != before_latest,
         best_changed=top is not None and top.path != before_best, metrics_held=held,
         metric_missing=name is not None and name not in held and bool(selection.usable(entries)),
+        entries=entries,
     )  # fmt: skip
 
 
