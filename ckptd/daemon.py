@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -39,7 +39,7 @@ from ckptd.lease import Lease, lease_path
 from ckptd.mirrors import STALE_AFTER
 from ckptd.model import CheckpointChanged, Entry, Identity, Status, Verification
 from ckptd.prune import PruneReport, free_deficit, prune_watch
-from ckptd.scan import RunChange, record, record_link, survey, update_run
+from ckptd.scan import RunChange, record, record_link, surveying, update_run
 from ckptd.scheduler import Scheduler
 from ckptd.settle import SettleTracker
 from ckptd.state import StateLock, write_status
@@ -53,6 +53,11 @@ WATCH_RETRY = 30.0  # seconds between tries to watch a folder whose observer cou
 DISK_CHECK_EVERY = 5.0  # seconds between looks at the free space of watches with min_free
 DISK_RETRY = 10.0  # at most one retention run for min_free this often per watch
 TICK = 0.1  # seconds between looks at the settle tracker and the workers
+PASS_SLICE = 0.05  # seconds of a reconciliation pass between two looks at events, workers and the watchdog
+SURVEYED = "surveyed"  # what a pass yields once its survey is done (start-up sends READY then)
+RUNS_PER_STEP = 20  # runs refreshed between two yields of a pass
+EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages while a start-up survey runs...
+EXTEND_BY = 30.0  # ...each asking systemd for this much more time
 STATUS_EVERY = 2.0  # the status file is rewritten at most this often, and only after a change...
 STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes (and fsyncs) next to nothing
 MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
@@ -174,6 +179,7 @@ class Daemon:
         self.pool: VerifierPool | None = None
         self.scheduler = Scheduler()
         self.mirror: MirrorService | None = None
+        self._passes: dict[str, Generator[str | None, None, None]] = {}  # reconciliations under way, by watch
 
     # -------------------------------------------------------------------------------------------- life cycle
 
@@ -194,7 +200,7 @@ class Daemon:
             )  # fmt: skip
             self._guarded("lease", self._look_leases)
             self._start_watchers()
-            self._reconcile_all("start-up")
+            self._start_up_passes()
             self._schedule_jobs()
             self.scheduler.start()
             self._start_mirror()
@@ -262,8 +268,9 @@ class Daemon:
             # Each step is guarded on its own: a bug or an OSError in one (a full disk under status.json, an
             # observer that cannot restart) is logged and the loop goes on; the steps guard each checkpoint,
             # watch and target inside them too, so one of those never stops the others.
-            self._drain_changes(timeout=TICK)
+            self._drain_changes(timeout=0.0 if self._passes else TICK)
             now = time.monotonic()
+            self._guarded("reconcile", self._advance_passes, PASS_SLICE)
             self._guarded("dispatch", self._dispatch, now)
             self._guarded("collect", self._collect)
             self._guarded("expire", self._expire, now)
@@ -647,11 +654,51 @@ class Daemon:
             self.mirror.request_recheck()
 
     def _reconcile(self, watch: WatchConfig, reason: str) -> None:
-        """Compare disk with the catalog (the safety net for dropped events); queue what changed."""
+        """Start a pass comparing disk with the catalog (the safety net for dropped events). It runs a step at a
+        time between the main loop's other work (`_advance_passes`): a pass over a million checkpoints never
+        holds up verification, events or watchdog pings. A pass already under way for the watch is replaced."""
+        self._passes[watch.name] = self._pass(watch, reason)
+
+    def _start_up_passes(self) -> None:
+        """At start-up, survey every watch before READY (so `ready` means the catalog matches the disk), telling
+        systemd to extend its start timeout while a long survey runs; the runs' refresh that follows a survey
+        goes on after READY, in the loop."""
+        self._reconcile_all("start-up")
+        extended = time.monotonic()
+        for name, steps in list(self._passes.items()):
+            for step in steps:
+                if step == SURVEYED or self._stop:
+                    break
+                if time.monotonic() - extended >= EXTEND_EVERY:
+                    self.notifier.extend_timeout(EXTEND_BY)
+                    extended = time.monotonic()
+            else:
+                self._passes.pop(name, None)
+
+    def _advance_passes(self, budget: float) -> None:
+        """Run the passes under way for about `budget` seconds, one step at a time."""
+        until = time.monotonic() + budget
+        for name, steps in list(self._passes.items()):
+            while True:  # at least one step of each pass per call, whatever the budget
+                try:
+                    next(steps)
+                except StopIteration:
+                    if self._passes.get(name) is steps:
+                        del self._passes[name]
+                    break
+                except Exception:  # a pass that fails is dropped (the next rescan tries again); the loop goes on
+                    self._passes.pop(name, None)
+                    raise
+                if time.monotonic() >= until:
+                    break
+
+    def _pass(self, watch: WatchConfig, reason: str) -> Generator[str | None, None, None]:
+        """One reconciliation of a watch, stepwise: the survey (yielding None between steps, then SURVEYED),
+        queueing what changed, then every run's latest, best and wanted copies again."""
         assert self.catalog is not None
         started = time.monotonic()
         try:
-            found = survey(
+            found = yield from surveying(
                 watch.path, watch=watch.name, patterns=watch.patterns, catalog=self.catalog, boundaries=self._roots(),
                 store=sidecar.store_of(self.config), read_sidecars=False,
             )  # fmt: skip
@@ -671,14 +718,6 @@ class Daemon:
             self._track(watch, candidate, closed=_complete(candidate))
         for run in found.rotating:
             self.log.info("trainer rotates its checkpoints", run=run, retention="left to the trainer")
-        # Every run's latest, best and wanted copies again, not only those of checkpoints seen now: a run
-        # recorded by `ckptd scan`, by a daemon killed before it queued the copies, or before [watch.mirror]
-        # was added, would otherwise never be mirrored.
-        for run in sorted({row.run for row in self.catalog.present(watch=watch.name)} | found.gone_runs):
-            try:
-                self._update_run(watch, run)
-            except Exception as exc:  # one run that cannot be updated never stops the others
-                self.log.error("run update failed", watch=watch.name, run=run, error=repr(exc))
         self.stats.last_reconciliation[watch.name] = _iso(time.time())
         self._dirty = True
         self.log.info(
@@ -686,6 +725,17 @@ class Daemon:
             links=found.links, gone=len(found.gone), stale_sidecars=len(found.removed_sidecars),
             temps_removed=len(found.removed_temps), seconds=round(time.monotonic() - started, 3),
         )  # fmt: skip
+        yield SURVEYED
+        # Every run's latest, best and wanted copies again, not only those of checkpoints seen now: a run
+        # recorded by `ckptd scan`, by a daemon killed before it queued the copies, or before [watch.mirror]
+        # was added, would otherwise never be mirrored.
+        for count, run in enumerate(sorted(set(self.catalog.run_names(watch.name)) | found.gone_runs), 1):
+            if count % RUNS_PER_STEP == 0:
+                yield None
+            try:
+                self._update_run(watch, run)
+            except Exception as exc:  # one run that cannot be updated never stops the others
+                self.log.error("run update failed", watch=watch.name, run=run, error=repr(exc))
 
     def _reload_config(self) -> None:
         self.notifier.reloading()

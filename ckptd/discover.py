@@ -25,7 +25,7 @@ from ckptd import layouts
 from ckptd.fsutil import TEMP_MARK, TRASH_PREFIX, kind_of, unlink_confined
 from ckptd.layouts import hf_trainer, nshtrainer, pretrained
 from ckptd.model import Identity
-from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of
+from ckptd.sidecar import SIDECAR_SUFFIX, checkpoint_of, sidecar_name, sidecar_path
 
 Kind = Literal["file", "directory", "link"]
 
@@ -179,11 +179,44 @@ def _final_model(path: Path) -> bool:
     return any(hf_trainer.NAME.match(name) and (path.parent / name).is_dir() for name in beside)
 
 
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint `sweep` found, with what the walk learnt of it without another system call."""
+
+    candidate: Candidate
+    identity: Identity | None  # None for a link: links are never hashed
+    complete: bool = True  # False for a folder checkpoint its trainer has not finished
+    sidecar_beside: bool = False  # its `<name>.ckptd.json` was listed beside it
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A file of ckptd's own that the walk found and that may have to go: a sidecar whose checkpoint is gone
+    (`orphan`), or a temp file a killed process left (`temp`: its age is for the caller to judge)."""
+
+    path: Path
+    kind: Literal["orphan", "temp"]
+
+
 def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Iterator[Candidate]:
     """Walk `root` and yield every checkpoint in it; directory checkpoints are not descended into.
 
     `root` may itself be a checkpoint (a file or a directory checkpoint). Links may point anywhere inside
     `boundary` (the watched folder, or every watched folder; `root` by default), never out of it.
+    """
+    for item in sweep(root, patterns, boundary):
+        if isinstance(item, Found):
+            yield item.candidate
+
+
+def sweep(root: Path, patterns: Sequence[str], boundary: Roots | None = None) -> Iterator[Found | Leftover]:
+    """`discover`, with each checkpoint's identity, completeness and sidecar, and ckptd's leftovers: one walk.
+
+    The rescan of a watch with 100,000 checkpoints must cost little more than listing and `lstat`-ing its
+    files (issue 13): each folder is listed once (`os.scandir`, whose entries say what they are without a
+    `stat`), each file is `lstat`-ed once, and orphan sidecars and temp files are found in the same pass.
+    In each folder its folder checkpoints come first, then its files, then its other folders, by name.
+    Hidden folders are skipped; links are classified (never followed).
     """
     boundary = boundary or root
     if is_ckptd_file(root.name):  # a folder being deleted by ckptd (or its temp): nothing to find
@@ -191,29 +224,136 @@ def discover(root: Path, patterns: Sequence[str], boundary: Roots | None = None)
     if root.is_symlink():  # a folder that is a link (a new one an event names): recorded as a link or nothing
         link = classify(root, boundary, patterns)
         if link is not None:
-            yield link
+            yield Found(link, None)
         return
-    top = classify(root, root.parent, patterns) if root.is_file() or layouts.detect(root) else None
-    if top is not None:
-        yield top
+    if root.is_file():
+        top = classify(root, root.parent, patterns)
+        if top is not None:
+            yield Found(top, identity(root), sidecar_beside=sidecar_path(root).is_file())
         return
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        folder = Path(dirpath)
-        dirnames.sort()
-        for name in list(dirnames):
-            sub = folder / name
-            if name.startswith(".") and not sub.is_symlink():
-                dirnames.remove(name)
-                continue
-            found = classify(sub, boundary, patterns)
-            if found is not None or sub.is_symlink():
-                dirnames.remove(name)
-            if found is not None:
-                yield found
-        for name in sorted(filenames):
-            found = classify(folder / name, boundary, patterns)
-            if found is not None:
-                yield found
+    listed = _listing(root)
+    if listed is None:
+        return
+    layout = layouts.detect(root, frozenset(listed))
+    if layout is not None:
+        yield _folder_checkpoint(root, layout, listed, sidecar_path(root).is_file())
+        return
+    pending: list[tuple[Path, dict[str, os.DirEntry[str]]]] = [(root, listed)]
+    while pending:
+        folder, listing = pending.pop()
+        below: list[tuple[Path, dict[str, os.DirEntry[str]]]] = []
+        yield from _sweep_folder(folder, listing, patterns, boundary, below)
+        pending.extend(reversed(below))  # depth first, by name, as os.walk goes
+
+
+def _listing(folder: Path) -> dict[str, os.DirEntry[str]] | None:
+    """The entries of `folder` by name, or None when it cannot be listed (gone, not a folder, no permission)."""
+    try:
+        with os.scandir(folder) as found:
+            return {entry.name: entry for entry in found}
+    except OSError:
+        return None
+
+
+def _sweep_folder(
+    folder: Path,
+    listing: dict[str, os.DirEntry[str]],
+    patterns: Sequence[str],
+    boundary: Roots,
+    below: list[tuple[Path, dict[str, os.DirEntry[str]]]],
+) -> Iterator[Found | Leftover]:
+    """The checkpoints and leftovers directly in one folder; the folders to walk next go to `below`."""
+    files: list[os.DirEntry[str]] = []
+    for name in sorted(listing):
+        entry = listing[name]
+        if is_ckptd_file(name):
+            yield from _leftover(folder, entry, listing)
+            continue
+        try:
+            if entry.is_symlink():
+                found = classify(folder / name, boundary, patterns)
+                if found is not None:
+                    yield Found(found, None)
+            elif entry.is_dir(follow_symlinks=False):
+                if name.startswith("."):
+                    continue
+                sub = folder / name
+                inner = _listing(sub)
+                if inner is None:
+                    continue
+                layout = layouts.detect(sub, frozenset(inner))
+                if layout is None:
+                    below.append((sub, inner))
+                else:
+                    yield _folder_checkpoint(sub, layout, inner, sidecar_name(name) in listing)
+            elif entry.is_file(follow_symlinks=False):
+                files.append(entry)
+        except OSError:  # gone meanwhile: the next pass or event sees what replaced it
+            continue
+    runs: dict[bool, Path] = {}
+    for entry in files:
+        name = entry.name
+        if not matches(name, patterns) or part_of_a_save(name) or _final_model_in(name, listing):
+            continue
+        path = folder / name
+        shared = name.endswith(".ckpt")  # the run of a file depends on its folder and, for nshtrainer, suffix
+        run = runs.get(shared) or runs.setdefault(shared, layouts.run_of(path, None))
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        yield Found(
+            Candidate(path, "file", run),
+            Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev),
+            sidecar_beside=name + SIDECAR_SUFFIX in listing or sidecar_name(name) in listing,
+        )
+
+
+def _leftover(folder: Path, entry: os.DirEntry[str], listing: Mapping[str, object]) -> Iterator[Leftover]:
+    name = entry.name
+    if TEMP_MARK in name:
+        yield Leftover(folder / name, "temp")
+    elif name.endswith(SIDECAR_SUFFIX) and name.removesuffix(SIDECAR_SUFFIX) not in listing:
+        checkpoint = checkpoint_of(folder / name)  # a shortened name says its checkpoint in its body
+        if checkpoint is None or not (checkpoint.exists() or checkpoint.is_symlink()):
+            yield Leftover(folder / name, "orphan")
+
+
+def _final_model_in(name: str, listing: Mapping[str, os.DirEntry[str]]) -> bool:
+    """`_final_model`, from the folder's listing."""
+    if name not in hf_trainer.WEIGHTS:
+        return False
+    return any(hf_trainer.NAME.match(n) and e.is_dir() for n, e in listing.items())
+
+
+def _folder_checkpoint(
+    folder: Path, layout: layouts.Layout, listing: dict[str, os.DirEntry[str]], sidecar_beside: bool
+) -> Found:
+    """A folder checkpoint, its identity summed from one walk of its files (see `identity`)."""
+    names = frozenset(listing)
+    candidate = Candidate(folder, "directory", layout.run_of(folder))
+    try:
+        top = folder.stat()
+        size, newest = 0, top.st_mtime_ns
+        pending = [listing]
+        while pending:
+            for name, entry in pending.pop().items():
+                if entry.is_dir(follow_symlinks=False):
+                    inner = _listing(Path(entry.path))
+                    if inner is not None:
+                        pending.append(inner)
+                elif not is_ckptd_file(name) and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    size += st.st_size
+                    newest = max(newest, st.st_mtime_ns)
+    except OSError:  # changing under the walk: unknown identity, so it is looked at again
+        return Found(candidate, None, complete=False, sidecar_beside=sidecar_beside)
+    return Found(
+        candidate,
+        Identity(size, newest, top.st_ino, top.st_dev),
+        complete=layout.complete(folder, names),
+        sidecar_beside=sidecar_beside,
+    )
 
 
 Vanishing = Literal["present", "deleted", "moved"]
@@ -240,30 +380,23 @@ def vanishing(checkpoint: Path) -> Vanishing:
 
 def orphan_sidecars(root: Path) -> Iterator[Path]:
     """Sidecars under `root` whose checkpoint is gone."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if name.endswith(SIDECAR_SUFFIX):
-                checkpoint = checkpoint_of(Path(dirpath) / name)
-                if checkpoint is None or not (checkpoint.exists() or checkpoint.is_symlink()):
-                    yield Path(dirpath) / name
+    for item in sweep(root, ()):
+        if isinstance(item, Leftover) and item.kind == "orphan":
+            yield item.path
 
 
 def stale_temps(root: Path, *, older_than: float, now: float) -> list[Path]:
     """Delete ckptd temp files under `root` older than `older_than` seconds (left by a killed process)."""
-    removed = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if TEMP_MARK not in name:
-                continue
-            path = Path(dirpath) / name
-            try:
-                if now - path.lstat().st_mtime >= older_than and unlink_confined(root, path):
-                    removed.append(path)
-            except (OSError, ValueError):  # gone, or its folder became a link meanwhile: never followed
-                continue
-    return removed
+    temps = [item.path for item in sweep(root, ()) if isinstance(item, Leftover) and item.kind == "temp"]
+    return [path for path in temps if remove_stale(root, path, older_than=older_than, now=now)]
+
+
+def remove_stale(root: Path, temp: Path, *, older_than: float, now: float) -> bool:
+    """Delete one temp file below `root` when it is older than `older_than` seconds; True when it went."""
+    try:
+        return now - temp.lstat().st_mtime >= older_than and unlink_confined(root, temp)
+    except (OSError, ValueError):  # gone, or its folder became a link meanwhile: never followed
+        return False
 
 
 def directory_complete(folder: Path) -> bool:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar, cast
 
 from ckptd import __version__, discover, fsutil, selection, sidecar
 from ckptd.catalog import Catalog
@@ -24,6 +25,9 @@ from ckptd.discover import Candidate
 from ckptd.model import CheckpointChanged, Entry, Verification
 
 _BESIDE = sidecar.Store()  # no state folder: every sidecar beside its checkpoint
+
+STEP = 2000  # entries of the walk between two yields of `surveying`: some 5 ms of work
+R = TypeVar("R")
 
 Verifier = Callable[[Path], Verification]
 """Verifies one checkpoint; may raise CheckpointChanged."""
@@ -74,14 +78,17 @@ class Survey:
     failed: list[str] = field(default_factory=list)  # could not be looked at (permissions, I/O errors)
 
 
-def _changed(candidate: Candidate, known: dict[str, tuple[int, int, int]], store: sidecar.Store,
+def _changed(found: discover.Found, known: dict[str, tuple[int, int, int]], store: sidecar.Store,
              read_sidecars: bool) -> bool:  # fmt: skip
-    """True unless the catalog has this exact checkpoint (size, mtime, inode in `known`) and its sidecar is
-    there: one stat, and the sidecar parsed only when `read_sidecars` (else its presence looked at)."""
-    found = discover.identity(candidate.path)
-    if known.get(str(candidate.path)) != (found.size, found.mtime_ns, found.inode):
+    """True unless the catalog has this exact checkpoint (size, mtime, inode in `known`, as the walk's one
+    `lstat` found them) and its sidecar is there: parsed only when `read_sidecars`, else its presence looked
+    at (in the walk's listing; in the state folder only when it is not beside the checkpoint)."""
+    path = found.candidate.path
+    if found.identity is None or known.get(str(path)) != found.identity[:3]:
         return True
-    return store.read(candidate.path) is None if read_sidecars else store.path_of(candidate.path) is None
+    if read_sidecars:
+        return store.read(path) is None
+    return not found.sidecar_beside and store.path_of(path) is None
 
 
 def record_link(candidate: Candidate, *, watch: str, catalog: Catalog, now: float) -> None:
@@ -92,6 +99,75 @@ def record_link(candidate: Candidate, *, watch: str, catalog: Catalog, now: floa
         watch=watch, run=str(candidate.run), path=str(candidate.path), target=str(candidate.link_target),
         size=found.size, mtime_ns=found.mtime_ns, inode=found.inode, now=now,
     )  # fmt: skip
+
+
+def surveying(
+    root: Path,
+    *,
+    watch: str,
+    patterns: Sequence[str],
+    catalog: Catalog,
+    now: Callable[[], float] = time.time,
+    boundaries: Sequence[Path] = (),
+    store: sidecar.Store = _BESIDE,
+    read_sidecars: bool = True,
+) -> Generator[None, None, Survey]:
+    """Compare `root` with the catalog: list what needs verifying, record links, mark vanished checkpoints
+    gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing.
+
+    A checkpoint whose size, mtime and inode are the catalog's is unchanged: one stat, and the catalog's
+    identities come in one query. With `read_sidecars` its sidecar is parsed too (a damaged one is written
+    again: `ckptd scan`); without, only its presence is looked at (the daemon's rescans, which must stay
+    close to the cost of a walk at 100,000 checkpoints).
+
+    `boundaries` are every watched folder: a link into any of them is recorded (it protects its target).
+    `store` says where sidecars are (beside checkpoints, or some in the state folder).
+
+    A generator: it yields after every `STEP` entries of the walk and returns the survey, so that the daemon can
+    verify, answer events and ping its watchdog between steps of a pass over a million checkpoints (`survey`
+    runs it through at once). Whatever the daemon records meanwhile is at worst looked at once more.
+    """
+    result = Survey()
+    seen: set[str] = set()
+    known = catalog.identities(watch)
+    for count, item in enumerate(discover.sweep(root, patterns, boundary=list(boundaries) or root), 1):
+        if count % STEP == 0:
+            yield
+        if isinstance(item, discover.Leftover):
+            _remove_leftover(item, root, result, now)
+            continue
+        candidate = item.candidate
+        seen.add(str(candidate.path))
+        try:
+            if candidate.kind == "link":
+                record_link(candidate, watch=watch, catalog=catalog, now=now())
+                result.links += 1
+            elif not item.complete:
+                result.incomplete.append(candidate)  # never verified half-written: it would pass for `latest`
+            elif _changed(item, known, store, read_sidecars):
+                result.to_verify.append(candidate)
+            else:
+                result.unchanged += 1
+        except FileNotFoundError:
+            seen.discard(str(candidate.path))
+        except OSError as exc:  # one unreadable checkpoint never stops the survey of the others
+            result.failed.append(f"{candidate.path}: {exc}")
+    missing = [path for path in catalog.present_paths(under=str(root)) if path not in seen]
+    yield
+    for path in missing:  # few: what a trainer rotated or a user removed since the last pass
+        row = catalog.get(path)
+        how = discover.vanishing(Path(path))
+        if row is None or how == "present":
+            continue
+        if catalog.vanished(row, now(), deleted=how == "deleted"):
+            result.rotating.add(row.run)
+        result.gone.append(row.path)
+        result.gone_runs.add(row.run)
+    watched = next((r for name, r in store.watches if name == watch), None)
+    for orphan in store.orphans(watch, watched) if watched is not None and watched == root else ():
+        orphan.unlink(missing_ok=True)
+        result.removed_sidecars.append(str(orphan))
+    return result
 
 
 def survey(
@@ -105,55 +181,31 @@ def survey(
     store: sidecar.Store = _BESIDE,
     read_sidecars: bool = True,
 ) -> Survey:
-    """Compare `root` with the catalog: list what needs verifying, record links, mark vanished checkpoints
-    gone, remove sidecars without a checkpoint and temp files left by a killed process. Hashes nothing.
+    """`surveying` run through at once."""
+    return run_through(surveying(root, watch=watch, patterns=patterns, catalog=catalog, now=now,
+                                 boundaries=boundaries, store=store, read_sidecars=read_sidecars))  # fmt: skip
 
-    A checkpoint whose size, mtime and inode are the catalog's is unchanged: one stat, and the catalog's
-    identities come in one query. With `read_sidecars` its sidecar is parsed too (a damaged one is written
-    again: `ckptd scan`); without, only its presence is looked at (the daemon's rescans, which must stay
-    close to the cost of a walk at 100,000 checkpoints).
 
-    `boundaries` are every watched folder: a link into any of them is recorded (it protects its target).
-    `store` says where sidecars are (beside checkpoints, or some in the state folder).
-    """
-    result = Survey()
-    seen: set[str] = set()
-    known = catalog.identities(watch)
-    for candidate in discover.discover(root, patterns, boundary=list(boundaries) or root):
-        seen.add(str(candidate.path))
+def run_through(steps: Generator[object, None, R]) -> R:
+    """Run a stepwise pass (a generator) to its end and return what it returns."""
+    while True:
         try:
-            if candidate.kind == "link":
-                record_link(candidate, watch=watch, catalog=catalog, now=now())
-                result.links += 1
-            elif candidate.kind == "directory" and not discover.directory_complete(candidate.path):
-                result.incomplete.append(candidate)  # never verified half-written: it would pass for `latest`
-            elif _changed(candidate, known, store, read_sidecars):
-                result.to_verify.append(candidate)
-            else:
-                result.unchanged += 1
-        except FileNotFoundError:
-            seen.discard(str(candidate.path))
-        except OSError as exc:  # one unreadable checkpoint never stops the survey of the others
-            result.failed.append(f"{candidate.path}: {exc}")
-    for row in catalog.present(under=str(root)):
-        how = "present" if row.path in seen else discover.vanishing(Path(row.path))
-        if how != "present":
-            if catalog.vanished(row, now(), deleted=how == "deleted"):
-                result.rotating.add(row.run)
-            result.gone.append(row.path)
-            result.gone_runs.add(row.run)
-    for orphan in discover.orphan_sidecars(root):
-        try:
-            if fsutil.unlink_confined(root, orphan):
-                result.removed_sidecars.append(str(orphan))
-        except (OSError, ValueError):  # its folder became a link meanwhile: never followed
-            continue
-    watched = next((r for name, r in store.watches if name == watch), None)
-    for orphan in store.orphans(watch, watched) if watched is not None and watched == root else ():
-        orphan.unlink(missing_ok=True)
-        result.removed_sidecars.append(str(orphan))
-    result.removed_temps = [str(p) for p in discover.stale_temps(root, older_than=60.0, now=now())]
-    return result
+            next(steps)
+        except StopIteration as done:
+            return cast(R, done.value)
+
+
+def _remove_leftover(item: discover.Leftover, root: Path, result: Survey, now: Callable[[], float]) -> None:
+    """Remove a sidecar whose checkpoint is gone, or a temp file older than a minute (a killed process's)."""
+    if item.kind == "temp":
+        if discover.remove_stale(root, item.path, older_than=60.0, now=now()):
+            result.removed_temps.append(str(item.path))
+        return
+    try:
+        if fsutil.unlink_confined(root, item.path):
+            result.removed_sidecars.append(str(item.path))
+    except (OSError, ValueError):  # its folder became a link meanwhile: never followed
+        return
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,15 @@ class Notifier:
         one_line = " ".join(text.splitlines())
         return self.notify(f"STATUS={one_line}")
 
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for more time to finish starting (or reloading, or stopping): EXTEND_TIMEOUT_USEC.
+
+        Given how long from now the next message (or READY) may take. systemd never shortens a timeout for it;
+        without it a start-up pass over a million checkpoints would outlast TimeoutStartSec (90 s by default).
+        Returns True when sent. Raises nothing.
+        """
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def watchdog(self) -> bool:
         """Ping the service watchdog (WatchdogSec=): WATCHDOG=1.
 

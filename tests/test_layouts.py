@@ -88,6 +88,18 @@ def test_one_save_is_found_as_one_checkpoint_of_its_run(trainer_outputs: dict[st
         assert discover.directory_complete(unit)
 
 
+def test_the_one_walk_sees_each_save_as_seen_alone(trainer_outputs: dict[str, Output], sample: Sample) -> None:
+    """The rescan's one walk (`sweep`) sums each save's identity and judges it complete from its own listing:
+    it must agree with `identity` and `directory_complete`, which verification records, or every rescan would
+    verify every folder checkpoint again (or skip a changed one)."""
+    out = trainer_outputs[sample.output]
+    swept = {f.candidate.path.resolve(): f for f in discover.sweep(out.root, PATTERNS) if isinstance(f, discover.Found)}
+    assert sorted(swept) == _units(out, sample)
+    for unit in _units(out, sample):
+        assert swept[unit].identity == discover.identity(unit), unit
+        assert swept[unit].complete is discover.directory_complete(unit) is True
+
+
 def test_an_event_on_any_member_concerns_the_whole_save(trainer_outputs: dict[str, Output], sample: Sample) -> None:
     """Whatever file of a save an event names, it is the save that is (re)verified, never the file alone."""
     out = trainer_outputs[sample.output]
