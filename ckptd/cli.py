@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -288,12 +288,16 @@ def _reading_store(config: Config | None) -> Store:
 
 
 def _entries(folder: Path, config: Config | None) -> list[tuple[Sidecar, Entry]]:
+    """The verified checkpoints under `folder`, from their sidecars, by path."""
+    return sorted(_each_entry(folder, config), key=lambda found: found[1].path)
+
+
+def _each_entry(folder: Path, config: Config | None) -> Iterator[tuple[Sidecar, Entry]]:
+    """`_entries` one at a time, in walk order: what a whole tree's `list --json` streams."""
     from ckptd.model import Entry
 
-    return [
-        (parsed, Entry.of(parsed.verification, _run_of(parsed), parsed.pinned, verified=current))
-        for parsed, current in _reading_store(config).find(folder)
-    ]
+    for parsed, current in _reading_store(config).find(folder):
+        yield parsed, Entry.of(parsed.verification, _run_of(parsed), parsed.pinned, verified=current)
 
 
 def _run_of(parsed: Sidecar) -> str:
@@ -372,18 +376,29 @@ def best(run: Path, metric: str | None, mode: str | None, config_file: Path | No
 @config_option
 def list_(folder: Path, as_json: bool, config_file: Path | None) -> int:
     """List the verified checkpoints under a run or a folder of runs, from their sidecars."""
-    found = _entries(_existing_folder(folder), _reading_config(config_file))
+    where, config = _existing_folder(folder), _reading_config(config_file)
     if as_json:
         from ckptd.sidecar import jsonable
 
-        rows = [{**jsonable(s.verification), "current": e.verified, "verified_at": s.verified_at,
-                 "pinned": s.pinned} for s, e in found]  # fmt: skip
-        click.echo(json.dumps(rows, indent=2, allow_nan=False))
+        # Streamed, one checkpoint at a time: a whole tree of a million checkpoints in constant memory.
+        rows = ({**jsonable(s.verification), "current": e.verified, "verified_at": s.verified_at,
+                 "pinned": s.pinned} for s, e in _each_entry(where, config))  # fmt: skip
+        _echo_json_array(rows)
     else:
         from ckptd import tables
 
-        tables.print_entries([e for _s, e in found], folder)
+        tables.print_entries([e for _s, e in _entries(where, config)], folder)
     return ExitCode.OK
+
+
+def _echo_json_array(rows: Iterable[Any]) -> None:
+    """Print a JSON array as `json.dumps(list(rows), indent=2)` would, writing each row as it comes."""
+    first = True
+    for row in rows:
+        item = json.dumps(row, indent=2, allow_nan=False).replace("\n", "\n  ")  # strings hold no raw newline
+        click.echo(("[\n  " if first else ",\n  ") + item, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
 
 
 @cli.command()

@@ -178,13 +178,13 @@ def remove(checkpoint: Path, root: Path) -> bool:
     return unlink_confined(root, sidecar_path(checkpoint))
 
 
-def find(folder: Path) -> list[tuple[Sidecar, bool]]:
-    """Every sidecar under `folder` (hidden folders skipped), each with whether it is still current.
+def find(folder: Path) -> Iterator[tuple[Sidecar, bool]]:
+    """Every sidecar under `folder` (hidden folders skipped), each with whether it is still current, one at a
+    time in the order of a sorted walk (a whole tree of 1,000,000 is never held in memory).
 
     A sidecar whose checkpoint is gone is left out; one whose checkpoint changed since is kept, marked
     not current.
     """
-    found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -199,8 +199,7 @@ def find(folder: Path) -> list[tuple[Sidecar, bool]]:
                 continue
             parsed = read(checkpoint)
             if parsed is not None:
-                found.append((parsed, is_current(parsed, checkpoint, stat)))
-    return found
+                yield parsed, is_current(parsed, checkpoint, stat)
 
 
 def is_current(found: Sidecar, checkpoint: Path, stat: os.stat_result | None = None) -> bool:
@@ -302,20 +301,20 @@ class Store:
         body["pinned"] = pinned
         atomic_write_bytes(target, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
 
-    def find(self, folder: Path) -> list[tuple[Sidecar, bool]]:
+    def find(self, folder: Path) -> Iterator[tuple[Sidecar, bool]]:
         """Every sidecar of a checkpoint under `folder`, beside it or in the state folder, each with whether it
-        is still current (see the module's `find`); one per checkpoint."""
-        found = {str(s.checkpoint): (s, c) for s, c in find(folder)}
+        is still current (see the module's `find`); one per checkpoint, one at a time: those beside their
+        checkpoints in walk order, then those in the state folder (a checkpoint with both is found beside)."""
+        yield from find(folder)
         for checkpoint in self._state_checkpoints(folder):
-            if str(checkpoint) in found:
-                continue
+            if read(checkpoint) is not None:
+                continue  # found beside it already (a sidecar being moved between the two places)
             parsed = self.read(checkpoint)
             try:
                 if parsed is not None:
-                    found[str(checkpoint)] = (parsed, is_current(parsed, checkpoint))
+                    yield parsed, is_current(parsed, checkpoint)
             except OSError:
                 continue
-        return [found[key] for key in sorted(found)]
 
     def _state_checkpoints(self, folder: Path) -> Iterator[Path]:
         """The checkpoints under `folder` (that still exist) whose sidecars are in the state folder."""
