@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE INDEX IF NOT EXISTS checkpoints_watch ON checkpoints (watch);
+CREATE INDEX IF NOT EXISTS checkpoints_links ON checkpoints (link_target) WHERE kind = 'link';
 CREATE TABLE IF NOT EXISTS journal (
     id          INTEGER PRIMARY KEY,
     planned_at  REAL NOT NULL,
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS mirror_queue (
     done_at     REAL,
     PRIMARY KEY (target, path, sha256)
 );
+CREATE INDEX IF NOT EXISTS mirror_queue_run ON mirror_queue (run);
 CREATE TABLE IF NOT EXISTS scrubs (
     location    TEXT PRIMARY KEY,         -- "local:<path>" or "<target>:<key>"
     sha256      TEXT,
@@ -103,6 +105,9 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 CATALOG_NAME = "catalog.sqlite3"
+# A question about one run goes through the index on run: it costs the same at 1,000 checkpoints as at 1,000,000.
+# (Constant fragments of SQL, never a value: values are always bound.)
+_WATCH_OR_RUN = {False: "watch = ?", True: "+watch = ? AND run = ?"}  # `+`: never the index on watch
 
 _ESCAPE = "\U0010ffff"  # a noncharacter: no sane name holds it, and one that does is escaped too
 _SURROGATES = 0xD800
@@ -411,22 +416,26 @@ class Catalog:
         )
         return (before["latest"], before["best"]) if before else (None, None)
 
-    def runs(self, watch: str | None = None) -> list[dict[str, Any]]:
-        """Every run's latest and best, by run folder: the runs that still have a checkpoint on disk."""
+    def runs(self, watch: str | None = None, run: str | None = None) -> list[dict[str, Any]]:
+        """Every run's latest and best (or one run's), by run folder: the runs that still have a checkpoint on
+        disk."""
         query = (
             "SELECT * FROM runs WHERE EXISTS (SELECT 1 FROM checkpoints c WHERE c.run = runs.run AND c.gone_at IS NULL)"
         )
         args = list[Any]()
         if watch is not None:
-            query, args = query + " AND watch = ?", [watch]
+            query, args = query + " AND watch = ?", [*args, watch]
+        if run is not None:
+            query, args = query + " AND run = ?", [*args, run]
         return [dict(r) for r in self._exec(query + " ORDER BY run", args)]
 
-    def counts(self, watch: str) -> dict[str, int]:
-        """How many present checkpoints of a watch are in each status (`pending` before verification)."""
+    def counts(self, watch: str, run: str | None = None) -> dict[str, int]:
+        """How many present checkpoints of a watch (or of one run of it) are in each status (`pending` before
+        verification)."""
         rows = self._exec(
-            "SELECT COALESCE(status, CASE kind WHEN 'link' THEN 'link' ELSE 'pending' END) AS s, COUNT(*) AS n"
-            " FROM checkpoints WHERE watch = ? AND gone_at IS NULL GROUP BY s",
-            (watch,),
+            "SELECT COALESCE(status, CASE kind WHEN 'link' THEN 'link' ELSE 'pending' END) AS s, COUNT(*) AS n"  # noqa: S608
+            f" FROM checkpoints WHERE {_WATCH_OR_RUN[run is not None]} AND gone_at IS NULL GROUP BY s",
+            (watch,) if run is None else (watch, run),
         )
         return {r["s"]: r["n"] for r in rows}
 
@@ -515,12 +524,14 @@ class Catalog:
             raise
         self._exec("COMMIT")
 
-    def awaiting_mirror(self, watch: str) -> frozenset[str]:
+    def awaiting_mirror(self, watch: str, run: str | None = None) -> frozenset[str]:
         """Paths of a watch that a mirror rule still has to copy (kept by retention until copied)."""
         # Fix: only pending and failed copies are still to be made. `state != 'done'` also counted dropped
         # rows (superseded before they were copied, or gone), so retention kept those checkpoints forever.
         rows = self._exec(
-            "SELECT DISTINCT path FROM mirror_queue WHERE watch = ? AND state IN ('pending', 'failed')", (watch,)
+            f"SELECT DISTINCT path FROM mirror_queue WHERE {_WATCH_OR_RUN[run is not None]}"  # noqa: S608
+            " AND state IN ('pending', 'failed')",
+            (watch,) if run is None else (watch, run),
         )
         return frozenset(r["path"] for r in rows)
 
@@ -650,13 +661,14 @@ class Catalog:
                 backlog[row["target"]]["failing_since"] = row["failing_since"]
         return backlog
 
-    def not_ok(self, watch: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The checkpoints of a watch on disk that are not ok (corrupt, unsafe, unsupported), newest first,
-        with their first problem."""
+    def not_ok(self, watch: str, limit: int = 100, run: str | None = None) -> list[dict[str, Any]]:
+        """The checkpoints of a watch (or of one run of it) on disk that are not ok (corrupt, unsafe,
+        unsupported), newest first, with their first problem."""
         rows = self._exec(
-            "SELECT path, run, status, problems, verified_at FROM checkpoints WHERE watch = ? AND gone_at IS NULL"
+            "SELECT path, run, status, problems, verified_at FROM checkpoints"  # noqa: S608
+            f" WHERE {_WATCH_OR_RUN[run is not None]} AND gone_at IS NULL"
             " AND status NOT IN ('ok', 'pending') ORDER BY COALESCE(verified_at, 0) DESC LIMIT ?",
-            (watch, limit),
+            (watch, limit) if run is None else (watch, run, limit),
         )
         found = []
         for r in rows:
@@ -716,5 +728,5 @@ class Catalog:
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""
-        rows = self._exec("SELECT * FROM checkpoints WHERE run = ? AND gone_at IS NULL", (run,))
+        rows = self._exec("SELECT * FROM checkpoints WHERE run = ? AND gone_at IS NULL ORDER BY path", (run,))
         return [_row(r) for r in rows]

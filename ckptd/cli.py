@@ -447,7 +447,15 @@ def run(config_file: Path | None) -> int:
 @click.option("--failing-for", default="1h", show_default=True, metavar="DURATION",
               help="With --check: how long a target may fail before it counts.")  # fmt: skip
 @click.option("--ack", is_flag=True, help="Acknowledge the quarantines listed so far (--check then passes).")
-def status(config_file: Path | None, as_json: bool, check: bool, failing_for: str, ack: bool) -> int:
+@click.option(
+    "--run",
+    "run_folder",
+    type=click.Path(path_type=Path),
+    help="Only this run folder's checkpoints, latest and best (the rest of the report stays whole).",
+)
+def status(
+    config_file: Path | None, as_json: bool, check: bool, failing_for: str, ack: bool, run_folder: Path | None
+) -> int:
     """Is the daemon running; per watched folder: runs, checkpoints by status, latest and best, queue; and what
     needs a person (checkpoints not ok, quarantines, failing targets and steps)."""
     from ckptd import state
@@ -478,13 +486,18 @@ def status(config_file: Path | None, as_json: bool, check: bool, failing_for: st
         "config_rejected": published.get("config_rejected"),
         "standing_by": published.get("standing_by", {}),
     }  # fmt: skip
+    only = _run_in_config(config, run_folder) if run_folder is not None else None
     with Catalog(state_dir) as catalog:
         for watch in config.watch:
-            runs = catalog.runs(watch.name)
+            if only is not None and only[0] is not watch:
+                continue
+            run = only[1] if only is not None else None
+            runs = catalog.runs(watch.name, run)
             report["watches"][watch.name] = {
                 "folder": str(watch.path),
-                "checkpoints": catalog.counts(watch.name),
-                "not_ok": catalog.not_ok(watch.name),
+                **({"run": run} if run is not None else {}),
+                "checkpoints": catalog.counts(watch.name, run),
+                "not_ok": catalog.not_ok(watch.name, run=run),
                 "runs": [_run_status(catalog, watch, r) for r in runs],
                 "polling": published.get("watches", {}).get(watch.name, {}).get("polling", watch.poll),
                 "last_reconciliation": published.get("last_reconciliation", {}).get(watch.name),
@@ -576,27 +589,31 @@ def _run_status(catalog: Catalog, watch: WatchConfig, run: dict[str, Any]) -> di
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print the plan; delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as a JSON list.")
-def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
+@click.option("--run", "run_folder", type=click.Path(path_type=Path), help="Only this run folder.")
+def prune(config_file: Path | None, dry_run: bool, as_json: bool, run_folder: Path | None) -> int:
     """Apply each watch's retention policy now (or only print the plan, with --dry-run)."""
     from ckptd.catalog import Catalog
     from ckptd.prune import prune_watch
 
     config = _command_config(config_file)
+    only = _run_in_config(config, run_folder) if run_folder is not None else None
     reports = []
     before = _finish_before(config.daemon.state_dir)
     with Catalog(config.daemon.state_dir) as catalog:
         for watch in config.watch:
-            if watch.retention is None:
+            if watch.retention is None or (only is not None and only[0] is not watch):
                 continue
+            run = only[1] if only is not None else None
             reports.append(
                 prune_watch(
                     watch, watch.retention, catalog=catalog, state_dir=config.daemon.state_dir, dry_run=dry_run,
-                    awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
-                    finish_before=before,
+                    awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name, run),
+                    finish_before=before, run=run,
                 )
             )  # fmt: skip
     if not reports:
-        raise UsageError("no watch has a [watch.retention] section: nothing to prune")
+        where = f"the watch of {run_folder} has" if only is not None else "no watch has"
+        raise UsageError(f"{where} no [watch.retention] section: nothing to prune")
     if as_json:
         click.echo(json.dumps([row for r in reports for row in r.to_rows()], indent=2))
     else:
@@ -604,6 +621,17 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool) -> int:
 
         tables.print_prune(reports)
     return ExitCode.CHECK_FAILED if any(r.skipped for r in reports) else ExitCode.OK
+
+
+def _run_in_config(config: Config, folder: Path) -> tuple[WatchConfig, str]:
+    """The watch holding the run folder `folder` and the run as the catalog names it (below the watch's path
+    as the config gives it); a UsageError naming the watched folders when it is in none."""
+    resolved = _existing_folder(folder).resolve()
+    for watch in config.watch:
+        if resolved.is_relative_to(watch.path.resolve()):
+            return watch, str(watch.path / resolved.relative_to(watch.path.resolve()))
+    watched = ", ".join(str(w.path) for w in config.watch) or "none"
+    raise UsageError(f"--run {folder}: not in a watched folder (the config watches: {watched})")
 
 
 def _finish_before(state_dir: Path) -> float:

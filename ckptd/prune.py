@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd import delete, log
-from ckptd.catalog import Catalog
+from ckptd.catalog import Catalog, Row
 from ckptd.config import RetentionConfig, WatchConfig, min_free_bytes
 from ckptd.retention import Decision, Plan, Policy, plan
 
@@ -69,14 +69,27 @@ def free_deficit(watch: WatchConfig, retention: RetentionConfig) -> int:
 
 def plan_watch(
     watch: WatchConfig, retention: RetentionConfig, catalog: Catalog, now: float, awaiting_mirror: frozenset[str],
-    free_deficit: int = 0,
+    free_deficit: int = 0, run: str | None = None,
 ) -> Plan:  # fmt: skip
-    """Plan retention for a watch from the catalog's rows."""
-    rows = [r for r in catalog.present(watch=watch.name) if r.kind != "link"]
-    return plan(
-        [r.entry() for r in rows], policy_of(watch, retention, free_deficit), now,
-        awaiting_mirror=awaiting_mirror, link_targets=catalog.link_targets(), rotating=catalog.rotating_runs(),
-    )  # fmt: skip
+    """Plan retention for a watch, or for one `run` of it, from the catalog's rows.
+
+    Run by run, each plan reading only its own run's rows (a run's keep rules never look at another run):
+    memory stays that of one run at a million checkpoints, and `prune --run` costs the same at any size. A
+    budget over the whole watch (max_size, or a disk below min_free) ranks every run's checkpoints together,
+    so it plans the watch at once (and `--run` keeps that run's decisions of it).
+    """
+    policy = policy_of(watch, retention, free_deficit)
+    links, rotating = catalog.link_targets(), catalog.rotating_runs()
+
+    def planned(rows: list[Row]) -> Plan:
+        entries = [r.entry() for r in rows if r.kind != "link" and r.watch == watch.name]
+        return plan(entries, policy, now, awaiting_mirror=awaiting_mirror, link_targets=links, rotating=rotating)
+
+    if policy.max_size is None and policy.free_deficit == 0:
+        parts = [planned(catalog.in_run(name)) for name in sorted([run] if run else catalog.run_names(watch.name))]
+        return Plan([d for p in parts for d in p.decisions], [w for p in parts for w in p.warnings])
+    whole = planned(list(catalog.present(watch=watch.name)))
+    return whole if run is None else Plan([d for d in whole.decisions if d.run == run], whole.warnings)
 
 
 def prune_watch(
@@ -89,13 +102,15 @@ def prune_watch(
     awaiting_mirror: Callable[[], frozenset[str]] = frozenset,
     now: Callable[[], float] = time.time,
     finish_before: float = math.inf,
+    run: str | None = None,
 ) -> PruneReport:
-    """Plan and (unless dry_run or the policy's dry_run) apply retention for one watch, after finishing the
-    journal intents of a killed run planned before `finish_before` (see delete.finish_pending)."""
+    """Plan and (unless dry_run or the policy's dry_run) apply retention for one watch (or one `run` of it),
+    after finishing the journal intents of a killed run planned before `finish_before` (see
+    delete.finish_pending)."""
     logger = log.get("ckptd.prune")
     if not (dry_run or retention.dry_run):  # a dry run changes nothing, not even an interrupted run's leftovers
         delete.finish_pending(catalog, {watch.name: watch.path}, state_dir, now=now, before=finish_before)
-    current = plan_watch(watch, retention, catalog, now(), awaiting_mirror(), free_deficit(watch, retention))
+    current = plan_watch(watch, retention, catalog, now(), awaiting_mirror(), free_deficit(watch, retention), run)
     report = PruneReport(watch=watch.name, plan=current, dry_run=dry_run or retention.dry_run)
     for warning in current.warnings:
         logger.warning("retention cannot meet its budget", watch=watch.name, detail=warning)

@@ -23,7 +23,7 @@ from ckptd.catalog import Catalog
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.prune import PruneReport, plan_watch, prune_watch
-from ckptd.scan import reconcile, record
+from ckptd.scan import reconcile, record, update_run
 from ckptd.tables import human_bytes
 from ckptd.verify import engine_versions, verify
 
@@ -690,3 +690,63 @@ def test_a_checkpoint_awaiting_a_mirror_is_kept_until_copied(env: Env) -> None:
         )
     db.close()
     assert [Path(d.path).name for d in prune(env).done] == ["epoch=1.pt"]
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+def test_a_run_is_planned_from_its_own_rows(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a watch-wide budget each run is planned from its own rows only (`prune --run` then costs the
+    same at a million checkpoints), and planning the watch run by run decides exactly what one plan would."""
+    for epoch, loss in LOSSES.items():
+        _checkpoint(env.ckpt(epoch, "exp2"), epoch, loss + 0.05)
+    scan(env)
+    with env.catalog() as catalog:
+        whole = plan_watch(env.watch, env.watch.retention, catalog, T0 + 10_000, frozenset())  # type: ignore[arg-type]
+        read: list[str] = []
+        real = catalog.in_run
+        monkeypatch.setattr(catalog, "in_run", lambda run: read.append(run) or real(run))
+        monkeypatch.setattr(catalog, "present", lambda **_: pytest.fail("a run's plan read the whole watch"))
+        exp2 = str(env.runs / "exp2")
+        one = plan_watch(env.watch, env.watch.retention, catalog, T0 + 10_000, frozenset(), run=exp2)  # type: ignore[arg-type]
+    assert read == [exp2]
+    assert one.decisions == [d for d in whole.decisions if d.run == exp2] and len(one.decisions) == 5
+    assert {d.run for d in whole.decisions} == {str(env.runs / "exp1"), exp2}
+
+
+def test_ckptd_prune_run_applies_retention_to_that_run_only(env: Env) -> None:
+    for epoch, loss in LOSSES.items():
+        _checkpoint(env.ckpt(epoch, "exp2"), epoch, loss)
+    scan(env)
+    done = ckptd("prune", "--config", env.config_path, "--json", "--run", env.runs / "exp2")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert {r["run"] for r in rows} == {str(env.runs / "exp2")}
+    assert sorted(Path(r["path"]).name for r in rows if r["action"] == "delete") == ["epoch=1.pt", "epoch=3.pt"]
+    assert all(env.ckpt(e, "exp1").exists() for e in LOSSES)  # the other run untouched
+    assert not env.ckpt(1, "exp2").exists() and env.ckpt(2, "exp2").exists()
+
+
+def test_ckptd_prune_run_outside_every_watch_says_which_folders_are_watched(env: Env, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = ckptd("prune", "--config", env.config_path, "--dry-run", "--run", elsewhere)
+    assert done.returncode == 2 and "not in a watched folder" in done.stderr and str(env.runs) in done.stderr
+
+
+def test_ckptd_status_run_reports_that_run_only(env: Env) -> None:
+    for epoch, loss in LOSSES.items():
+        _checkpoint(env.ckpt(epoch, "exp2"), epoch, loss)
+    checkpoints.truncate(env.ckpt(3, "exp2"))
+    scan(env)
+    with env.catalog() as catalog:  # runs' latest and best, as the daemon's record step stores them
+        for run in ("exp1", "exp2"):
+            update_run(catalog, watch="runs", run=str(env.runs / run), metric=env.watch.metric, now=T0)
+    done = ckptd("status", "--config", env.config_path, "--json", "--run", env.runs / "exp2")
+    assert done.returncode == 0, done.stderr
+    watch = json.loads(done.stdout)["watches"]["runs"]
+    assert watch["run"] == str(env.runs / "exp2")
+    assert watch["checkpoints"] == {"ok": 4, "corrupt": 1}
+    assert [r["run"] for r in watch["runs"]] == [str(env.runs / "exp2")]
+    assert [Path(n["path"]).name for n in watch["not_ok"]] == ["epoch=3.pt"]
+    assert watch["runs"][0]["best"] == str(env.ckpt(2, "exp2"))
