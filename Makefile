@@ -13,7 +13,7 @@ CONFIG ?= config.toml
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev,s3]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev,s3,report]'
 	touch $(STAMP)
 
 run: $(STAMP)
