@@ -5,22 +5,30 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.ckptd-installed
+RUN_STAMP := $(VENV)/.ckptd-run-installed
+DEV_STAMP := $(VENV)/.ckptd-dev-installed
 CONFIG ?= config.toml
 
 .PHONY: run test lint tools bench clean
 
-$(STAMP): pyproject.toml
+# What running needs: ckptd, the S3 backend and the report extra (a venv of some 900 MB, nearly all torch).
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev,s3,report]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[s3,report]'
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
+# What testing adds: the real trainers the tests run (Lightning, transformers, accelerate, DeepSpeed,
+# nshtrainer), moto's S3 server, ruff and mypy.
+$(DEV_STAMP): $(RUN_STAMP)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[dev,s3,report]'
+	touch $(DEV_STAMP)
+
+run: $(RUN_STAMP)
 	mkdir -p runs backup
 	$(BIN)/ckptd run --config $(CONFIG)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check ckptd tests benchmarks
 	$(BIN)/ruff format --check ckptd tests benchmarks
 	$(BIN)/mypy
@@ -29,10 +37,10 @@ lint: $(STAMP)
 tools:
 	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd)
 
-test: $(STAMP) lint tools
+test: $(DEV_STAMP) lint tools
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/verify.py
 
 clean:
