@@ -17,7 +17,7 @@ At each size, medians of `--repeats`, each command a fresh `ckptd` process (what
   pass, in this process), both as ratios to a plain `os.walk` + `lstat` of the same tree measured in the same
   run (the target: within 3x);
 - `ckptd --version`, the floor every command pays (Python and the CLI's imports).
-Peak memory of each command comes from wait4's ru_maxrss.
+Peak memory of each command comes from GNU time; the daemon's is its VmHWM at READY (after the first survey).
 """
 
 from __future__ import annotations
@@ -141,10 +141,19 @@ def restart_to_ready(tree: Tree) -> tuple[float, int, bytes]:
             while b"READY=1" not in sock.recv(4096):
                 pass
             seconds = time.perf_counter() - started
+            peak = _high_water(proc.pid)  # the daemon's own peak so far: the start-up survey's
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    return seconds, 0, b""
+    return seconds, peak, b""
+
+
+def _high_water(pid: int) -> int:
+    """VmHWM of a live process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def walk_and_stat(root: Path) -> tuple[float, int, bytes]:
