@@ -783,6 +783,7 @@ class Daemon:
                 self._retiring = self.mirror
         self._start_mirror()
         self._config_rejected = None
+        self._passes.clear()  # passes of the old config (a watch removed, moved) end here; new ones start
         self._reconcile_all("reload")
         self.log.info("config reloaded", config=str(self.config_path), watches=[w.name for w in fresh.watch])
         self.notifier.ready()
@@ -848,6 +849,7 @@ class Daemon:
                 self._dirty = True
             elif not owned and watch.name not in self.standby:
                 self.standby.add(watch.name)
+                self._passes.pop(watch.name, None)
                 holder = lease.holder
                 self.log.warning("another daemon owns the folder, standing by", watch=watch.name,
                                  folder=str(watch.path), owner=holder.node if holder else None,
