@@ -12,8 +12,12 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,14 @@ def _die_with_daemon() -> None:
         os._exit(1)
 
 
-def _warm() -> None:
-    """Worker start-up: die with the daemon, import torch once, and keep it to one thread so training keeps
-    the cores."""
+def _warm(log_format: str, log_level: str) -> None:
+    """Worker start-up: die with the daemon, log as it does (a warning torch or a loader raises here reaches
+    the journal as one line with its priority, not as plain text among the JSON lines), import torch once,
+    and keep it to one thread so training keeps the cores."""
     _die_with_daemon()
+    from ckptd import log
+
+    log.configure(log_format, log_level, stream=sys.stdout)
     # Ctrl-C on a terminal reaches the whole process group; the daemon decides when workers stop (it kills
     # them on shutdown), so a worker must not die first with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -65,24 +73,63 @@ def _verify(path: str, trusted: list[str], timeout: float, root: str, metric_key
     return found, engine_versions()
 
 
+@dataclass
+class _Slot:
+    """One worker process (a one-process executor), and whether it is busy."""
+
+    executor: ProcessPoolExecutor
+    busy: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
 class VerifierPool:
-    """Worker processes that verify checkpoints; started on demand and stopped after `idle_timeout` idle."""
+    """Up to `workers` worker processes that verify checkpoints. A worker starts when a checkpoint finds every
+    running one busy, and stops after `idle_timeout` without work, each on its own: the count follows the load
+    (8 trainers saving at once get every worker; a quiet spell gives each one's memory back).
 
-    def __init__(self, workers: int, trusted: list[str], idle_timeout: float = 1800.0) -> None:
+    One executor per worker, not one executor of `workers`: ProcessPoolExecutor starts processes on demand but
+    never stops one until the whole pool goes. Work goes to the idle worker used last, so the others stay idle
+    and are the ones that stop.
+    """
+
+    def __init__(
+        self, workers: int, trusted: list[str], idle_timeout: float = 1800.0, logs: tuple[str, str] = ("json", "info")
+    ) -> None:
         self.workers, self.trusted, self.idle_timeout = workers, list(trusted), idle_timeout
-        self._pool: ProcessPoolExecutor | None = None
-        self._idle_since = time.monotonic()
+        self.logs = logs  # the daemon's log_format and log_level, for the workers' own warnings
+        self._slots: list[_Slot] = []  # most recently used last
+        self._lock = threading.Lock()  # futures finish on the executors' own threads
 
-    def _ensure(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_warm)
-        return self._pool
+    def _slot(self) -> _Slot:
+        """The idle worker used last, or a new one while there are fewer than `workers`, or the least busy."""
+        with self._lock:
+            idle = [slot for slot in self._slots if slot.busy == 0]
+            if idle:
+                chosen = idle[-1]
+            elif len(self._slots) < self.workers:
+                context = multiprocessing.get_context("spawn")
+                chosen = _Slot(ProcessPoolExecutor(1, mp_context=context, initializer=_warm, initargs=self.logs))
+            else:  # the daemon keeps no more in flight than `workers`: only after a reload shrank the pool
+                chosen = min(self._slots, key=lambda slot: slot.busy)
+            if chosen in self._slots:
+                self._slots.remove(chosen)
+            self._slots.append(chosen)
+            chosen.busy += 1
+            return chosen
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.busy -= 1
+            slot.idle_since = time.monotonic()
+
+    def _done(self, slot: _Slot) -> Callable[[Future[Any]], None]:
+        return lambda _future: self._release(slot)
 
     def warm(self) -> None:
         """Start a worker now (torch takes seconds to import), so it is ready when the checkpoint settles."""
-        if self._pool is None:
-            self._ensure().submit(_noop).add_done_callback(self._done)
+        if not self._slots:
+            slot = self._slot()
+            slot.executor.submit(_noop).add_done_callback(self._done(slot))
 
     def submit(
         self, path: Path, timeout: float, root: Path, metric_keys: dict[str, str] | None = None
@@ -90,39 +137,49 @@ class VerifierPool:
         """Queue one verification with its time budget (the engine stops itself past it; the daemon kills
         the workers if it does not), reading nothing below the watched folder `root` through a link; the
         future raises CheckpointChanged, OSError, or BrokenProcessPool."""
-        future = self._ensure().submit(_verify, str(path), self.trusted, timeout, str(root), metric_keys or {})
-        future.add_done_callback(self._done)
+        slot = self._slot()
+        try:
+            future = slot.executor.submit(_verify, str(path), self.trusted, timeout, str(root), metric_keys or {})
+        except BaseException:
+            self._release(slot)
+            raise
+        future.add_done_callback(self._done(slot))
         return future
-
-    def _done(self, _future: Future[Any]) -> None:
-        self._idle_since = time.monotonic()  # runs on the pool's thread: a plain assignment only
 
     @property
     def running(self) -> bool:
         """True while worker processes exist."""
-        return self._pool is not None
+        return bool(self._slots)
+
+    @property
+    def size(self) -> int:
+        """How many workers exist now."""
+        return len(self._slots)
 
     def reap_idle(self, in_flight: int) -> bool:
-        """Stop the worker processes if nothing is in flight and they idled `idle_timeout`; True if it did."""
-        if self._pool is not None and in_flight == 0 and time.monotonic() - self._idle_since >= self.idle_timeout:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            return True
-        return False
+        """Stop each worker that idled `idle_timeout`; True if one stopped. (`in_flight`: kept for the caller's
+        sake; a busy worker is never stopped whatever it says.)"""
+        now = time.monotonic()
+        with self._lock:
+            idle = [s for s in self._slots if s.busy == 0 and now - s.idle_since >= self.idle_timeout]
+            self._slots = [s for s in self._slots if s not in idle]
+        for slot in idle:
+            slot.executor.shutdown(wait=True)
+        return bool(idle)
 
     def broken(self) -> None:
-        """Forget a pool whose worker died; the next submit starts a fresh one."""
+        """Forget the workers after one died; the next submit starts fresh ones."""
         self.kill()
 
     def kill(self) -> None:
-        """Kill the workers now: a hash in flight is abandoned (workers write nothing, so nothing is left)."""
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list(getattr(pool, "_processes", {}).values())  # no public API to kill a pool's workers
-        for process in processes:
+        """Kill every worker now: a hash in flight is abandoned (workers write nothing, so nothing is left)."""
+        with self._lock:
+            slots, self._slots = self._slots, []
+        processes = [p for slot in slots for p in getattr(slot.executor, "_processes", {}).values()]
+        for process in processes:  # no public API to kill a pool's workers
             if process.is_alive():
                 process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        for slot in slots:
+            slot.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.join(2.0)
