@@ -190,6 +190,38 @@ def _no_nul(value: Any) -> Any:
 PathText = Annotated[Path, BeforeValidator(_no_nul)]
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """(host, port) from "host:port" ("127.0.0.1:9464", "localhost:9464", "[::1]:9464"). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""  # an IPv6 address without brackets: its port cannot be told from its last group
+    if not sep or not host or any(c.isspace() or c in "/[]" for c in host) or not port.isdigit():
+        raise ValueError('expected "host:port", such as "127.0.0.1:9464" (an IPv6 address in brackets: "[::1]:9464")')
+    if not 1 <= int(port) <= 65535:
+        raise ValueError('expected a port from 1 to 65535, such as "127.0.0.1:9464"')
+    return host, int(port)
+
+
+def _listen(value: Any) -> str | None:
+    """`metrics_listen`: "host:port", checked here so that a typo is a config error, not a daemon without metrics."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError('expected "host:port", such as "127.0.0.1:9464"')
+    listen_address(value)
+    return value
+
+
+def _prom_file(value: Any) -> Any:
+    """`metrics_textfile`: node_exporter's textfile collector reads only files named *.prom."""
+    if isinstance(value, str) and not value.endswith(".prom"):
+        raise ValueError('expected a file name ending in ".prom" (node_exporter reads only those), such as'
+                         ' "/var/lib/node_exporter/textfile_collector/ckptd.prom"')  # fmt: skip
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -235,6 +267,15 @@ class DaemonConfig(_Model):
     # one shared folder (NFS, Lustre) agree on one owner; a standby takes over within this after the owner died.
     lease_term: Annotated[float, BeforeValidator(_duration_at_least(
         3.0, "60s", "the owner renews every third of it; it must outlast NFS attribute caching"))] = 60.0  # fmt: skip
+    # Prometheus metrics (ckptd.metrics), off unless set: an HTTP endpoint at "host:port", and/or a file for
+    # node_exporter's textfile collector (its name must end in .prom; rewritten atomically every few seconds).
+    metrics_listen: Annotated[str | None, BeforeValidator(_listen)] = None
+    metrics_textfile: Annotated[PathText | None, BeforeValidator(_prom_file)] = None
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of metrics_listen, or None when it is off."""
+        return listen_address(self.metrics_listen) if self.metrics_listen else None
 
 
 class MetricConfig(_Model):
@@ -594,9 +635,11 @@ def _resolved(config: Config, base: Path) -> Config:
             return settings
         return settings.model_copy(update={"url": str(absolute(Path(settings.url.removeprefix("file://"))))})
 
+    textfile = config.daemon.metrics_textfile
+    daemon = {"state_dir": absolute(config.daemon.state_dir), "metrics_textfile": textfile and absolute(textfile)}
     return config.model_copy(
         update={
-            "daemon": config.daemon.model_copy(update={"state_dir": absolute(config.daemon.state_dir)}),
+            "daemon": config.daemon.model_copy(update=daemon),
             "watch": [w.model_copy(update={"path": absolute(w.path)}) for w in config.watch],
             "mirror": {name: target(m) for name, m in config.mirror.items()},
         }
@@ -629,6 +672,10 @@ def load_config(path: Path, *, check_folders: bool = True) -> Config:
         for i, w in enumerate(config.watch)
         if check_folders and not w.path.is_dir()
     ]
+    textfile = config.daemon.metrics_textfile
+    if check_folders and textfile is not None and not textfile.parent.is_dir():
+        problems.append(f"at 'daemon.metrics_textfile': folder {textfile.parent} does not exist; create it"
+                        " (node_exporter's --collector.textfile.directory) or fix the path")  # fmt: skip
     problems += layout_problems(config, lambda p: Path(os.path.realpath(p)))  # links resolved: no nesting via them
     if problems:
         raise ConfigError(str(source), list(dict.fromkeys(problems)))

@@ -36,6 +36,7 @@ from ckptd.config import Config, WatchConfig, load_config
 from ckptd.discover import Candidate
 from ckptd.errors import ConfigError
 from ckptd.lease import Lease, lease_path
+from ckptd.metrics import TEXTFILE_EVERY, TEXTFILE_IDLE_EVERY, Metrics, delete_reason, run_label
 from ckptd.mirrors import STALE_AFTER
 from ckptd.model import CheckpointChanged, Entry, Identity, Status, Verification
 from ckptd.prune import PruneReport, free_deficit, prune_watch
@@ -63,6 +64,7 @@ STATUS_IDLE_EVERY = 60.0  # ...or this often when idle, so an idle daemon writes
 MAX_CRASHES = 3  # a checkpoint that kills the verifier this often is recorded as corrupt
 HARD_GRACE = 5.0  # seconds past its verify_timeout before a verification that did not stop itself is killed
 MIRROR_EVERY = 5.0  # seconds between looks at the mirror queue when nothing wakes the mirror thread
+BACKLOG_EVERY = 60.0  # seconds between reads of the mirror backlog (for metrics) while no copy happens
 
 
 def _iso(timestamp: float) -> str:
@@ -85,9 +87,11 @@ class MirrorService(threading.Thread):
     Every call to a target happens here, never on the main loop.
     """
 
-    def __init__(self, config: Config, standby: Callable[[], set[str]] = set) -> None:
+    def __init__(self, config: Config, standby: Callable[[], set[str]] = set, metrics: Metrics | None = None) -> None:
         super().__init__(name="ckptd-mirror", daemon=True)
         self.config = config
+        self.metrics = metrics or Metrics()
+        self._backlog_at = -BACKLOG_EVERY  # when the backlog metric was last read from the catalog
         self.standby = standby  # the watches another daemon owns (Daemon.standby): never copied from here
         self.wake = threading.Event()
         self.recheck = threading.Event()
@@ -119,15 +123,34 @@ class MirrorService(threading.Thread):
                     try:
                         found = mirroring.recheck(catalog, self.config, targets, sweep_idle=STALE_AFTER)
                         self.unreachable = dict(found.unreachable)  # until the next recheck: status shows it
+                        if not found.unreachable:
+                            self.metrics.succeeded("mirror_recheck", time.time())
                     except Exception:  # a bug here must not end mirroring for good
                         self._log.exception("mirror recheck failed")
                 try:
-                    mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set,
-                                          standby=self.standby)  # fmt: skip
+                    report = mirroring.mirror_pass(self.config, catalog, targets, stop=self._stop_event.is_set,
+                                                   standby=self.standby, on_copy=self._on_copy)  # fmt: skip
+                    self._count(report, catalog)
                 except Exception:  # a bug here must not end mirroring for good
                     self._log.exception("mirror pass failed")
                 self.wake.wait(MIRROR_EVERY)
                 self.wake.clear()
+
+    def _on_copy(self, target: str, seconds: float, ok: bool) -> None:
+        if ok:
+            self.metrics.mirror_copied(target, seconds)
+        else:
+            self.metrics.mirror_failed(target)
+
+    def _count(self, report: mirroring.MirrorReport, catalog: Catalog) -> None:
+        """A pass's success, and the backlog: one query on this thread after a pass that did something, else every
+        BACKLOG_EVERY s."""
+        now = time.monotonic()
+        if report.copied or report.failed or report.dropped or now - self._backlog_at >= BACKLOG_EVERY:
+            self._backlog_at = now
+            self.metrics.mirror_backlog(catalog.mirror_backlog())
+        if not report.failed:
+            self.metrics.succeeded("mirror_pass", time.time())
 
 
 @dataclass
@@ -179,6 +202,8 @@ class Daemon:
         self.pool: VerifierPool | None = None
         self.scheduler = Scheduler()
         self.mirror: MirrorService | None = None
+        self.metrics = Metrics()  # ckptd.metrics: served and written only when the config asks for it
+        self._metrics_written = (-1, 0.0)  # the update count and monotonic time of the last textfile write
         self._passes: dict[str, Generator[str | None, None, None]] = {}  # reconciliations under way, by watch
 
     # -------------------------------------------------------------------------------------------- life cycle
@@ -198,6 +223,7 @@ class Daemon:
                 "daemon starting", config=str(self.config_path), state_dir=str(self.config.daemon.state_dir),
                 watches=[w.name for w in self.config.watch], workers=self.config.daemon.workers,
             )  # fmt: skip
+            self._guarded("metrics listen", self._start_metrics)
             self._guarded("lease", self._look_leases)
             self._start_watchers()
             self._start_up_passes()
@@ -233,7 +259,8 @@ class Daemon:
 
     def _make_pool(self) -> VerifierPool:
         d = self.config.daemon
-        return VerifierPool(d.workers, d.trusted_globals, idle_timeout=d.worker_idle_timeout)
+        return VerifierPool(d.workers, d.trusted_globals, idle_timeout=d.worker_idle_timeout,
+                            logs=(d.log_format, d.log_level))  # fmt: skip
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -253,6 +280,7 @@ class Daemon:
         if self.catalog is not None:
             self._guarded("status", self._publish, False)
             self.catalog.close()
+        self._guarded("metrics textfile", self.metrics.stop, self.config.daemon.metrics_textfile)
         self._lock.release()
         self.log.info("daemon stopped")
 
@@ -303,6 +331,8 @@ class Daemon:
                 self.notifier.watchdog()
                 last_ping = now
             queue_size = (len(self.tracker), len(self.in_flight))
+            self.metrics.queue(sum(queue_size))
+            self._guarded("metrics textfile", self._write_metrics, now)
             if queue_size != self._published_queue:
                 self._dirty = True
             since = now - last_status
@@ -610,6 +640,8 @@ class Daemon:
                         now=time.time(), root=watch.path, store=sidecar.store_of(self.config),
                         placement=watch.sidecars, metric=watch.metric)  # fmt: skip
         self.stats.verified[verification.status] += 1
+        hashed = verification.size_bytes if verification.sha256 is not None else 0
+        self.metrics.verified(watch.name, verification.status, seconds, hashed)
         self.failing.pop(str(candidate.path), None)
         self._dirty = True
         fields: dict[str, Any] = {
@@ -633,6 +665,11 @@ class Daemon:
     def _run_changed(self, watch: WatchConfig, change: RunChange) -> None:
         """Say what a record step changed in a run, and queue its copies."""
         run, newest, top = change.run, change.latest, change.best
+        if newest is None and top is None:
+            self.metrics.run_gone(watch.name, run_label(run, watch.path))
+        elif newest is not None:
+            self.metrics.run(watch.name, run_label(run, watch.path), activity=newest.mtime, step=newest.step,
+                             metric=change.metric, value=change.value)  # fmt: skip
         if newest and change.latest_changed:
             self.log.info("run latest changed", run=run, path=newest.path, step=newest.step, epoch=newest.epoch)
         if top and change.best_changed:
@@ -719,6 +756,7 @@ class Daemon:
         for run in found.rotating:
             self.log.info("trainer rotates its checkpoints", run=run, retention="left to the trainer")
         self.stats.last_reconciliation[watch.name] = _iso(time.time())
+        self.metrics.succeeded(f"reconcile:{watch.name}", time.time())
         self._dirty = True
         self.log.info(
             "reconciled", watch=watch.name, reason=reason, queued=len(found.to_verify), unchanged=found.unchanged,
@@ -775,6 +813,10 @@ class Daemon:
                 self.pool.kill()
                 self.pool = self._make_pool()
         self._start_watchers()
+        if fresh.daemon.metrics_listen != old_daemon.metrics_listen:
+            self.log.warning("metrics_listen changes at the next restart", serving=old_daemon.metrics_listen)
+        self.metrics.watches(w.name for w in fresh.watch)
+        self.metrics.targets(fresh.mirror)
         self.scheduler.clear()
         self._schedule_jobs()
         if self.mirror is not None:
@@ -798,7 +840,7 @@ class Daemon:
             return
         self._retiring = None
         if any(w.mirror for w in self.config.watch):
-            self.mirror = MirrorService(self.config, standby=lambda: set(self.standby))
+            self.mirror = MirrorService(self.config, standby=lambda: set(self.standby), metrics=self.metrics)
             self.mirror.start()
 
     def _enqueue_mirror(self, watch: WatchConfig, run: str, entries: list[Entry]) -> None:
@@ -887,6 +929,8 @@ class Daemon:
         targets = mirroring.targets_of(self.config, broken)
         with Catalog(self.config.daemon.state_dir) as catalog:
             report = scrubbing.scrub(self.config, catalog, targets, stop=lambda: self._stop)
+        self.metrics.quarantined("scrub", len(report.quarantined))
+        self.metrics.succeeded("scrub", time.time())
         self.log.info("scrub done", checked=report.checked, ok=report.ok, repaired=len(report.repaired),
                       quarantined=len(report.quarantined), bad=len(report.mismatched),
                       unreachable=[*report.unreachable, *sorted(broken)] or None)  # fmt: skip
@@ -902,11 +946,39 @@ class Daemon:
                 awaiting_mirror=functools.partial(catalog.awaiting_mirror, watch.name),
                 finish_before=self.stats.started_at,  # later intents are this process's own, perhaps in flight
             )  # fmt: skip
+        for decision in report.done:
+            if decision.action == "quarantine":
+                self.metrics.quarantined("retention")
+            else:
+                self.metrics.deleted(watch.name, delete_reason(decision.reasons), decision.size)
+        self.metrics.succeeded(f"retention:{watch.name}", time.time())
         self.log.info(
             "retention done", watch=watch.name, deleted=len(report.done), skipped=len(report.skipped),
             dry_run=report.dry_run, bytes_freed=sum(d.size for d in report.done),
         )  # fmt: skip
         return report
+
+    # --------------------------------------------------------------------------------------------- metrics
+
+    def _start_metrics(self) -> None:
+        """Series for the configured watches and targets, and the HTTP endpoint when metrics_listen asks for one
+        (a port taken is logged and shown in status; the daemon goes on without it)."""
+        self.metrics.watches(w.name for w in self.config.watch)
+        self.metrics.targets(self.config.mirror)
+        address = self.config.daemon.metrics_address
+        if address is not None:
+            self.metrics.serve(*address)
+            self.log.info("serving metrics", listen=self.config.daemon.metrics_listen)
+
+    def _write_metrics(self, now: float) -> None:
+        """Rewrite metrics_textfile at most every TEXTFILE_EVERY s after a change, and every TEXTFILE_IDLE_EVERY s
+        anyway (node_exporter's node_textfile_mtime_seconds then says the daemon is alive)."""
+        path = self.config.daemon.metrics_textfile
+        written, at = self._metrics_written
+        if path is None or now - at < (TEXTFILE_EVERY if self.metrics.changes != written else TEXTFILE_IDLE_EVERY):
+            return
+        self._metrics_written = (self.metrics.changes, now)
+        self.metrics.write_textfile(path)
 
     # ---------------------------------------------------------------------------------------------- status
 
@@ -914,6 +986,9 @@ class Daemon:
         assert self.catalog is not None
         queued, busy = len(self.tracker), len(self.in_flight)
         counts = {w.name: self.catalog.counts(w.name) for w in self.config.watch}
+        self.metrics.checkpoints(counts)
+        self.metrics.watch_health({w.name: w.name in self.standby or (w.name in self.watchers
+                                   and self.watchers[w.name].healthy()) for w in self.config.watch})  # fmt: skip
         total = Counter[str]()
         for per_watch in counts.values():
             total.update(per_watch)

@@ -52,7 +52,7 @@ from ckptd.config import Config, WatchConfig
 from ckptd.discover import directory_digest
 from ckptd.fsutil import fsync_dir, open_confined, sha256_fd, temp_name
 from ckptd.layouts import nshtrainer
-from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Target, make_target
+from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Progress, Target, make_target
 from ckptd.model import Entry
 from ckptd.untrusted import UntrustedInput, component, load_json, relative
 
@@ -61,6 +61,7 @@ _BESIDE = sidecar.Store()
 INDEX_SCHEMA = 2  # 2: every copy held, with `was` and `local`; version 1 indexes are still read (clean_index)
 MAX_BACKOFF = 3600.0
 COMPANION_MAX = 16 << 20  # a producer's record beside a checkpoint (nshtrainer's is ~350 KB)
+COPY_PROGRESS_EVERY = 10.0  # seconds between `mirror copy progress` lines of one long copy
 
 
 # ------------------------------------------------------------------------------------------ pure planning
@@ -502,7 +503,7 @@ def _sidecar_bytes(store: sidecar.Store, root: Path, checkpoint: Path) -> bytes:
 
 
 def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: sidecar.Sidecar, root: Path,
-                    store: sidecar.Store = _BESIDE) -> None:  # fmt: skip
+                    store: sidecar.Store = _BESIDE, progress: Progress | None = None) -> None:  # fmt: skip
     """Copy one checkpoint, then its sidecar, proving each file against the sidecar's hashes.
 
     Every local file is opened from the watched folder `root` down without following a link (a run folder
@@ -529,7 +530,7 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
         except (OSError, ValueError) as exc:
             raise MirrorError(f"{path}: {exc}") from exc
         try:  # the backend opens this path again: /proc/self/fd/N is the very file opened here
-            _put_with_retries(target, f"{key_prefix}/{name}", Path(f"/proc/self/fd/{fd}"), expected)
+            _put_with_retries(target, f"{key_prefix}/{name}", Path(f"/proc/self/fd/{fd}"), expected, progress)
         finally:
             os.close(fd)
     for companion in layouts.companions(checkpoint):  # a producer's record of it goes along (nshtrainer)
@@ -552,19 +553,41 @@ def copy_checkpoint(target: Target, key_prefix: str, checkpoint: Path, found: si
     wait=wait_exponential(multiplier=0.5, max=5),
     reraise=True,
 )
-def _put_with_retries(target: Target, key: str, path: Path, sha256: str) -> None:
+def _put_with_retries(target: Target, key: str, path: Path, sha256: str, progress: Progress | None = None) -> None:
     """A mismatch is retried at once a few times (a flaky link); target outages back off in the queue."""
-    target.put_file(key, path, sha256=sha256)
+    target.put_file(key, path, sha256=sha256, progress=progress)
+
+
+class CopyProgress:
+    """Logs a long copy as it goes: `mirror copy progress` every COPY_PROGRESS_EVERY seconds (a 50 GB checkpoint
+    to a slow store takes minutes, which would otherwise be silence between `started` and `mirrored`)."""
+
+    def __init__(self, logger: Any, *, path: Path, target: str, total: int) -> None:
+        self.logger, self.path, self.target, self.total = logger, path, target, total
+        self.done = 0
+        self.started = self.said = time.monotonic()
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.said >= COPY_PROGRESS_EVERY:
+            self.said = now
+            rate = self.done / max(now - self.started, 1e-9)
+            self.logger.info("mirror copy progress", path=str(self.path), target=self.target, bytes_done=self.done,
+                             bytes=self.total, mb_per_s=round(rate / 1e6, 1),
+                             eta_s=round((self.total - self.done) / rate) if rate > 0 else None)  # fmt: skip
 
 
 def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, dry_run: bool = False,
                 now: Callable[[], float] = time.time, due_only: bool = True,
                 stop: Callable[[], bool] = lambda: False,
-                standby: Callable[[], Set[str]] = frozenset) -> MirrorReport:  # fmt: skip
+                standby: Callable[[], Set[str]] = frozenset,
+                on_copy: Callable[[str, float, bool], None] | None = None) -> MirrorReport:  # fmt: skip
     """Copy every queued checkpoint that is due, target by target; a failing target never stops the others.
 
     `stop` is asked between copies, so a daemon shutting down does not start another one. Watches in `standby`
-    (their folder owned by another daemon: ckptd.lease) are left to that daemon.
+    (their folder owned by another daemon: ckptd.lease) are left to that daemon. `on_copy(target, seconds, ok)`
+    hears of each copy made or failed (the daemon's metrics).
     """
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
@@ -591,7 +614,10 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
         started = time.monotonic()
         try:
             if not (item["copied"] and target.stat(f"{prefix}/{sidecar.sidecar_name(path.name)}")):
-                copy_checkpoint(target, prefix, path, found, watch.path, store)
+                total = found.verification.size_bytes
+                logger.info("mirror copy started", path=str(path), target=target.name, bytes=total)
+                progress = CopyProgress(logger, path=path, target=target.name, total=total)
+                copy_checkpoint(target, prefix, path, found, watch.path, store, progress)
             ours = catalog.mirrored_names(target=target.name, run=item["run"])
             doomed = _update_index(target, prefix, item, found, config, now(), ours, catalog)
         except MirrorError as exc:
@@ -604,11 +630,15 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
             failed_at = now()
             catalog.mirror_retry(item, error=str(exc), next_try=failed_at + delay, now=failed_at)
             report.failed.append(f"{path} -> {target.name}: {exc}")
+            if on_copy is not None:
+                on_copy(target.name, time.monotonic() - started, False)
             logger.warning("mirror copy failed, will retry", path=str(path), target=target.name, error=str(exc),
                            retry_in=round(delay), attempts=int(item["attempts"]) + 1)  # fmt: skip
             continue
         catalog.mirror_finish(item, state="done", now=now())
         report.copied.append(f"{path} -> {target.name}")
+        if on_copy is not None:
+            on_copy(target.name, time.monotonic() - started, True)
         logger.info("checkpoint mirrored", path=str(path), run=item["run"], target=target.name, roles=item["role"],
                     bytes=found.verification.size_bytes, seconds=round(time.monotonic() - started, 3))  # fmt: skip
         for name in doomed:  # the index no longer lists them; one left behind is an orphan (recheck removes it)
