@@ -4,7 +4,8 @@ Keeps the model's weights and drops optimizer and scheduler state. The weights a
 `model_state_dict`, `state_dict` (Lightning), `model`, or a key the user names. Nested dicts are flattened
 with dots. Tied weights (two names sharing one storage) are copied apart, so safetensors accepts them and
 both names load. The source's sha256, epoch, step and metrics go into the file's metadata, and the result
-is verified like any checkpoint. torch is reached only through the verify engine.
+is verified like any checkpoint. torch is reached only through the verify engine. Neither file is left in the
+page cache (fsutil.drop_cache): the source once its weights are written, the result by its verification.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from ckptd import __version__
 from ckptd import verify as engine
-from ckptd.fsutil import fsync_dir, temp_path_for
+from ckptd.fsutil import drop_cache, fsync_dir, opened, temp_path_for
 from ckptd.model import Verification
 
 STATE_KEYS = ("model_state_dict", "state_dict", "model", "module", "weights")
@@ -117,7 +118,11 @@ def export(source: Path, destination: Path, *, fmt: str = "safetensors", key: st
     finally:
         temp.unlink(missing_ok=True)
     fsync_dir(destination.parent)
+    count = len(weights)
+    del weights  # its tensors map the source's pages: unmapped, they can leave the page cache
+    with opened(source, follow=True) as fd:
+        drop_cache(fd)
     result = engine.verify(destination, trusted=trusted or [])
     if result.status != "ok":
         raise ExportError(f"the exported file {destination} does not verify: {'; '.join(result.problems)}")
-    return ExportResult(destination, result, checked.size_bytes, len(weights))
+    return ExportResult(destination, result, checked.size_bytes, count)

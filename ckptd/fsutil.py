@@ -6,6 +6,9 @@
   or device (a FIFO would block the reader for good); `open_folder` walks down from a trusted root one
   component at a time without following links, so a folder swapped for a link mid-way fails instead of
   leading out of the tree. Callers then act relative to that descriptor (`dir_fd=`), never by path again.
+- The page cache: `drop_cache` is the one place ckptd tells the kernel it is done with a file's pages. Every
+  pass over a checkpoint's bytes (verify, mirror copies, scrub, restore) drops what it read behind it, so that
+  verifying a 2 GB checkpoint does not push the training job's dataset out of the cache (issue 13).
 """
 
 from __future__ import annotations
@@ -184,11 +187,33 @@ def unlink_confined(root: Path, path: Path) -> bool:
     return True
 
 
+def drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel that the pages of `fd` in [offset, offset+length) (to the end when `length` is 0) will not
+    be read again: posix_fadvise(POSIX_FADV_DONTNEED).
+
+    Clean pages no process has mapped leave the page cache at once; dirty ones are queued for writeback and stay
+    (fdatasync first to drop them too); mapped ones stay until unmapped. Every page is dropped, also those that
+    were cached before the caller read them: a checkpoint the trainer just wrote is not what its next steps
+    read, its dataset is. Does nothing where the call is unsupported (not Linux, a file system without it).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def sync_and_drop(fd: int, offset: int = 0, length: int = 0) -> None:
+    """fdatasync `fd`, then drop its pages in the range (see drop_cache): for writers, whose pages are dirty until
+    they reach the disk. Raises OSError when the sync fails (the data may not be on disk)."""
+    os.fdatasync(fd)
+    drop_cache(fd, offset, length)
+
+
 def sha256_fd(fd: int, chunk: int = 8 << 20) -> str:
-    """The SHA-256 hex of an open file's bytes, read with pread from the start (memory stays flat)."""
+    """The SHA-256 hex of an open file's bytes, read with pread from the start (memory stays flat), each piece
+    dropped from the page cache once hashed (drop_cache; a file just written should be fsynced first)."""
     digest = hashlib.sha256()
     at = 0
     while piece := os.pread(fd, chunk, at):
+        drop_cache(fd, at, len(piece))
         digest.update(piece)
         at += len(piece)
     return digest.hexdigest()

@@ -4,7 +4,9 @@ Each stored checkpoint is read again at a limited rate (`scrub_bandwidth`) and c
 its sidecar. A local mismatch is repaired from a good mirror copy when there is one (proved, then put in
 place with the checkpoint's recorded mtime), else quarantined. A mismatch on a target is repaired from the
 local checkpoint when that still matches. Progress is recorded per location in the catalog and the
-least recently scrubbed go first, so a scrub stopped by a restart resumes where it stopped.
+least recently scrubbed go first, so a scrub stopped by a restart resumes where it stopped. What a scrub reads
+leaves the page cache behind it (fsutil.drop_cache; a repair's temp file once fsynced): re-reading every
+checkpoint must not evict the training job's dataset.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ckptd import mirror as mirroring
 from ckptd.catalog import Catalog, Row
 from ckptd.config import Config, WatchConfig
 from ckptd.discover import identity_at
-from ckptd.fsutil import fsync_dir, open_confined, open_folder, sha256_fd, temp_name
+from ckptd.fsutil import drop_cache, fsync_dir, open_confined, open_folder, sha256_fd, temp_name
 from ckptd.mirrors import MirrorError, Target
 from ckptd.model import Identity
 from ckptd.throttle import Throttle
@@ -54,6 +56,7 @@ def hash_throttled(path: Path, throttle: Throttle, root: Path) -> str:
     try:
         at = 0
         while piece := os.pread(fd, _PIECE, at):
+            drop_cache(fd, at, len(piece))
             digest.update(piece)
             at += len(piece)
             throttle(len(piece))

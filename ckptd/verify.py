@@ -1,13 +1,26 @@
-"""The verify engine: one read of a checkpoint's bytes gives its SHA-256, its CRC checks and its load.
+"""The verify engine: one read of a checkpoint's bytes gives its SHA-256, its CRC checks and its NaN/Inf scan.
 
-Given a path, `verify` returns a `Verification`. The file is mapped with mmap; a background thread hashes it
-sequentially while a second one checks every zip record's CRC-32, and the main thread loads it with
-`torch.load(weights_only=True, mmap=True)` (safetensors and DCP through readers that never unpickle
-arbitrary objects) and scans the tensors for NaN and Inf. Nothing in a checkpoint is ever executed: pickles
+Given a path, `verify` returns a `Verification`. Its structure comes first, from a few small reads: a torch
+zip's central directory and data.pkl (whose persistent ids say which storage type, so which dtype, each
+tensor record holds), or a safetensors header. Then one sequential read of the whole file, in _HASH_CHUNK
+pieces read with pread into reused buffers, feeds two threads: the first hashes each piece and drops it from
+the page cache (fsutil.drop_cache), the second adds it to the running CRC-32 of every zip record it overlaps
+(formats.torch_zip.Crcs) and scans the tensor bytes it holds for NaN and Inf (_Scans). Meanwhile the main
+thread loads the file with `torch.load(weights_only=True, mmap=True)`, which reads only the pickle and the
+zip directory, for the metadata and the tensors' count, dtypes and sizes; each loaded tensor's storage is
+found back in the file by its address (/proc/self/maps) to take the scan's answer for it. Safetensors and DCP
+go through readers that never unpickle arbitrary objects. Nothing in a checkpoint is ever executed: pickles
 are disassembled first, and one that needs a global outside torch's weights-only allow-list (plus the
 user's trusted names) is reported `unsafe` and never loaded. Memory does not grow with the file's size.
 
-This is the only module that imports torch, and it does so lazily, after the hashing has started, so that
+The page cache is left as it was found (issue 13): each piece is dropped as soon as it is read, and every
+file opened is dropped whole once its mappings are closed (what the pickle reads and torch's mapping
+touched). Touching each page once and dropping it keeps a training job's dataset cached, where three passes
+over a mapping made the checkpoint's pages look hot and evicted it. Pages cached before the read are dropped
+too: a checkpoint the trainer just wrote is not what it reads next. The legacy torch format and bare pickles
+(torch cannot map them) and DCP items are read again beside the one read, then dropped likewise.
+
+This is the only module that imports torch, and it does so lazily, after the read has started, so that
 the import overlaps the read.
 
 Every step is bounded, since anyone who can write a watched folder chooses the bytes: a verification has a
@@ -31,12 +44,15 @@ import math
 import mmap
 import os
 import pickle
+import queue
 import stat as stat_module
+import threading
 import time
 import warnings
+import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +62,7 @@ from ckptd import formats, layouts
 from ckptd.discover import directory_digest, directory_files, identity, special_files
 from ckptd.formats import safetensors as st_format
 from ckptd.formats import torch_zip
-from ckptd.formats.buffers import Buffer
+from ckptd.formats.buffers import Buffer, Sweep
 from ckptd.formats.pickles import (
     ForbiddenGlobal,
     PickleStructureError,
@@ -54,7 +70,7 @@ from ckptd.formats.pickles import (
     globals_in,
     plain_values,
 )
-from ckptd.fsutil import NotRegularFile, kind_of, open_confined, open_regular
+from ckptd.fsutil import NotRegularFile, drop_cache, kind_of, open_confined, open_regular
 from ckptd.layouts import dcp, nshtrainer
 from ckptd.metadata import Extracted, extract, holds_training_state
 from ckptd.model import CheckpointChanged, Format, Identity, Status, TensorStats, Verification
@@ -67,6 +83,7 @@ Progress = Callable[[int], None]
 """Called from the hashing thread with the number of bytes just hashed."""
 
 _HASH_CHUNK = 8 << 20
+_IN_FLIGHT = 3  # pieces of the one read between its two threads: 24 MiB of buffers, whatever the file's size
 _SCAN_ELEMENTS = 16 << 20  # elements per NaN/Inf reduction: bounded, and no temporary tensor at all
 MAX_VISITS = 10_000_000  # nodes of a loaded object walked for its tensors (a real checkpoint: ~10 per tensor)
 MAX_PICKLE_BYTES = 64 << 20  # a data.pkl holds structure, not tensor bytes; real ones are KBs to a few MB
@@ -124,6 +141,8 @@ class _Findings:
     files: dict[str, str] | None = None
     layout: str | None = None
     loaded: Any = None  # the object a weights-only load gave, while it is still needed
+    scans: _Scans | None = None  # what the one read found of each tensor record's bytes (a torch zip's)
+    inode: int = 0  # of the file loaded, to find its storages in the process's mappings
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -235,48 +254,261 @@ def _identities(path: Path) -> dict[str, Identity]:
 # --------------------------------------------------------------------------------------------- the one read
 
 
-def _sha256(buffer: Buffer, progress: Progress | None, scope: _Scope) -> str:
-    """Hash the whole buffer front to back; hashlib releases the GIL, so this overlaps the load."""
-    digest = hashlib.sha256()
-    view = memoryview(buffer)
-    for at in range(0, len(view), _HASH_CHUNK):
-        scope.check()
-        piece = view[at : at + _HASH_CHUNK]
-        digest.update(piece)
-        if progress is not None:
-            progress(len(piece))
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class _File:
+    """An open regular file: its descriptor, a read-only mapping for the small structural reads (b"" when
+    empty), a path to the very file opened (`/proc/self/fd/N`, for readers that take a path: a file swapped
+    under its name meanwhile is not what they read), its size and inode."""
+
+    fd: int
+    mapped: Buffer
+    source: str
+    size: int
+    inode: int
 
 
 @contextlib.contextmanager
-def _mapped(path: Path, scope: _Scope) -> Iterator[tuple[mmap.mmap, str]]:
-    """Map a regular file (never a link, FIFO or device: fsutil.open_regular raises NotRegularFile), opened
-    within the scope's root when it has one.
-
-    Yields the mapping and a path to the very file opened (`/proc/self/fd/N`), for the readers that take
-    a path (torch.load with mmap, safetensors): a file swapped under its name meanwhile is not what they read.
+def _opened(path: Path, scope: _Scope) -> Iterator[_File]:
+    """Open a regular file (never a link, FIFO or device: fsutil.open_regular raises NotRegularFile) within the
+    scope's root when it has one, and map it for random reads (MADV_RANDOM: a fault reads its page, not a
+    window around it). On the way out the mapping is closed and the file's pages are dropped from the page cache.
     """
     fd = scope.open(path)
     try:
-        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        with contextlib.suppress(OSError, AttributeError):
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        found = os.fstat(fd)
+        mapped: mmap.mmap | None = None
+        if found.st_size > 0:
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            with contextlib.suppress(OSError, AttributeError):
+                mapped.madvise(mmap.MADV_RANDOM)
         try:
-            yield mapped, _fd_path(fd, path)
+            yield _File(fd, mapped if mapped is not None else b"", _fd_path(fd, path), found.st_size, found.st_ino)
         except BaseException:
             # The traceback of a stopped verification (OverBudget) still holds views of the mapping, so it
             # cannot be closed now; it is unmapped when the traceback goes, as verify() returns.
             with contextlib.suppress(BufferError):
-                mapped.close()
+                if mapped is not None:
+                    mapped.close()
             raise
-        mapped.close()
+        if mapped is not None:
+            mapped.close()
+        drop_cache(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path, scope: _Scope) -> Iterator[tuple[Buffer, str]]:
+    """`_opened`, for the readers that need only the mapping and the path."""
+    with _opened(path, scope) as file:
+        yield file.mapped, file.source
 
 
 def _fd_path(fd: int, path: Path) -> str:
     proc = f"/proc/self/fd/{fd}"
     return proc if Path(proc).exists() else str(path)
+
+
+Feed = Callable[[int, memoryview], None]
+"""Given each piece of the one read, in file order, with its offset in the file."""
+
+
+@contextlib.contextmanager
+def _reading(file: _File, scope: _Scope, progress: Progress | None, feeds: Sequence[Feed] = ()) -> Iterator[
+        Future[str]]:  # fmt: skip
+    """Start the one read of `file` on its own threads (see _one_read); yields its future SHA-256. Leaving the
+    block waits for the read, which stops early when the block raised."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
+        future = pool.submit(_one_read, file, scope, progress, feeds, stop)
+        try:
+            yield future
+        except BaseException:
+            stop.set()
+            raise
+
+
+def _one_read(file: _File, scope: _Scope, progress: Progress | None, feeds: Sequence[Feed],
+              stop: threading.Event) -> str:  # fmt: skip
+    """Read the file front to back, once, in _HASH_CHUNK pieces; return its SHA-256. Each piece is dropped from
+    the page cache as soon as it is read, hashed (hashlib releases the GIL, so this overlaps the load), then
+    handed to `feeds` on a second thread; at most _IN_FLIGHT pieces are in memory. A file shorter than its size
+    ends the read (verify's identity check reports the change); an error of a feed is raised here."""
+    digest = hashlib.sha256()
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(_IN_FLIGHT if feeds else 1):
+        free.put(bytearray(_HASH_CHUNK))
+    full: queue.SimpleQueue[tuple[int, bytearray, int] | None] = queue.SimpleQueue()
+    failed: list[BaseException] = []
+    checker = threading.Thread(target=_feed_all, args=(full, free, feeds, failed), name="ckptd-verify-check")
+    if feeds:
+        checker.start()
+    try:
+        at = 0
+        while at < file.size and not stop.is_set() and not failed:
+            scope.check()
+            buffer = free.get()
+            count = _read_at(file.fd, buffer, at, file.size - at)
+            if count == 0:
+                break
+            drop_cache(file.fd, at, count)  # in our buffer now: the kernel's copy is not needed again
+            digest.update(memoryview(buffer)[:count])
+            if progress is not None:
+                progress(count)
+            if feeds:
+                full.put((at, buffer, count))
+            else:
+                free.put(buffer)
+            at += count
+    finally:
+        if feeds:
+            full.put(None)
+            checker.join()
+    if failed:
+        raise failed[0]
+    return digest.hexdigest()
+
+
+def _read_at(fd: int, buffer: bytearray, at: int, left: int) -> int:
+    """Fill `buffer` (up to `left` bytes) from offset `at` of the file; fewer bytes only at its end."""
+    view = memoryview(buffer)[: min(len(buffer), left)]
+    got = 0
+    while got < len(view):
+        count = os.preadv(fd, [view[got:]], at + got)
+        if count == 0:
+            break
+        got += count
+    return got
+
+
+def _feed_all(full: queue.SimpleQueue[tuple[int, bytearray, int] | None], free: queue.SimpleQueue[bytearray],
+              feeds: Sequence[Feed], failed: list[BaseException]) -> None:  # fmt: skip
+    """The one read's second thread: hand each piece to the feeds, then give its buffer back. After an error it
+    only gives buffers back (the reader stops at its next piece)."""
+    while (item := full.get()) is not None:
+        at, buffer, count = item
+        try:
+            if not failed:
+                view = memoryview(buffer)[:count]
+                for feed in feeds:
+                    feed(at, view)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            free.put(buffer)
+
+
+class _Scans:
+    """Whether the bytes of each tensor span [start, end) of a file, read as its dtype (a torch dtype's name),
+    hold NaN or Inf: fed the pieces of the one read (`feed`), with elements cut by a piece's end carried over.
+    Only floating-point and complex spans are given; the scan imports torch (on the read's second thread)."""
+
+    def __init__(self, spans: Iterable[tuple[int, int, str]]) -> None:
+        spans = list(spans)
+        self._found: dict[tuple[int, int], tuple[str, bool | None]] = {(s, e): (d, False) for s, e, d in spans}
+        self._sweep = Sweep((s, e, (s, e)) for s, e, _d in spans)
+        self._carry: dict[tuple[int, int], bytearray] = {}
+
+    def feed(self, at: int, piece: memoryview) -> None:
+        for span, part in self._sweep.overlaps(at, piece):
+            dtype, found = self._found[span]
+            if found is False:  # not found yet, and scannable
+                self._found[span] = (dtype, self._scan(span, dtype, part))
+
+    def at(self, start: int, end: int, dtype: str) -> bool | None:
+        """Whether the span holds NaN or Inf as `dtype`; None when it was not scanned as that dtype."""
+        dtype_found, found = self._found.get((start, end), (None, None))
+        return found if dtype_found == dtype else None
+
+    def _scan(self, span: tuple[int, int], dtype: str, part: memoryview) -> bool | None:
+        size = _element_size(dtype)
+        if size is None:
+            return None  # a dtype this torch does not have
+        carry = self._carry.pop(span, None)
+        if carry is not None:  # the element that the previous piece's end cut
+            need = size - len(carry)
+            carry += part[:need]
+            part = part[need:]
+            if len(carry) < size:
+                self._carry[span] = carry
+                return False
+            found = _bytes_nonfinite(carry, dtype)
+            if found is not False:
+                return found
+        whole = len(part) - len(part) % size
+        if whole < len(part):
+            self._carry[span] = bytearray(part[whole:])
+        return _bytes_nonfinite(part[:whole], dtype)
+
+
+# For the common floating-point dtypes: (bytes per element, bytes per number: a complex is two, the values the
+# most significant byte of a number (little-endian: its last) takes when it is NaN or Inf). That byte holds the
+# sign and the top bits of the exponent, all ones in NaN and Inf; outside them only in finite numbers past
+# 2**127 (float16: 2**15), so that a piece without such a byte is known finite without torch, whose import
+# the one read would otherwise wait for. A piece with one is scanned by torch.
+_TOP_BYTES_F = b"\x7f\xff"
+_TOP_BYTES_F16 = bytes([0x7C, 0x7D, 0x7E, 0x7F, 0xFC, 0xFD, 0xFE, 0xFF])
+_FLOATS: dict[str, tuple[int, int, bytes]] = {
+    "float32": (4, 4, _TOP_BYTES_F), "bfloat16": (2, 2, _TOP_BYTES_F), "float64": (8, 8, _TOP_BYTES_F),
+    "float16": (2, 2, _TOP_BYTES_F16), "complex64": (8, 4, _TOP_BYTES_F), "complex128": (16, 8, _TOP_BYTES_F),
+}  # fmt: skip
+
+
+def _element_size(dtype_name: str) -> int | None:
+    if dtype_name in _FLOATS:
+        return _FLOATS[dtype_name][0]
+    import torch
+
+    dtype = getattr(torch, dtype_name, None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
+def _maybe_nonfinite(data: bytearray | memoryview, dtype_name: str) -> bool:
+    """False when the elements in `data` are surely finite by their top bytes (see _FLOATS); True when they may
+    not be, or the dtype is not one of _FLOATS."""
+    if dtype_name not in _FLOATS:
+        return True
+    _size, number, values = _FLOATS[dtype_name]
+    top = bytes(data)[number - 1 :: number]
+    if len(values) > 2:
+        return any(value in top for value in values)
+    return values[:1] in top or values[1:] in top
+
+
+def _bytes_nonfinite(data: bytearray | memoryview, dtype_name: str) -> bool | None:
+    """Whether the elements in `data` (a writable buffer of whole elements) hold NaN or Inf; None when this torch
+    cannot scan the dtype (float4 and other packed ones)."""
+    if len(data) == 0 or not _maybe_nonfinite(data, dtype_name):
+        return False
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    try:
+        flat = torch.frombuffer(data, dtype=dtype)
+        return _has_nonfinite(torch.view_as_real(flat).reshape(-1) if dtype.is_complex else flat)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return None
+
+
+class _Mappings:
+    """Where an address of this process lies in the file of `inode`, from /proc/self/maps (read once): how a
+    storage that torch.load(mmap=True) mapped is found back in the file. Empty where /proc is missing."""
+
+    def __init__(self, inode: int) -> None:
+        self._regions: list[tuple[int, int, int]] = []
+        with contextlib.suppress(OSError, ValueError), open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) >= 5 and fields[4] == str(inode):
+                    low, _, high = fields[0].partition("-")
+                    self._regions.append((int(low, 16), int(high, 16), int(fields[2], 16)))
+
+    def offset(self, address: int) -> int | None:
+        """The offset in the file of the byte at `address`; None when no mapping of the file holds it."""
+        for low, high, file_offset in self._regions:
+            if low <= address < high:
+                return address - low + file_offset
+        return None
 
 
 # --------------------------------------------------------------------------------------------- single files
@@ -286,13 +518,11 @@ def _verify_file(path: Path, trusted: Sequence[str], progress: Progress | None, 
     size = path.lstat().st_size
     if size == 0:
         return _Findings(problems=[f"{path.name}: empty file (0 bytes)"], sha256=hashlib.sha256().hexdigest())
-    with _mapped(path, scope) as (mapped, source), ThreadPoolExecutor(2, thread_name_prefix="ckptd-verify") as pool:
-        sha = pool.submit(_sha256, mapped, progress, scope)
-        findings = _check_file(path.name, mapped, source, trusted, scope, pool=pool)
+    with _opened(path, scope) as file:
+        findings = _check_file(path.name, file, trusted, scope, progress=progress)
         if findings.loaded is not None:
             findings.extracted = extract(findings.loaded, path.name, keys_of=scope.metric_keys)
             findings.tensors = _stats_of(findings, path.name, scope)
-        findings.sha256 = sha.result()
     if nshtrainer.run_of_file(path) is not None:
         _add_nshtrainer_record(findings, path, scope)
     return findings
@@ -332,19 +562,29 @@ def _add_nshtrainer_record(findings: _Findings, path: Path, scope: _Scope) -> No
     )
 
 
-def _check_file(name: str, mapped: mmap.mmap, source: str, trusted: Sequence[str], scope: _Scope, *,
-                extra: frozenset[str] = frozenset(), load: bool = True,
-                pool: ThreadPoolExecutor | None = None) -> _Findings:  # fmt: skip
+def _check_file(name: str, file: _File, trusted: Sequence[str], scope: _Scope, *, extra: frozenset[str] = frozenset(),
+                load: bool = True, progress: Progress | None = None) -> _Findings:  # fmt: skip
     """Check one file by its content: a torch zip, a legacy torch file or safetensors; `name` is how problems
     name it. `extra` globals are normal in this file (a trainer's own, see ckptd.layouts) without being loaded;
-    `load` asks for the object (in `.loaded`) when the pickle allows a weights-only load."""
-    kind = formats.detect_file(bytes(mapped[:64]), len(mapped))
+    `load` asks for the object (in `.loaded`) when the pickle allows a weights-only load. The file is read once
+    whole (its SHA-256 in `.sha256`), `progress` told of each piece."""
+    kind = formats.detect_file(bytes(file.mapped[:64]), file.size)
     if kind == "torch_zip":
-        return _check_torch_zip(name, mapped, source, trusted, scope, extra=extra, load=load, pool=pool)
+        return _check_torch_zip(name, file, trusted, scope, extra=extra, load=load, progress=progress)
+    if kind == "safetensors":
+        return _check_safetensors(name, file, scope, progress)
+    with _reading(file, scope, progress) as read:
+        findings = _check_other(name, kind, file, trusted, scope, extra=extra, load=load)
+        findings.sha256 = read.result()
+    return findings
+
+
+def _check_other(name: str, kind: Format | None, file: _File, trusted: Sequence[str], scope: _Scope, *,
+                 extra: frozenset[str], load: bool) -> _Findings:  # fmt: skip
+    """A legacy torch file, a bare pickle, or no format ckptd knows (read beside the one read, which hashes it)."""
+    mapped, source = file.mapped, file.source
     if kind == "torch_legacy":
         return _check_torch_legacy(name, source, trusted, scope, extra=extra, load=load)
-    if kind == "safetensors":
-        return _check_safetensors(name, mapped, source, scope)
     head = bytes(mapped[:8])
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
         return _check_plain_pickle(name, source, trusted, scope, extra=extra)
@@ -355,18 +595,43 @@ def _check_file(name: str, mapped: mmap.mmap, source: str, trusted: Sequence[str
     return _Findings(unsupported=f"{name}: not a checkpoint format ckptd knows (it starts with {what})")
 
 
-def _check_torch_zip(name: str, mapped: mmap.mmap, source: str, trusted: Sequence[str], scope: _Scope, *,
-                     extra: frozenset[str], load: bool, pool: ThreadPoolExecutor | None) -> _Findings:  # fmt: skip
-    findings = _Findings(format="torch_zip")
+def _check_torch_zip(name: str, file: _File, trusted: Sequence[str], scope: _Scope, *, extra: frozenset[str],
+                     load: bool, progress: Progress | None) -> _Findings:  # fmt: skip
+    """A torch zip: its directory and data.pkl first (what the one read is to compute depends on them), then the
+    one read (SHA-256, the CRCs, the NaN/Inf scan of its tensors) while torch loads it."""
+    findings = _Findings(format="torch_zip", inode=file.inode)
     try:
-        records = torch_zip.read_records(mapped)
+        records = torch_zip.read_records(file.mapped)
     except torch_zip.ZipStructureError as exc:
         findings.problems.append(f"{name}: {exc}")
+        with _reading(file, scope, progress) as read:
+            findings.sha256 = read.result()
         return findings
     recorded = torch_zip.crcs_recorded(records)
-    crcs: Future[list[str]] | None = None
-    if recorded and pool is not None:
-        crcs = pool.submit(torch_zip.crc_problems, mapped, records, scope.check)
+    crcs = torch_zip.Crcs(records, scope.check)
+    names = _torch_zip_globals(name, file.mapped, records, findings, scope)
+    findings.scans = _Scans(_storage_spans(file.mapped, records, scope) if names is not None else ())
+    with _reading(file, scope, progress, [findings.scans.feed, *([crcs.feed] if recorded else [])]) as read:
+        if names is not None:
+            beyond = _disallowed(names, trusted)
+            findings.unsafe_globals = [g for g in beyond if g not in extra]
+            if not beyond and load:
+                findings.loaded = _torch_load(file.source, name, trusted, findings, mmap_mode=True)
+        findings.sha256 = read.result()
+    if recorded:
+        problems = crcs.problems() + torch_zip.crc_problems(file.mapped, crcs.deflated, scope.check)
+        findings.problems[:0] = [f"{name}: {p}" for p in problems]
+    else:
+        findings.warnings.append(
+            f"{name}: its CRC-32s were not recorded (torch.serialization.set_crc32_options(False)); only its"
+            " SHA-256 protects it"
+        )
+    return findings
+
+
+def _torch_zip_globals(name: str, mapped: Buffer, records: list[torch_zip.ZipRecord], findings: _Findings,
+                       scope: _Scope) -> list[str] | None:  # fmt: skip
+    """The globals data.pkl names; None, with the reason in `findings`, when the archive is not to be loaded."""
     refused = torch_zip.inflation_refusals(records)
     pickled = torch_zip.find_record(records, "data.pkl")
     if refused:
@@ -377,20 +642,46 @@ def _check_torch_zip(name: str, mapped: mmap.mmap, source: str, trusted: Sequenc
         findings.format = None
         findings.unsupported = f"{name}: a zip archive without data.pkl, not a torch checkpoint (an .npz?)"
     else:
-        names = _scan_pickle(mapped, pickled, name, findings, scope)
-        beyond = _disallowed(names, trusted) if names is not None else []
-        findings.unsafe_globals = [g for g in beyond if g not in extra]
-        if names is not None and not beyond and load:
-            findings.loaded = _torch_load(source, name, trusted, findings, mmap_mode=True)
-    if recorded:
-        problems = crcs.result() if crcs is not None else torch_zip.crc_problems(mapped, records, scope.check)
-        findings.problems[:0] = [f"{name}: {p}" for p in problems]
-    else:
-        findings.warnings.append(
-            f"{name}: its CRC-32s were not recorded (torch.serialization.set_crc32_options(False)); only its"
-            " SHA-256 protects it"
-        )
-    return findings
+        return _scan_pickle(mapped, pickled, name, findings, scope)
+    return None
+
+
+# The typed storages torch.save names in its persistent ids, by the dtype of their bytes: the floating-point and
+# complex ones, which the one read scans (torch.storage._dtype_to_storage_type_map, frozen since torch 2.0).
+_STORAGE_DTYPES = {
+    "torch.DoubleStorage": "float64", "torch.FloatStorage": "float32", "torch.HalfStorage": "float16",
+    "torch.BFloat16Storage": "bfloat16", "torch.ComplexDoubleStorage": "complex128",
+    "torch.ComplexFloatStorage": "complex64",
+}  # fmt: skip
+
+
+def _little_endian(mapped: Buffer, records: list[torch_zip.ZipRecord]) -> bool:
+    """True unless the archive's `byteorder` record says otherwise (torch writes it since 2.1: b"little")."""
+    order = torch_zip.find_record(records, "byteorder")
+    if order is None:
+        return True  # older torch wrote no byteorder record, only on little-endian machines in practice
+    if order.file_size > 16 or order.method != zipfile.ZIP_STORED:
+        return False
+    return torch_zip.stored_bytes(mapped, order) == b"little"
+
+
+def _storage_spans(mapped: Buffer, records: list[torch_zip.ZipRecord], scope: _Scope) -> list[tuple[int, int, str]]:
+    """(start, end, dtype) of each floating-point tensor record, by the storage type data.pkl gives it. Records
+    of storages saved untyped (float8...) are left to the scan of the loaded tensor (_tensor_stats)."""
+    pickled = torch_zip.find_record(records, "data.pkl")
+    if pickled is None or not _little_endian(mapped, records):
+        return []  # the bytes of a big-endian archive are swapped by the load: its tensors are scanned loaded
+    try:
+        types = torch_zip.storage_types(mapped, records, pickled, scope.check)
+    except OverBudget:
+        raise
+    except Exception:  # a pickle the loader will refuse: nothing is scanned ahead, the load reports it
+        return []
+    return [
+        (r.data_start, r.data_end, _STORAGE_DTYPES[types[r.name]])
+        for r in records
+        if r.method == zipfile.ZIP_STORED and types.get(r.name) in _STORAGE_DTYPES
+    ]
 
 
 def _scan_pickle(mapped: Buffer, record: torch_zip.ZipRecord, where: str, findings: _Findings,
@@ -504,11 +795,16 @@ def _torch_load(source: str, name: str, trusted: Sequence[str], findings: _Findi
     return None
 
 
-def _check_safetensors(name: str, mapped: mmap.mmap, source: str, scope: _Scope) -> _Findings:
+def _check_safetensors(name: str, file: _File, scope: _Scope, progress: Progress | None) -> _Findings:
+    """A safetensors file: its header first, then the one read hashes it and scans each tensor's bytes."""
     findings = _Findings(format="safetensors")
-    header = _safetensors_header(name, mapped, source, findings)
+    header = _safetensors_header(name, file.mapped, file.source, findings)
+    tensors = header.tensors if header is not None else []
+    scans = _Scans((t.start, t.end, _ST_DTYPES.get(t.dtype, t.dtype.lower())) for t in tensors if _st_floating(t.dtype))
+    with _reading(file, scope, progress, [scans.feed]) as read:
+        findings.sha256 = read.result()
     if header is not None:
-        findings.tensors = _safetensors_stats(name, mapped, header.tensors, scope, findings)
+        findings.tensors = _safetensors_stats(name, header.tensors, scans, findings)
         numeric = {k: v for k, v in header.metadata.items() if _is_number(v)}
         found = extract({k: float(v) for k, v in numeric.items()}, name, producer="huggingface")
         findings.extracted = Extracted(
@@ -575,10 +871,11 @@ def _verify_directory(folder: Path, trusted: Sequence[str], progress: Progress |
 
 
 def _hash_files(folder: Path, names: Sequence[str], progress: Progress | None, scope: _Scope) -> dict[str, str]:
+    """The SHA-256 of each file, each read once and dropped behind (see _one_read)."""
     hashes = {}
     for rel in names:
-        with _mapped_or_empty(folder / rel, scope) as (mapped, _source):
-            hashes[rel] = _sha256(mapped, progress, scope)
+        with _opened(folder / rel, scope) as file:
+            hashes[rel] = _one_read(file, scope, progress, (), threading.Event())
     return hashes
 
 
@@ -616,8 +913,10 @@ def _check_unit(
     loaded: dict[str, Any] = {}
     dcp_roots = sorted({rel.rpartition("/")[0] for rel in files if rel.rpartition("/")[2] == formats.DCP_MARKER})
     items = Extracted()
+    read_by_check = {rel for rel in files if _read_by_check(folder, rel, layout, dcp_roots)}
     with ThreadPoolExecutor(1, thread_name_prefix="ckptd-verify") as pool:
-        hashes = pool.submit(_hash_files, folder, files, progress, scope)
+        # The members that _check_member reads are hashed by that read; the rest here, meanwhile.
+        hashes = pool.submit(_hash_files, folder, [rel for rel in files if rel not in read_by_check], progress, scope)
         for root in dcp_roots:
             sub = _Findings()
             where = folder / root if root else folder
@@ -632,12 +931,16 @@ def _check_unit(
         for rel in files:
             if rel.endswith((formats.HF_INDEX_SUFFIX, ".bin.index.json")):
                 tensor_names += _check_index(folder, rel, files, findings, scope)
+        member_hashes: dict[str, str] = {}
         for rel in files:
-            parent, _, leaf = rel.rpartition("/")
-            if leaf.endswith(".distcp") or (parent in dcp_roots and leaf == formats.DCP_MARKER):
+            if _dcp_part(rel, dcp_roots):
                 continue  # checked with its DCP folder, item by item (without `.metadata`, only hashed)
-            _check_member(folder, rel, layout.member(rel), trusted, findings, scope, stats, loaded)
-        findings.files = hashes.result()
+            sha = _check_member(folder, rel, layout.member(rel), trusted, findings, scope, stats, loaded, progress)
+            if sha is not None:
+                member_hashes[rel] = sha
+        hashed = hashes.result() | member_hashes
+        hashed |= _hash_files(folder, [rel for rel in files if rel not in hashed], progress, scope)  # emptied meanwhile
+        findings.files = {rel: hashed[rel] for rel in files}
     findings.tensors = _merge_stats(stats)
     found = layout.metadata(folder, _Reader(folder, layout, trusted, scope, loaded))
     findings.extracted = Extracted(
@@ -653,6 +956,18 @@ def _check_unit(
     return findings
 
 
+def _dcp_part(rel: str, dcp_roots: Sequence[str]) -> bool:
+    parent, _, leaf = rel.rpartition("/")
+    return leaf.endswith(".distcp") or (parent in dcp_roots and leaf == formats.DCP_MARKER)
+
+
+def _read_by_check(folder: Path, rel: str, layout: layouts.Layout, dcp_roots: Sequence[str]) -> bool:
+    """Whether _check_member reads the member whole (through _check_file, which hashes it)."""
+    if _dcp_part(rel, dcp_roots) or rel.endswith(".json") or (folder / rel).lstat().st_size == 0:
+        return False
+    return formats.is_checkpoint_name(rel) or layout.member(rel).role != "other"
+
+
 def _merge_into(findings: _Findings, sub: _Findings, prefix: str) -> None:
     """Add what the checks of a part (a member, a DCP sub-folder) found, each line naming that part."""
     findings.problems += [f"{prefix}{p}" for p in sub.problems]
@@ -665,29 +980,31 @@ def _merge_into(findings: _Findings, sub: _Findings, prefix: str) -> None:
 
 
 def _check_member(folder: Path, rel: str, member: layouts.Member, trusted: Sequence[str], findings: _Findings,
-                  scope: _Scope, stats: list[TensorStats], loaded: dict[str, Any]) -> None:  # fmt: skip
-    """Check one file of a folder checkpoint like a checkpoint of its own kind; problems name it by `rel`."""
+                  scope: _Scope, stats: list[TensorStats], loaded: dict[str, Any],
+                  progress: Progress | None) -> str | None:  # fmt: skip
+    """Check one file of a folder checkpoint like a checkpoint of its own kind; problems name it by `rel`.
+    Returns its SHA-256 when it read it whole (see _read_by_check), else None."""
     path = folder / rel
     size = path.lstat().st_size
     checkpoint_like = formats.is_checkpoint_name(path.name)
     if size == 0:
         if checkpoint_like or rel.endswith(".json"):
             findings.problems.append(f"{rel}: empty file (0 bytes)")
-        return
+        return None
     if rel.endswith(".json"):
         try:
             with open(scope.open(path), "rb") as handle:
                 load_json(handle.read(MAX_JSON_MEMBER + 1), what=rel, max_bytes=MAX_JSON_MEMBER)
         except UntrustedInput as exc:
             findings.problems.append(str(exc))
-        return
+        return None
     if not checkpoint_like and member.role == "other":
-        return  # a script, a text file: hashed, nothing to check
-    with _mapped(path, scope) as (mapped, source):
-        sub = _check_file(rel, mapped, source, trusted, scope, extra=member.allowed,
-                          load=member.role in ("weights", "record"))  # fmt: skip
+        return None  # a script, a text file: hashed, nothing to check
+    with _opened(path, scope) as file:
+        sub = _check_file(rel, file, trusted, scope, extra=member.allowed, load=member.role in ("weights", "record"),
+                          progress=progress)  # fmt: skip
         if sub.unsupported and not checkpoint_like:
-            return  # a file of the trainer's own that is no checkpoint format (latest, a tokenizer): hashed only
+            return sub.sha256  # a file of the trainer's own that is no checkpoint format (latest, a tokenizer)
         if sub.loaded is not None:
             loaded[rel] = sub.loaded
             if member.role == "weights":
@@ -696,6 +1013,7 @@ def _check_member(folder: Path, rel: str, member: layouts.Member, trusted: Seque
         elif sub.format == "safetensors":
             stats.append(sub.tensors)
     _merge_into(findings, sub, "")
+    return sub.sha256
 
 
 def _check_index(folder: Path, rel: str, files: Sequence[str], findings: _Findings, scope: _Scope) -> list[str]:
@@ -1022,12 +1340,19 @@ def _tensors(obj: Any, scope: _Scope) -> Iterator[torch.Tensor]:
             stack.extend(item.values() if isinstance(item, Mapping) else item)
 
 
-def _tensor_stats(obj: Any, scope: _Scope, unscanned: set[str] | None = None) -> TensorStats:
-    """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf. Dtypes this torch
-    cannot scan (float4 and other packed ones) are added to `unscanned`, never raised."""
+Scanned = Callable[[int, int, str], "bool | None"]
+"""Given a storage's address, size in bytes and dtype: whether the one read found NaN or Inf in its bytes (None
+when it did not scan them)."""
+
+
+def _tensor_stats(obj: Any, scope: _Scope, unscanned: set[str] | None = None, scanned: Scanned | None = None
+                  ) -> TensorStats:  # fmt: skip
+    """Count tensors, parameters, bytes (each storage once) and dtypes; find NaN and Inf, from `scanned` where it
+    answers, else by reading the storage. Dtypes this torch cannot scan (float4 and other packed ones) are added
+    to `unscanned`, never raised."""
     count = parameters = total_bytes = nonfinite = 0
     dtypes: Counter[str] = Counter()
-    scanned: dict[tuple[int, int, str], bool] = {}
+    results: dict[tuple[int, int, str], bool] = {}
     counted: set[tuple[int, int]] = set()  # storages whose bytes are counted (a view in another dtype shares them)
     for tensor in _tensors(obj, scope):
         count += 1
@@ -1037,29 +1362,44 @@ def _tensor_stats(obj: Any, scope: _Scope, unscanned: set[str] | None = None) ->
             storage = tensor.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
             continue
-        key = (storage.data_ptr(), storage.nbytes(), str(tensor.dtype))
-        if key not in scanned:
+        key = (storage.data_ptr(), storage.nbytes(), str(tensor.dtype).removeprefix("torch."))
+        if key not in results:
             if key[:2] not in counted:
                 counted.add(key[:2])
                 total_bytes += storage.nbytes()
             try:
-                scanned[key] = _storage_nonfinite(storage, tensor.dtype)
+                found = scanned(*key) if scanned is not None else None
+                results[key] = found if found is not None else _storage_nonfinite(storage, tensor.dtype)
             except (RuntimeError, TypeError, ValueError, NotImplementedError):
-                scanned[key] = False
+                results[key] = False
                 if unscanned is not None:
                     unscanned.add(str(tensor.dtype).removeprefix("torch."))
-        nonfinite += scanned[key]
+        nonfinite += results[key]
     return TensorStats(count, parameters, total_bytes, dict(dtypes), nonfinite)
 
 
 def _stats_of(findings: _Findings, name: str, scope: _Scope) -> TensorStats:
     """The tensor statistics of the object `findings` loaded; a dtype that cannot be scanned is a warning."""
     unscanned: set[str] = set()
-    stats = _tensor_stats(findings.loaded, scope, unscanned)
+    stats = _tensor_stats(findings.loaded, scope, unscanned, _scanned_in_file(findings))
     if unscanned:
         findings.warnings.append(f"{name}: tensors of dtype {', '.join(sorted(unscanned))} not scanned for NaN/Inf")
     findings.loaded = None
     return stats
+
+
+def _scanned_in_file(findings: _Findings) -> Scanned | None:
+    """What the one read of a torch zip found, by the address of a storage that torch mapped from it."""
+    scans = findings.scans
+    if scans is None:
+        return None
+    where = _Mappings(findings.inode)
+
+    def scanned(address: int, nbytes: int, dtype: str) -> bool | None:
+        offset = where.offset(address)
+        return None if offset is None else scans.at(offset, offset + nbytes, dtype)
+
+    return scanned
 
 
 def _storage_nonfinite(storage: torch.UntypedStorage, dtype: torch.dtype) -> bool:
@@ -1095,7 +1435,12 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _safetensors_stats(name: str, mapped: Buffer, tensors: Sequence[st_format.TensorEntry], scope: _Scope,
+def _st_floating(code: str) -> bool:
+    """True for the safetensors dtypes that can hold NaN or Inf (F64... F8_E4M3, BF16, C64)."""
+    return code.startswith(("F", "BF", "C"))
+
+
+def _safetensors_stats(name: str, tensors: Sequence[st_format.TensorEntry], scans: _Scans,
                        findings: _Findings) -> TensorStats:  # fmt: skip
     import torch
 
@@ -1103,22 +1448,17 @@ def _safetensors_stats(name: str, mapped: Buffer, tensors: Sequence[st_format.Te
     nonfinite = 0
     unscanned: set[str] = set()
     for entry in tensors:
-        scope.check()
         dtype_name = _ST_DTYPES.get(entry.dtype, entry.dtype.lower())
         dtypes[dtype_name] += 1
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(getattr(torch, dtype_name, None), torch.dtype):
             unscanned.add(entry.dtype)  # a dtype this torch does not have (F4, F8_E8M0...)
             continue
-        if entry.end == entry.start or not (dtype.is_floating_point or dtype.is_complex):
+        if entry.end == entry.start or not _st_floating(entry.dtype):
             continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the mapping is read-only; frombuffer only reads it
-                flat = torch.frombuffer(memoryview(mapped)[entry.start : entry.end], dtype=dtype)
-            nonfinite += _has_nonfinite(torch.view_as_real(flat).reshape(-1) if dtype.is_complex else flat)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        found = scans.at(entry.start, entry.end, dtype_name)
+        if found is None:
             unscanned.add(entry.dtype)
+        nonfinite += bool(found)
     if unscanned:
         findings.warnings.append(f"{name}: tensors of dtype {', '.join(sorted(unscanned))} not scanned for NaN/Inf")
     return TensorStats(

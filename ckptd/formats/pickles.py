@@ -1,7 +1,8 @@
 """Pickle streams, read without ever running them.
 
 `globals_in` lists the globals a pickle would import, by disassembling it (`pickletools` only decodes);
-`RestrictedUnpickler` rebuilds a pickle whose globals are all on an explicit allow-list and refuses any other.
+`RestrictedUnpickler` rebuilds a pickle whose globals are all on an explicit allow-list and refuses any other;
+`persistent_ids` lists the persistent ids of a pickle (torch.save's storages) without resolving any global.
 """
 
 from __future__ import annotations
@@ -186,3 +187,41 @@ def plain_values(stream: Readable, allowed: frozenset[str]) -> Any:
     pickle.UnpicklingError (or another exception of a broken pickle) when the bytes are not a pickle.
     """
     return _PlainUnpickler(stream, allowed).load()
+
+
+class _StandIn(_Opaque):
+    """The class that stands in for a global in `persistent_ids`; `qualified` is the global's name."""
+
+    qualified = ""
+
+
+class _IdUnpickler(pickle.Unpickler):
+    def __init__(self, file: Readable) -> None:
+        super().__init__(cast("IO[bytes]", file))
+        self.found: list[tuple[Any, ...]] = []
+        self._classes: dict[str, type[_StandIn]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified not in self._classes:
+            self._classes[qualified] = type("StandIn", (_StandIn,), {"qualified": qualified})
+        return self._classes[qualified]
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple):
+            named = (v.qualified if isinstance(v, type) and issubclass(v, _StandIn) else v for v in pid)
+            self.found.append(tuple(named))
+        return _Opaque()
+
+
+def persistent_ids(stream: Readable) -> list[tuple[Any, ...]]:
+    """The persistent ids (tuples) of a pickle, in order, each global in them given by its `module.name`.
+
+    No global is imported and nothing the pickle names is called: every global is a class of stand-ins that
+    ignore what the pickle does to them, so a hostile pickle builds only inert objects, in time and memory
+    linear in its length. torch.save's ids are ('storage', 'torch.FloatStorage', key, location, numel).
+    Raises pickle.UnpicklingError (or another exception of a broken pickle) when the bytes are not a pickle.
+    """
+    unpickler = _IdUnpickler(stream)
+    unpickler.load()
+    return unpickler.found

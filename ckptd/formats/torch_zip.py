@@ -1,7 +1,9 @@
 """The zip archives that `torch.save` writes (also Lightning's .ckpt files), read without torch.
 
 The central directory is parsed once, then every record's CRC-32 is checked against the bytes: torch.load
-itself never checks them, so a flipped bit in tensor data would otherwise load silently.
+itself never checks them, so a flipped bit in tensor data would otherwise load silently. `Crcs` computes them
+from one sequential read of the file (the verify engine's, which also hashes it), `crc_problems` from a buffer.
+`storage_types` says which storage type data.pkl gives each tensor record, before anything is loaded.
 
 torch.save stores records uncompressed; an archive written otherwise may deflate them, and a hostile one
 may deflate 1 GiB of zeros into 1 MB. Inflation is therefore always streamed, in pieces of at most
@@ -20,7 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from ckptd.formats.buffers import Buffer
+from ckptd.formats.buffers import Buffer, Sweep
+from ckptd.formats.pickles import persistent_ids
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -226,11 +229,63 @@ def crc_problems(buffer: Buffer, records: list[ZipRecord], check: Check | None =
             problems.append(f"record {record.name!r}: compressed data is broken ({exc})")
             continue
         if actual != record.crc:
-            problems.append(
-                f"record {record.name!r} (bytes {record.data_start}-{record.data_end}): CRC-32 mismatch,"
-                f" stored {record.crc:08x}, computed {actual:08x}"
-            )
+            problems.append(_mismatch(record, actual))
     return problems
+
+
+def _mismatch(record: ZipRecord, actual: int) -> str:
+    return (
+        f"record {record.name!r} (bytes {record.data_start}-{record.data_end}): CRC-32 mismatch,"
+        f" stored {record.crc:08x}, computed {actual:08x}"
+    )
+
+
+class Crcs:
+    """The CRC-32 of every stored (uncompressed) record, from the bytes of a read of the whole file front to back.
+
+    `feed` each piece of the read in order; then `problems` says what `crc_problems` would of those records.
+    The deflated ones (`deflated`: none in torch.save's archives) are not fed: check them with crc_problems.
+    """
+
+    def __init__(self, records: list[ZipRecord], check: Check | None = None) -> None:
+        stored = [r for r in records if r.method == zipfile.ZIP_STORED]
+        self.deflated = [r for r in records if r.method != zipfile.ZIP_STORED]
+        self._stored = stored
+        self._crcs = [0] * len(stored)
+        self._sweep = Sweep((r.data_start, r.data_end, index) for index, r in enumerate(stored))
+        self._check = check
+
+    def feed(self, at: int, piece: memoryview) -> None:
+        """Add the piece of the file at offset `at` to the CRC of each record it overlaps."""
+        for index, part in self._sweep.overlaps(at, piece):
+            if self._check is not None:
+                self._check()
+            self._crcs[index] = zlib.crc32(part, self._crcs[index])
+
+    def problems(self) -> list[str]:
+        """One line per stored record whose bytes, as fed, do not match its CRC-32."""
+        return [_mismatch(r, crc) for r, crc in zip(self._stored, self._crcs, strict=True) if crc != r.crc]
+
+
+def storage_types(buffer: Buffer, records: list[ZipRecord], pickled: ZipRecord, check: Check | None = None
+                  ) -> dict[str, str]:  # fmt: skip
+    """{tensor record name: its storage type ('torch.FloatStorage'...)}, from the persistent ids torch.save
+    writes in data.pkl: ('storage', type, key, location, numel), the bytes of key being record `data/<key>`.
+
+    The pickle is read with formats.pickles.persistent_ids (nothing resolved, nothing run). A storage saved
+    untyped (torch.UntypedStorage: dtypes newer than the typed storages) says no dtype; records no id names
+    are left out. Raises what persistent_ids raises for a broken pickle, InflationError or zlib.error.
+    """
+    top = pickled.name[: -len("data.pkl")]
+    names = {r.name for r in records}
+    found: dict[str, str] = {}
+    for pid in persistent_ids(record_stream(buffer, pickled, check)):
+        kind = pid[0].decode("ascii", "replace") if pid and isinstance(pid[0], bytes) else pid[0] if pid else None
+        if len(pid) == 5 and kind == "storage" and isinstance(pid[1], str) and isinstance(pid[2], str):
+            name = f"{top}data/{pid[2]}"
+            if name in names:
+                found[name] = pid[1]
+    return found
 
 
 def find_record(records: list[ZipRecord], suffix: str) -> ZipRecord | None:

@@ -2,7 +2,10 @@
 
 A copy goes to a temp file in the target folder with copy_file_range (the kernel copies, no userspace
 buffer), is fsynced and renamed into place, then the folder is fsynced. The read-back that proves the copy
-runs alongside: a second thread hashes each piece of the destination as soon as it is written. A copy
+runs alongside: a second thread hashes each piece of the destination as soon as it is written. Neither file
+stays in the page cache (issue 13: a copy evicted the training job's whole dataset): the source's pages are
+dropped as they are copied, the copy's once hashed and on disk, every _FLUSH bytes, so that the dirty pages of
+a copy stay bounded; reads (`read_into`, `sha256`) drop behind them too (fsutil.drop_cache). A copy
 killed half-way leaves its temp file (named by fsutil.temp_name, never listed as an object): `sweep` removes
 those no copy has written to for an hour (the mirror thread sweeps at start-up and after each reconciliation).
 
@@ -25,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckptd.fsutil import TEMP_MARK, atomic_write_bytes, open_regular, temp_name
+from ckptd.fsutil import TEMP_MARK, atomic_write_bytes, drop_cache, open_regular, sync_and_drop, temp_name
 from ckptd.mirrors import (
     SMALL_OBJECT_MAX,
     STALE_AFTER,
@@ -39,6 +42,7 @@ from ckptd.throttle import Throttle
 from ckptd.untrusted import UntrustedInput, relative
 
 _PIECE = 16 << 20
+_FLUSH = 64 << 20  # bytes of a copy written between two fdatasyncs, which let its pages leave the page cache
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -120,62 +124,43 @@ class LocalTarget:
 
     def _copy_and_hash(self, source: Path, folder: int, temp: str, progress: Progress | None) -> str:
         """Copy `source` to `temp` in `folder` and return the SHA-256 of what `temp` holds, read back as it is
-        written."""
-        written = 0
-        done = threading.Event()
-        ready = threading.Condition()
-        digest = hashlib.sha256()
-        failure: list[BaseException] = []
+        written; both files' pages are dropped from the page cache on the way (see the module)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         dst = os.open(temp, flags, 0o644, dir_fd=folder)
-        back = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-
-        def read_back() -> None:
-            hashed = 0
-            try:
-                while True:
-                    with ready:
-                        ready.wait_for(lambda: written > hashed or done.is_set())  # noqa: B023 (used at once)
-                        limit = written
-                    while hashed < limit:
-                        piece = os.pread(back, min(_PIECE, limit - hashed), hashed)
-                        if not piece:
-                            raise OSError(f"{temp} is shorter than what was written")
-                        digest.update(piece)
-                        hashed += len(piece)
-                    if done.is_set() and hashed >= written:
-                        return
-            except BaseException as exc:
-                failure.append(exc)
-
+        back = _ReadBack(os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder), temp)
         try:
             with open(source, "rb") as src:
-                checker = threading.Thread(target=read_back, name="ckptd-readback", daemon=True)
-                checker.start()
+                back.start()
                 try:
-                    size = os.fstat(src.fileno()).st_size
-                    while written < size:
-                        moved = _copy_range(src.fileno(), dst, min(_PIECE, size - written), written)
-                        if moved == 0:
-                            raise OSError(f"{source} shrank while being copied")
-                        with ready:
-                            written += moved
-                            ready.notify()
-                        self._throttle(moved)
-                        if progress is not None:
-                            progress(moved)
+                    self._copy(src.fileno(), dst, source, back, progress)
                     os.fsync(dst)
                 finally:
-                    with ready:
-                        done.set()
-                        ready.notify()
-                    checker.join()
+                    back.finish()
+                drop_cache(dst)  # on disk now: all of it goes
         finally:
             os.close(dst)
-            os.close(back)
-        if failure:
-            raise failure[0]
-        return digest.hexdigest()
+            os.close(back.fd)
+        if back.failure:
+            raise back.failure[0]
+        return back.digest.hexdigest()
+
+    def _copy(self, src: int, dst: int, source: Path, back: _ReadBack, progress: Progress | None) -> None:
+        size = os.fstat(src).st_size
+        written = flushed = 0
+        while written < size:
+            moved = _copy_range(src, dst, min(_PIECE, size - written), written)
+            if moved == 0:
+                raise OSError(f"{source} shrank while being copied")
+            drop_cache(src, written, moved)
+            written += moved
+            back.wrote(written)
+            self._throttle(moved)
+            if progress is not None:
+                progress(moved)
+            if written - flushed >= _FLUSH:
+                back.wait()  # hashed from the cache first, then on disk and dropped
+                sync_and_drop(dst, flushed, written - flushed)
+                flushed = written
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store a small object atomically."""
@@ -196,12 +181,16 @@ class LocalTarget:
         fd = self._open(key)
         try:
             size = os.fstat(fd).st_size
-            copied = 0
+            copied = flushed = 0
             while copied < size:
                 moved = _copy_range(fd, out, min(_PIECE, size - copied), copied)
                 if moved == 0:
                     break
+                drop_cache(fd, copied, moved)
                 copied += moved
+                if copied - flushed >= _FLUSH:  # the caller fsyncs and hashes `out`; its dirty pages stay bounded
+                    sync_and_drop(out, flushed, copied - flushed)
+                    flushed = copied
                 if progress is not None:
                     progress(moved)
         except OSError as exc:
@@ -229,6 +218,7 @@ class LocalTarget:
         try:
             at = 0
             while piece := os.pread(fd, _PIECE, at):
+                drop_cache(fd, at, len(piece))
                 digest.update(piece)
                 at += len(piece)
                 self._throttle(len(piece))
@@ -328,6 +318,62 @@ class LocalTarget:
                     removed.append(f"{self.name}:{key} ({found.st_size} bytes)")
             except FileNotFoundError:
                 continue  # gone meanwhile: a copy finished or cleaned up after itself
+
+
+class _ReadBack:
+    """Hashes a file as it is written, on its own thread, from its start to as far as the writer says (`wrote`)."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd, self.name = fd, name
+        self.digest = hashlib.sha256()
+        self.failure: list[BaseException] = []
+        self._written = self._hashed = 0
+        self._done = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ckptd-readback", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wrote(self, upto: int) -> None:
+        """The file holds its bytes up to offset `upto` now."""
+        with self._changed:
+            self._written = upto
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Wait until all that was written is hashed (or the read-back failed)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._hashed >= self._written or bool(self.failure))
+
+    def finish(self) -> None:
+        """Let the read-back hash what is left, and wait for it."""
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._written > self._hashed or self._done)
+                    limit, hashed = self._written, self._hashed
+                    if self._done and hashed >= limit:
+                        return
+                while hashed < limit:
+                    piece = os.pread(self.fd, min(_PIECE, limit - hashed), hashed)
+                    if not piece:
+                        raise OSError(f"{self.name} is shorter than what was written")
+                    self.digest.update(piece)
+                    hashed += len(piece)
+                    with self._changed:
+                        self._hashed = hashed
+                        self._changed.notify_all()
+        except BaseException as exc:
+            with self._changed:
+                self.failure.append(exc)
+                self._changed.notify_all()
 
 
 def _copy_range(src: int, dst: int, count: int, offset: int) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import hashlib
 import math
 import threading
@@ -41,6 +42,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from ckptd.fsutil import drop_cache
 from ckptd.mirrors import (
     SMALL_OBJECT_MAX,
     STALE_AFTER,
@@ -69,13 +71,20 @@ def composite_sha256(part_digests: list[bytes]) -> str:
     return base64.b64encode(hashlib.sha256(b"".join(part_digests)).digest()).decode() + f"-{len(part_digests)}"
 
 
+def _drop_file(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        drop_cache(handle.fileno())
+
+
 def _hex_to_b64(hex_digest: str) -> str:
     return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
 class _LocalDigests:
     """What the store should report for a file uploaded in parts of `part` bytes: its SHA-256, the SHA-256 and
-    MD5 of each part; read on its own thread while the upload runs (the same pages, from the page cache)."""
+    MD5 of each part; read on its own thread while the upload runs, just behind it (`sent`), so that it finds
+    the pages the upload read in the page cache, then drops them (fsutil.drop_cache: an upload does not evict
+    the training job's dataset)."""
 
     def __init__(self, part: int) -> None:
         self.part = part
@@ -83,6 +92,25 @@ class _LocalDigests:
         self.part_sha: list[bytes] = []
         self.part_md5: list[bytes] = []
         self.failed = ""
+        self._sent = 0
+        self._over = False
+        self._progress = threading.Condition()
+
+    def sent(self, count: int) -> None:
+        """The upload sent `count` bytes more (boto3's callback)."""
+        with self._progress:
+            self._sent += count
+            self._progress.notify_all()
+
+    def over(self) -> None:
+        """The upload ended (done or failed): read the rest at once."""
+        with self._progress:
+            self._over = True
+            self._progress.notify_all()
+
+    def _behind(self, upto: int) -> None:
+        with self._progress:
+            self._progress.wait_for(lambda: self._over or self._sent >= upto)
 
     def read(self, source: Path) -> None:
         try:
@@ -90,7 +118,13 @@ class _LocalDigests:
                 while True:
                     sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
                     left = self.part
-                    while left and (piece := handle.read(min(_READ, left))):
+                    while left:
+                        at = handle.tell()
+                        self._behind(at + min(_READ, left))
+                        piece = handle.read(min(_READ, left))
+                        if not piece:
+                            break
+                        drop_cache(handle.fileno(), at, len(piece))
                         sha.update(piece)
                         md5.update(piece)
                         self.whole.update(piece)
@@ -169,6 +203,7 @@ class S3Target:
         hasher.start()  # the local digests, computed while the upload reads the same pages
 
         def callback(moved: int) -> None:
+            local.sent(moved)
             self._throttle(moved)
             if progress is not None:
                 progress(moved)
@@ -184,7 +219,9 @@ class S3Target:
         except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise self._fail(key, exc) from exc
         finally:
+            local.over()
             hasher.join()
+            _drop_file(source)  # what the upload read and the digests did not find in the cache
         multipart = size >= self.transfer.multipart_threshold
         if local.failed or local.whole.hexdigest() != sha256:
             why = local.failed or "the local file changed since it was verified"
