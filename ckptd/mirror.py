@@ -75,6 +75,8 @@ def roles_for(entries: Iterable[Entry], what: Iterable[str], metric: str | None,
     ok = selection.usable(entries)
     roles: dict[str, list[str]] = {}
     wanted = set(what)
+    if "all" in wanted:  # every checkpoint includes the best and latest: the index names them (restore --latest)
+        wanted |= {"best", "latest"}
     # The newest a run can resume from; in a run of weights only, the newest of those: still what to back up.
     if "latest" in wanted and (newest := selection.latest(ok) or selection.latest(ok, weights=True)) is not None:
         roles.setdefault(newest.path, []).append("latest")
