@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS mirror_queue (
     PRIMARY KEY (target, path, sha256)
 );
 CREATE INDEX IF NOT EXISTS mirror_queue_run ON mirror_queue (run);
+CREATE INDEX IF NOT EXISTS journal_run ON journal (run);
 CREATE TABLE IF NOT EXISTS scrubs (
     location    TEXT PRIMARY KEY,         -- "local:<path>" or "<target>:<key>"
     sha256      TEXT,
@@ -500,13 +501,17 @@ class Catalog:
                     (now, entry, entry),
                 )
 
-    def journal(self, *, state: str | None = None, watch: str | None = None) -> list[dict[str, Any]]:
+    def journal(
+        self, *, state: str | None = None, watch: str | None = None, run: str | None = None
+    ) -> list[dict[str, Any]]:
         """Journal entries, oldest first."""
         query, args = "SELECT * FROM journal WHERE 1 = 1", list[Any]()
         if state is not None:
             query, args = query + " AND state = ?", [*args, state]
         if watch is not None:
             query, args = query + " AND watch = ?", [*args, watch]
+        if run is not None:
+            query, args = query + " AND run = ?", [*args, run]
         found = []
         for row in self._exec(query + " ORDER BY id", args):
             entry = dict(row)
@@ -725,6 +730,15 @@ class Catalog:
         self._exec(
             "UPDATE checkpoints SET status = 'corrupt', problems = ? WHERE path = ?", (json.dumps([problem]), path)
         )
+
+    def history(self, run: str) -> list[Row]:
+        """Rows of every checkpoint a run folder ever had, gone ones included, by path (`ckptd report`)."""
+        return [_row(r) for r in self._exec("SELECT * FROM checkpoints WHERE run = ? ORDER BY path", (run,))]
+
+    def mirror_rows(self, run: str) -> list[dict[str, Any]]:
+        """Every mirror queue row of a run, done and dropped ones included, by target then age."""
+        rows = self._exec("SELECT * FROM mirror_queue WHERE run = ? ORDER BY target, queued_at", (run,))
+        return [dict(r) for r in rows]
 
     def in_run(self, run: str) -> list[Row]:
         """Rows of the checkpoints present in one run folder."""
