@@ -6,10 +6,13 @@ torch, so they answer in a fraction of a second inside launch scripts.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import json
+import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -75,6 +78,22 @@ def _echo_path(path: str) -> None:
     sys.stdout.flush()
     sys.stdout.buffer.write(os.fsencode(path) + b"\n")
     sys.stdout.buffer.flush()
+
+
+def _echo_json(value: Any) -> None:
+    """Print one strict JSON document on stdout: a float that is not finite becomes the string "NaN",
+    "Infinity" or "-Infinity" (as in sidecars), so that jq, JavaScript and Go parse every answer."""
+    click.echo(json.dumps(_finite(value), indent=2, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(inner) for key, inner in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(inner) for inner in value]
+    return value
 
 
 def _config_path(option: Path | None) -> Path | None:
@@ -159,7 +178,7 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
     if as_json:
         from ckptd.sidecar import jsonable
 
-        click.echo(json.dumps([jsonable(r) for r in results], indent=2, allow_nan=False))
+        _echo_json([jsonable(r) for r in results])
     else:
         from ckptd import tables
 
@@ -247,7 +266,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
                            for v in report.verified if v.status != "ok"],
             }  # fmt: skip
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        _echo_json(summary)
     else:
         from ckptd import tables
 
@@ -509,7 +528,7 @@ def status(
                              "failing_since": None}) for name in config.mirror}  # fmt: skip
     report["attention"] = _attention(report, now=now, failing_for=threshold)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _echo_json(report)
     else:
         from ckptd import tables
 
@@ -615,7 +634,7 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool, run_folder: Pa
         where = f"the watch of {run_folder} has" if only is not None else "no watch has"
         raise UsageError(f"{where} no [watch.retention] section: nothing to prune")
     if as_json:
-        click.echo(json.dumps([row for r in reports for row in r.to_rows()], indent=2))
+        _echo_json([row for r in reports for row in r.to_rows()])
     else:
         from ckptd import tables
 
@@ -623,10 +642,11 @@ def prune(config_file: Path | None, dry_run: bool, as_json: bool, run_folder: Pa
     return ExitCode.CHECK_FAILED if any(r.skipped for r in reports) else ExitCode.OK
 
 
-def _run_in_config(config: Config, folder: Path) -> tuple[WatchConfig, str]:
+def _run_in_config(config: Config, folder: Path, *, exists: bool = True) -> tuple[WatchConfig, str]:
     """The watch holding the run folder `folder` and the run as the catalog names it (below the watch's path
-    as the config gives it); a UsageError naming the watched folders when it is in none."""
-    resolved = _existing_folder(folder).resolve()
+    as the config gives it); a UsageError naming the watched folders when it is in none. With `exists` False
+    the folder may be gone (`report`: a run deleted whole still has its history in the catalog)."""
+    resolved = (_existing_folder(folder) if exists else folder).resolve()
     for watch in config.watch:
         if resolved.is_relative_to(watch.path.resolve()):
             return watch, str(watch.path / resolved.relative_to(watch.path.resolve()))
@@ -678,7 +698,8 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print what would be copied; copy nothing.")
 @click.option("--verify", "verify_copies", is_flag=True, help="Read back every copy; repair any that differs.")
-def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
+@click.option("--json", "as_json", is_flag=True, help="Print what the pass did as JSON (failures also on stderr).")
+def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool, as_json: bool) -> int:
     """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
     from ckptd import mirror as mirroring
     from ckptd.catalog import Catalog
@@ -687,10 +708,18 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
     config = _command_config(config_file)
     if not config.mirror:
         raise UsageError("no [mirror.NAME] section in the config: nothing to mirror to")
+    done: dict[str, Any] = {"dry_run": dry_run, "unusable": {}, "unreachable": {}, "lost": [], "rebuilt": [],
+                            "would_copy": [], "copied": [], "failed": [], "verified": {}}  # fmt: skip
+
+    def said(key: str, line: str, text: str, *, err: bool = False) -> None:
+        done[key].append(line)
+        if err or not as_json:  # a failure goes to stderr with --json too; stdout holds only the document
+            click.echo(text, err=err)
+
     broken: dict[str, str] = {}
     targets = mirroring.targets_of(config, broken)
-    failed = bool(broken)
     for name, error in sorted(broken.items()):  # one unusable target never stops the others
+        done["unusable"][name] = error
         click.echo(f"failed: target {name} cannot be used: {error}", err=True)
     with Catalog(config.daemon.state_dir) as catalog:
         for watch in config.watch:
@@ -699,36 +728,43 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool) -> int:
         if not verify_copies:  # what the targets lost is queued again (--verify does it, and counts it)
             found = mirroring.recheck(catalog, config, targets, dry_run=dry_run, sweep_idle=STALE_AFTER)
             for name, error in sorted(found.unreachable.items()):
+                done["unreachable"][name] = error
                 click.echo(f"failed: {name}: not rechecked: {error}", err=True)
             for line in found.lost:
-                click.echo(f"lost: {line}")
+                said("lost", line, f"lost: {line}")
             for line in found.rebuilt:
-                click.echo(f"{'would rebuild' if dry_run else 'rebuilt'}: {line}")
+                said("rebuilt", line, f"{'would rebuild' if dry_run else 'rebuilt'}: {line}")
             for line in found.requeued if dry_run else ():
-                click.echo(f"would copy: {line}")
-            failed |= bool(found.unreachable)
+                said("would_copy", line, f"would copy: {line}")
         report = mirroring.mirror_pass(config, catalog, targets, dry_run=dry_run, due_only=False)
         for line in report.pending:
-            click.echo(f"would copy: {line}")
+            said("would_copy", line, f"would copy: {line}")
         for line in report.copied:
-            click.echo(f"copied: {line}")
+            said("copied", line, f"copied: {line}")
         for line in report.failed:
-            click.echo(f"failed: {line}", err=True)
-        failed |= bool(report.failed)
+            said("failed", line, f"failed: {line}", err=True)
         if verify_copies:
             for target in targets.values():
                 try:
                     checked = mirroring.verify_target(config, catalog, target, repair=not dry_run)
                 except MirrorError as exc:  # a target down: say so, check the others
+                    done["verified"][target.name] = {"checked": 0, "bad": [], "repaired": [], "error": str(exc)}
                     click.echo(f"{target.name}: not checked: {exc}", err=True)
-                    failed = True
                     continue
+                bad = [line for line in checked.failed if line not in checked.repaired]
+                done["verified"][target.name] = {"checked": checked.checked, "bad": bad,
+                                                 "repaired": list(checked.repaired), "error": None}  # fmt: skip
                 for line in checked.failed:
-                    click.echo(f"repaired: {line}" if line in checked.repaired else f"bad: {line}",
-                               err=line not in checked.repaired)  # fmt: skip
-                click.echo(f"{target.name}: {checked.checked} copies checked, {len(checked.failed)} bad,"
-                           f" {len(checked.repaired)} repaired")  # fmt: skip
-                failed |= len(checked.failed) > len(checked.repaired)
+                    repaired = line in checked.repaired
+                    if not (as_json and repaired):
+                        click.echo(f"repaired: {line}" if repaired else f"bad: {line}", err=not repaired)
+                if not as_json:
+                    click.echo(f"{target.name}: {checked.checked} copies checked, {len(checked.failed)} bad,"
+                               f" {len(checked.repaired)} repaired")  # fmt: skip
+    failed = bool(done["unusable"] or done["unreachable"] or done["failed"])
+    failed |= any(v["error"] is not None or v["bad"] for v in done["verified"].values())
+    if as_json:
+        _echo_json({**done, "ok": not failed})
     return ExitCode.CHECK_FAILED if failed else ExitCode.OK
 
 
@@ -774,27 +810,61 @@ def _target(config: Config | None, name: str, node: str | None = None) -> Any:
 def ls_(target: str, run: str | None, node: str | None, config_file: Path | None, as_json: bool) -> int:
     """What a mirror TARGET holds: a [mirror.NAME] (this box's copies, or --node's; optionally one RUN, as
     <watch>/<run>), or a store's URL (s3://bucket/prefix): every box of the fleet, every run, each copy's
-    roles, step, metrics, size and age, from one listing and the small index files."""
+    roles, step, metrics, size and age, from one listing and the small index files. Each run is named as
+    `ckptd restore TARGET RUN` takes it: <watch>/<run>, and <node>/<watch>/<run> for a URL without --node."""
     from ckptd import mirror as mirroring
     from ckptd import tables
 
-    fleet = _is_url(target) and node is None
     config = None if _is_url(target) else _command_config(config_file, folders=False)
-    found = mirroring.indexes(_target(config, target, node), run)
+    chosen = _target(config, target, node)
+    found = mirroring.indexes(chosen, run)
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        _echo_json(found)
         return ExitCode.OK
     if not found:
-        raise NoAnswer(f"{target}: holds no run{' ' + run if run else ''} yet")
-    if fleet:
-        tables.print_fleet(found, now=time.time())
-        return ExitCode.OK
-    for prefix, index in sorted(found.items()):
-        click.echo(f"{prefix}:")
-        for name, copy in sorted(index.get("copies", {}).items()):
-            click.echo(f"  {name}  [{mirroring.copy_label(index, name)}]  step={copy.get('step')}"
-                       f"  sha256={str(copy.get('sha256'))[:16]}  local={copy.get('local', 'unknown')}")  # fmt: skip
+        hint = _did_you_mean(run, chosen, target) if run else ""
+        raise NoAnswer(f"{target}: holds no run{' ' + run if run else ''} yet{hint}")
+    also = f" --node {shlex.quote(node)}" if node else ""
+    tables.print_copies(
+        found, label=mirroring.copy_label, now=time.time(),
+        restore_hint=lambda name: f"restore one: ckptd restore {shlex.quote(target)} {shlex.quote(name)}{also}"
+                                  " --latest --to DIR",
+    )  # fmt: skip
     return ExitCode.OK
+
+
+def _held_runs(target: Any) -> list[str]:
+    """The runs a target holds (each folder with an index.json), named as `ls` and `restore` name them."""
+    from ckptd.mirror import INDEX
+
+    return sorted({key.removesuffix(f"/{INDEX}") for key in target.list("") if key.endswith(f"/{INDEX}")})
+
+
+def _near(asked: str, held: Sequence[str]) -> list[str]:
+    """The runs in `held` that `asked` may have meant: those it names the end of (`exp1` for `runs/exp1`), else
+    the closest by spelling (difflib), at most five."""
+    asked = asked.strip("/")
+    suffix = [name for name in held if name.endswith(f"/{asked}")]
+    return suffix[:5] or difflib.get_close_matches(asked, held, n=5, cutoff=0.6)
+
+
+def _did_you_mean(asked: str, target: Any, shown: str | None = None) -> str:
+    """A hint for a run the target does not hold: the near misses among the runs it holds (or, with none, the
+    first few it holds), and the `ls` to see them all. "" when the target cannot be listed now."""
+    try:
+        held = _held_runs(target)
+    except Exception:  # the hint is a courtesy: the error it decorates is the answer
+        return ""
+    if asked.strip("/") in held:
+        return ""
+    see = f"see: ckptd ls {shown or target.name}"
+    near = _near(asked, held)
+    if near:
+        return f"; did you mean {' or '.join(near)}? ({see})"
+    if held:
+        more = ", ..." if len(held) > 10 else ""
+        return f"; it holds: {', '.join(held[:10])}{more} ({see})"
+    return f"; it holds no run yet ({see})"
 
 
 @cli.command()
@@ -813,16 +883,18 @@ def ls_(target: str, run: str | None, node: str | None, config_file: Path | None
 @click.option("--to", "destination", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--node", help="Restore another box's copy (its [daemon] node); with a URL TARGET, RUN starts with it.")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the restored copy (path, sha256, proof) as JSON.")
 def restore(target: str, run: str, role: str | None, step: int | None, sha_prefix: str | None, destination: Path,
-            node: str | None, config_file: Path | None) -> int:  # fmt: skip
+            node: str | None, config_file: Path | None, as_json: bool) -> int:  # fmt: skip
     """Download one copy of RUN from TARGET into --to DIR, prove it, verify it, print its path.
 
     TARGET is a [mirror.NAME] (RUN is <watch>/<run> of this box, or of --node), or a store's URL
-    (s3://bucket/prefix; RUN is <node>/<watch>/<run>, as `ckptd ls URL` shows it): any machine can bring back
-    any box's run, with no config."""
+    (s3://bucket/prefix; RUN is <node>/<watch>/<run>): RUN exactly as `ckptd ls TARGET` names it. Any machine
+    can bring back any box's run, with no config. A RUN the target does not hold exits 1, naming the runs it
+    holds that come closest."""
     from ckptd import mirror as mirroring
     from ckptd import sidecar
-    from ckptd.mirrors import MirrorError
+    from ckptd.mirrors import MirrorError, NotFound
     from ckptd.scan import sidecar_bytes
     from ckptd.verify import engine_versions
     from ckptd.verify import verify as engine_verify
@@ -831,10 +903,13 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
         raise UsageError("say which checkpoint, once: --best, --latest, --step N or --sha256 PREFIX")
     from ckptd.catalog import Catalog
 
-    if _is_url(target) and node is None:
+    asked = run
+    fleet = _is_url(target) and node is None
+    if fleet:
         node, _, run = run.strip("/").partition("/")
         if not run:
-            raise UsageError(f"with a URL, RUN starts with the box: <node>/<watch>/<run> (see: ckptd ls {target})")
+            hint = _did_you_mean(asked, _target(None, target), target) or f" (see: ckptd ls {target})"
+            raise UsageError(f"with a URL, RUN starts with the box: <node>/<watch>/<run>{hint}")
     config = None if _is_url(target) else _command_config(config_file, folders=False)
     chosen = _target(config, target, node)
     prefix = run.strip("/")
@@ -848,6 +923,10 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
                                 if own and config is not None else None),
             step=step, sha256=sha_prefix,
         )  # fmt: skip
+    except NotFound as exc:
+        # The whole store for a URL's <node>/<watch>/<run>: the box may be the part that is wrong.
+        hint = _did_you_mean(asked, _target(None, target), target) if fleet else _did_you_mean(run, chosen, target)
+        raise NoAnswer(f"{target}: no run {asked!r}{hint}" if hint else str(exc)) from exc
     except MirrorError as exc:
         raise NoAnswer(str(exc)) from exc
     finally:
@@ -862,7 +941,13 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
     if result.status != "ok":
         raise NoAnswer(f"{restored}: restored, but it is {result.status}: {'; '.join(result.problems)}")
     click.echo(f"ckptd: sha256 {found.sidecar.verification.sha256} proved against {found.proof}", err=True)
-    _echo_path(str(restored))
+    if as_json:
+        record = found.sidecar.verification
+        _echo_json({"path": str(restored), "target": target, "run": asked, "name": restored.name,
+                    "sha256": record.sha256, "proof": found.proof, "status": result.status,
+                    "epoch": record.epoch, "step": record.global_step, "size_bytes": record.size_bytes})  # fmt: skip
+    else:
+        _echo_path(str(restored))
     return ExitCode.OK
 
 
@@ -873,8 +958,9 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
 @click.option("--delete-old", is_flag=True, help="Also delete checkpoints below --keep-min-epoch.")
 @click.option("--keep-min-epoch", type=click.IntRange(min=0), help="With --delete-old: the first epoch to keep.")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print what was (or would be) done as JSON.")
 def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min_epoch: int | None,
-            config_file: Path | None) -> int:  # fmt: skip
+            config_file: Path | None, as_json: bool) -> int:  # fmt: skip
     """Rename checkpoints under ROOT to epoch-NN_step-SSSSSS<ext>; sidecars and the catalog follow."""
     from ckptd import delete
     from ckptd import migrate as migration
@@ -919,7 +1005,15 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
         )  # fmt: skip
     doomed_paths = {Path(d.path) for d in result.deletions}
     result.renames = [(source, target) for source, target in result.renames if source not in doomed_paths]
-    failed = False
+    done: dict[str, list[Any]] = {"deleted": [], "renamed": [], "links_repointed": [], "failed": []}
+
+    def said(key: str, item: dict[str, Any], text: str) -> None:
+        done[key].append(item)
+        if key == "failed":  # on stderr with --json too: stdout holds only the document
+            click.echo(text, err=True)
+        elif not as_json:
+            click.echo(text)
+
     try:
         for decision in result.deletions:  # first, so that nothing is renamed only to be deleted
             assert catalog is not None
@@ -927,10 +1021,11 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
             try:
                 delete.execute(removal, catalog, state_dir, now=time.time(), dry_run=dry_run)
             except (delete.Refused, OSError) as exc:
-                click.echo(f"not deleted: {decision.path} ({exc})", err=True)
-                failed = True
+                said("failed", {"path": decision.path, "error": f"not deleted: {exc}"},
+                     f"not deleted: {decision.path} ({exc})")  # fmt: skip
                 continue
-            click.echo(f"deleted: {decision.path} ({'; '.join(decision.reasons)})")
+            said("deleted", {"path": decision.path, "reasons": list(decision.reasons)},
+                 f"deleted: {decision.path} ({'; '.join(decision.reasons)})")  # fmt: skip
         links_to: dict[Path, list[Path]] = {}
         for c in found:
             if c.kind == "link" and c.link_target is not None:
@@ -940,22 +1035,32 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
                 try:
                     migration.apply_rename(source, target, catalog)
                 except OSError as exc:
-                    click.echo(f"failed: {source} -> {target.name}: {exc}", err=True)
-                    failed = True
+                    said("failed", {"path": str(source), "error": f"not renamed to {target.name}: {exc}"},
+                         f"failed: {source} -> {target.name}: {exc}")  # fmt: skip
                     continue
-            click.echo(f"renamed: {source} -> {target.name}")
+            said("renamed", {"from": str(source), "to": str(target)}, f"renamed: {source} -> {target.name}")
             for link in links_to.get(source.resolve(), []):  # never left dangling: it follows its target
                 if not dry_run:
                     try:
                         migration.repoint(link, target)
                     except OSError as exc:
-                        click.echo(f"failed: link {link} still points to {source.name}: {exc}", err=True)
-                        failed = True
+                        said("failed", {"path": str(link), "error": f"still points to {source.name}: {exc}"},
+                             f"failed: link {link} still points to {source.name}: {exc}")  # fmt: skip
                         continue
-                click.echo(f"link re-pointed: {link} -> {target.name}")
+                said("links_repointed", {"link": str(link), "to": str(target)},
+                     f"link re-pointed: {link} -> {target.name}")  # fmt: skip
     finally:
         if catalog is not None:
             catalog.close()
+    if as_json:
+        _echo_json({
+            "root": str(here), "dry_run": dry_run, **done,
+            "collisions": [{"sources": [str(p) for p in sources], "target": str(target)}
+                           for sources, target in result.collisions],
+            "unparsable": [{"path": str(path), "why": why} for path, why in result.unparsable],
+            "unchanged": [str(path) for path in result.untouched],
+        })  # fmt: skip
+        return ExitCode.CHECK_FAILED if done["failed"] else ExitCode.OK
     for sources, target in result.collisions:
         click.echo(f"collision: {', '.join(p.name for p in sources)} -> {target.name} (left alone)")
     for path, why in result.unparsable:
@@ -965,7 +1070,7 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
             click.echo(f"unchanged: {path}")
     if dry_run:
         click.echo("dry run: nothing was changed")
-    return ExitCode.CHECK_FAILED if failed else ExitCode.OK
+    return ExitCode.CHECK_FAILED if done["failed"] else ExitCode.OK
 
 
 @cli.command()
@@ -974,7 +1079,9 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True)
 @click.option("--key", help="Where the weights are, when not model_state_dict, state_dict or model.")
 @click.option("--trust", multiple=True, metavar="MODULE.NAME", help="Admit a pickle global (repeatable).")
-def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust: tuple[str, ...]) -> int:
+@click.option("--json", "as_json", is_flag=True, help="Print the exported file's record as JSON.")
+def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust: tuple[str, ...],
+           as_json: bool) -> int:  # fmt: skip
     """Write CHECKPOINT's model weights (no optimizer state) as an inference-only file, and verify it."""
     from ckptd import export as exporting
     from ckptd import tables
@@ -984,6 +1091,13 @@ def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust
     except exporting.ExportError as exc:
         raise NoAnswer(str(exc)) from exc
     after = result.verification.size_bytes
+    if as_json:
+        from ckptd.sidecar import jsonable
+
+        _echo_json({"source": str(checkpoint), "path": str(destination), "format": fmt, "tensors": result.tensors,
+                    "source_bytes": result.source_bytes, "size_bytes": after,
+                    "sha256": result.verification.sha256, "verification": jsonable(result.verification)})  # fmt: skip
+        return ExitCode.OK
     click.echo(
         f"exported {result.tensors} tensors to {destination}: {tables.human_bytes(result.source_bytes)} ->"
         f" {tables.human_bytes(after)} ({after / max(result.source_bytes, 1):.0%}), sha256 {result.verification.sha256}"
@@ -1007,7 +1121,7 @@ def scrub(config_file: Path | None, as_json: bool) -> int:
         report = scrubbing.scrub(config, catalog, targets)
     report.unreachable.extend(sorted(broken))
     if as_json:
-        click.echo(json.dumps(report.__dict__, indent=2))
+        _echo_json(report.__dict__)
     else:
         click.echo(
             f"scrubbed {report.checked}: {report.ok} ok, {len(report.repaired)} repaired,"
@@ -1029,8 +1143,18 @@ def scrub(config_file: Path | None, as_json: bool) -> int:
 
 @cli.command(name="check-config")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(file: Path) -> int:
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict and every problem as JSON.")
+def check_config(file: Path, as_json: bool) -> int:
     """Validate a config file; print every problem (exit 78) or `ok`."""
+    try:
+        return _check_config(file, as_json)
+    except ConfigError as exc:
+        if as_json:  # the problems are the answer: on stdout as JSON, and on stderr as ever
+            _echo_json({"file": str(file), "ok": False, "problems": exc.problems})
+        raise
+
+
+def _check_config(file: Path, as_json: bool) -> int:
     from ckptd.config import load_config
 
     config = load_config(file)
@@ -1046,10 +1170,54 @@ def check_config(file: Path) -> int:
     if problems:
         raise ConfigError(str(file), problems)
     # Say what chose the state folder: one chosen by $STATE_DIRECTORY differs from what a shell without it reads.
+    if as_json:
+        _echo_json({"file": str(file), "ok": True, "problems": [], "watches": [w.name for w in config.watch],
+                    "mirrors": sorted(config.mirror), "state_dir": str(config.daemon.state_dir),
+                    "state_dir_from": config.state_dir_from, "node": config.daemon.node})  # fmt: skip
+        return ExitCode.OK
     chosen_by = {
         "$STATE_DIRECTORY": " (from $STATE_DIRECTORY; set daemon.state_dir so commands run without it agree)",
         "default": " (the default, beside the config file)",
     }.get(config.state_dir_from, "")
     click.echo(f"{file}: ok ({len(config.watch)} watched folder(s), state in {config.daemon.state_dir}{chosen_by};"
                f" node {config.daemon.node} on mirror targets)")  # fmt: skip
+    return ExitCode.OK
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write one self-contained page here: the charts and a table of every checkpoint.")  # fmt: skip
+@click.option("--png", "png_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the charts as a PNG image here (for chat and tickets).")  # fmt: skip
+@config_option
+def report(run: Path, html_file: Path | None, png_file: Path | None, config_file: Path | None) -> int:
+    """Draw RUN from the catalog: its metrics against step, each checkpoint marked by what happened to it (kept
+    and by which rule, deleted and why, quarantined, mirrored where), latest and best, sizes and disk use.
+
+    Needs matplotlib: pip install 'ckptd[report]'. Give --html FILE, --png FILE or both; RUN may be a run folder
+    that no longer exists (its history stays in the catalog)."""
+    from ckptd import report as reporting
+    from ckptd.catalog import Catalog
+
+    if html_file is None and png_file is None:
+        raise UsageError("say where to write the report: --html FILE, --png FILE, or both")
+    reporting.require_matplotlib()
+    config = _command_config(config_file, folders=False)
+    watch, name = _run_in_config(config, run, exists=False)
+    catalog = Catalog.existing(config.daemon.state_dir)
+    if catalog is None:
+        raise NoAnswer(f"{run}: not in the catalog (there is no catalog in {config.daemon.state_dir} yet; is the"
+                       f" daemon running? try: ckptd scan --config {config.source})")  # fmt: skip
+    with catalog:
+        found = reporting.gather(catalog, name, watch=watch)
+    if html_file is not None:
+        reporting.write(html_file.absolute(), reporting.render_html(found).encode("utf-8"))
+        click.echo(f"wrote {html_file}")
+    if png_file is not None:
+        reporting.write(png_file.absolute(), reporting.render_png(found))
+        click.echo(f"wrote {png_file}")
     return ExitCode.OK

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ main(sys.argv[1:])
 
 
 def ckptd(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed `ckptd` with args; return the finished process (stdout and stderr as text)."""
+    """Run the installed `ckptd` with args, stdout piped; return the finished process (stdout, stderr as text)."""
     return subprocess.run([CKPTD, *map(str, args)], capture_output=True, text=True, timeout=240, cwd=cwd)
 
 
@@ -504,7 +509,9 @@ def test_status_shows_a_run_ranked_by_the_trainers_own_best_file(tmp_path: Path)
     done = subprocess.run([CKPTD, "status", "--config", str(config)], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "300"}, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "best_model.pt (the trainer's own best) (val_loss missing; held: val_dice)" in done.stdout
+    # piped: `run latest best by notes`, one record per run
+    (record,) = [line.split("\t") for line in done.stdout.splitlines() if not line.startswith("#")]
+    assert record[2:] == [str(run / "best_model.pt"), "-", "the trainer's own best; val_loss missing; held: val_dice"]
 
 
 def test_a_state_folder_the_file_system_refuses_exits_74_naming_it(tmp_path: Path) -> None:
@@ -551,3 +558,226 @@ def test_status_text_prints_brackets_from_names_and_problems_as_they_are(
     tables.print_status(report)
     out = capsys.readouterr().out
     assert "no [mirror.bakup] table" in out and "[x]" in out and "a[1].pt" in out
+
+
+# ------------------------------------------------------------------------------- tables never fold a name
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LONG_RUN = "a-run-with-a-rather-long-name-lr=0.001-bs=64"  # wider than a narrow terminal with its file names
+
+
+def _long_runs(tmp_path: Path) -> tuple[Path, Path]:
+    """A watched folder whose run holds epoch=N-step=N00 checkpoints with long names, verified by `ckptd scan`;
+    returns the config and the step-400 checkpoint."""
+    config = _scan_config(tmp_path)
+    config.write_text(config.read_text() + '[watch.metric]\nname = "val_loss"\n')
+    for epoch, loss in ((1, 0.9), (2, 0.5), (3, 0.4)):
+        path = tmp_path / "runs" / LONG_RUN / f"epoch={epoch}-step={epoch}00-val_loss={loss}.ckpt"
+        checkpoints.torch_zip(path, epoch=epoch, global_step=epoch * 100, metrics={"val_loss": loss})
+    wanted = checkpoints.torch_zip(tmp_path / "runs" / LONG_RUN / "epoch=3-step=400-val_loss=0.3512.ckpt",
+                                   epoch=3, global_step=400, metrics={"val_loss": 0.3512})  # fmt: skip
+    done = ckptd("scan", "--config", config)
+    assert done.returncode == 0, done.stderr
+    return config, wanted
+
+
+def _on_a_terminal(argv: list[object], columns: int, cwd: Path) -> str:
+    """Run ckptd on a pseudo-terminal `columns` wide (TIOCSWINSZ; COLUMNS unset); return what it drew, without
+    colours and with the terminal's CRLF as LF."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR")}
+    process = subprocess.Popen([CKPTD, *map(str, argv)], stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+                               env={**env, "TERM": "xterm-256color"})  # fmt: skip
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.wait(timeout=240) in (0, 1)
+    return ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("columns", ["40", "80", "250"])
+def test_list_piped_prints_one_record_per_checkpoint_whatever_columns_says(tmp_path: Path, columns: str) -> None:
+    """`ckptd list runs | grep epoch=3-step=400` finds the checkpoint's line at any COLUMNS: piped, `list`
+    prints a `#` header, then one tab-separated record per checkpoint, its full path the first field, no colour."""
+    _config, wanted = _long_runs(tmp_path)
+    done = subprocess.run([CKPTD, "list", "runs"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "COLUMNS": columns})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "# checkpoint\tstatus\tepoch\tstep\tsize_bytes\tmodified\tmetrics"
+    (line,) = [line for line in lines if "epoch=3-step=400" in line]  # what grep finds
+    path, status, epoch, step, size, modified, metrics = line.split("\t")
+    assert (path, status, epoch, step, size, metrics) == (str(wanted), "ok", "3", "400", str(wanted.stat().st_size),
+                                                          "val_loss=0.3512")  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", modified)
+    assert len(lines) == 5 and "\x1b" not in done.stdout
+
+
+@pytest.mark.parametrize("columns", [40, 80, 200])
+def test_tables_on_a_terminal_never_break_a_name_at_any_width(tmp_path: Path, columns: int) -> None:
+    """On a terminal 40, 80 or 200 columns wide, `list`, `status`, `show` and `verify` print every name whole on
+    one line: a narrow table drops columns, never folds a path (the terminal may wrap the line it prints)."""
+    config, wanted = _long_runs(tmp_path)
+    relative = f"{LONG_RUN}/{wanted.name}"
+    listed = _on_a_terminal(["list", "runs"], columns, tmp_path)
+    assert any(relative in line for line in listed.splitlines()), listed
+    assert any("ok" in line for line in listed.splitlines() if relative in line)  # its row, not only its name
+    if columns == 200:  # wide enough for every column
+        assert "modified" in listed and "val_loss=0.3512" in listed
+    drawn = _on_a_terminal(["status", "--config", config], columns, tmp_path)
+    assert any(LONG_RUN in line and wanted.name in line for line in drawn.splitlines()), drawn  # run, latest
+    drawn = _on_a_terminal(["show", wanted], columns, tmp_path)
+    assert any(str(wanted) in line for line in drawn.splitlines()), drawn
+    drawn = _on_a_terminal(["verify", wanted], columns, tmp_path)
+    assert any(str(wanted) in line for line in drawn.splitlines()), drawn
+
+
+def test_status_and_scan_piped_keep_each_record_on_one_line(tmp_path: Path) -> None:
+    """Piped at COLUMNS=40, `status` prints each run as one record (run, latest, best in full) and `scan` each
+    checkpoint that is not ok as one record (status, path, problems); their notes start with `#`."""
+    config, wanted = _long_runs(tmp_path)
+    bad = checkpoints.torch_zip(tmp_path / "runs" / LONG_RUN / "epoch=9-step=900-val_loss=0.1.ckpt")
+    checkpoints.truncate(bad)
+    narrow = {**os.environ, "COLUMNS": "40"}
+    scanned = subprocess.run([CKPTD, "scan", "--config", config], capture_output=True, text=True, env=narrow,
+                             timeout=120)  # fmt: skip
+    assert scanned.returncode == 1
+    (record,) = [line.split("\t") for line in scanned.stdout.splitlines() if not line.startswith("#")]
+    assert record[:2] == ["corrupt", str(bad)] and record[2]
+    status = subprocess.run([CKPTD, "status", "--config", config], capture_output=True, text=True, env=narrow,
+                            timeout=120)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    (run,) = [line.split("\t") for line in status.stdout.splitlines() if not line.startswith("#")]
+    assert run[:3] == [str(tmp_path / "runs" / LONG_RUN), str(wanted), str(wanted)]
+    assert run[3] == "val_loss=0.3512"
+    assert any(line.startswith("# corrupt ") and str(bad) in line for line in status.stdout.splitlines())
+
+
+# ---------------------------------------------------------------------------------------- --json everywhere
+
+
+def _mirrored_site(tmp_path: Path) -> Path:
+    """runs/exp1 (three verified checkpoints) and runs/exp10, watched and mirrored by `ckptd mirror` to the local
+    folder target `backup`; returns the config."""
+    for step, loss in ((100, 0.7), (200, 0.4), (300, 0.55)):
+        checkpoints.torch_zip(tmp_path / "runs" / "exp1" / f"epoch={step // 100}-step={step}.pt", epoch=step // 100,
+                              global_step=step, metrics={"val_loss": loss})  # fmt: skip
+    checkpoints.torch_zip(tmp_path / "runs" / "exp10" / "epoch=1-step=50.pt", global_step=50)
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\nstate_dir = "state"\nnode = "box1"\n[[watch]]\nname = "runs"\npath = "runs"\n'
+                      '[watch.metric]\nname = "val_loss"\n[watch.mirror]\nto = ["backup"]\n'
+                      f'[mirror.backup]\nurl = "{(tmp_path / "backup").as_uri()}"\n')  # fmt: skip
+    assert ckptd("scan", "--config", config).returncode == 0
+    return config
+
+
+def test_mirror_json_says_what_the_pass_copied(tmp_path: Path) -> None:
+    """`mirror --json` prints one strict JSON document: what was copied, nothing failed, `ok`; a second
+    `--verify --json` pass counts the copies it read back."""
+    config = _mirrored_site(tmp_path)
+    done = ckptd("mirror", "--config", config, "--json")
+    assert done.returncode == 0, done.stderr
+    first = _strict_json(done.stdout)
+    assert first["ok"] is True and first["dry_run"] is False and first["failed"] == [] and first["unusable"] == {}
+    assert sorted(first["copied"]) == sorted([
+        f"{tmp_path}/runs/exp1/epoch=2-step=200.pt -> backup", f"{tmp_path}/runs/exp1/epoch=3-step=300.pt -> backup",
+        f"{tmp_path}/runs/exp10/epoch=1-step=50.pt -> backup",
+    ])  # fmt: skip
+    checked = _strict_json(ckptd("mirror", "--config", config, "--verify", "--json").stdout)
+    assert checked["verified"] == {"backup": {"checked": 3, "bad": [], "repaired": [], "error": None}}
+
+
+def test_ls_names_each_run_as_restore_takes_it_and_restore_suggests_near_misses(tmp_path: Path) -> None:
+    """Every run `ls` lists (first field of its records) is a RUN `restore` accepts; `restore backup exp1`
+    exits 1 naming `runs/exp1`, and a misspelt run names the closest; with a store's URL, the box comes first."""
+    config = _mirrored_site(tmp_path)
+    assert ckptd("mirror", "--config", config).returncode == 0
+    listed = ckptd("ls", "backup", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    runs = sorted({line.split("\t")[0] for line in listed.stdout.splitlines() if not line.startswith("#")})
+    assert runs == ["runs/exp1", "runs/exp10"]
+    for i, run in enumerate(runs):
+        done = ckptd("restore", "backup", run, "--latest", "--to", tmp_path / f"out{i}", "--config", config)
+        assert done.returncode == 0, done.stderr
+    done = ckptd("restore", "backup", "exp1", "--latest", "--to", tmp_path / "x", "--config", config)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "no run 'exp1'; did you mean runs/exp1?" in done.stderr and "ckptd ls backup" in done.stderr
+    done = ckptd("restore", "backup", "runs/exp2", "--latest", "--to", tmp_path / "x", "--config", config)
+    assert done.returncode == 1 and "did you mean runs/exp1" in done.stderr
+    url = (tmp_path / "backup").as_uri()
+    fleet = ckptd("ls", url, cwd=tmp_path)
+    (first, *_rest) = [line.split("\t") for line in fleet.stdout.splitlines() if not line.startswith("#")]
+    assert first[0] == "box1/runs/exp1"
+    done = ckptd("restore", url, "box1/runs/exp1", "--best", "--to", tmp_path / "fleet", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    restored = _strict_json(done.stdout)
+    assert restored["path"] == str(tmp_path / "fleet" / "epoch=2-step=200.pt") and restored["status"] == "ok"
+    assert restored["run"] == "box1/runs/exp1" and restored["step"] == 200 and len(restored["sha256"]) == 64
+    done = ckptd("restore", url, "runs/exp1", "--best", "--to", tmp_path / "x", cwd=tmp_path)
+    assert done.returncode == 1 and "did you mean box1/runs/exp1?" in done.stderr
+
+
+def test_migrate_json_lists_renames_and_what_it_left(tmp_path: Path) -> None:
+    """`migrate --dry-run --json` lists each planned rename (from, to) and each unparsable name, in one document."""
+    run = tmp_path / "old"
+    checkpoints.torch_zip(run / "epoch=5-step=500.ckpt", epoch=5, global_step=500)
+    checkpoints.torch_zip(run / "weird.ckpt")
+    done = ckptd("migrate", run, "--dry-run", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = _strict_json(done.stdout)
+    assert result["dry_run"] is True and result["failed"] == [] and result["deleted"] == []
+    assert result["renamed"] == [{"from": str(run / "epoch=5-step=500.ckpt"),
+                                  "to": str(run / "epoch-05_step-000500.ckpt")}]  # fmt: skip
+    assert [u["path"] for u in result["unparsable"]] == [str(run / "weird.ckpt")]
+    assert (run / "epoch=5-step=500.ckpt").exists()
+
+
+def test_export_json_describes_the_exported_file(tmp_path: Path) -> None:
+    """`export --json` prints the exported file's path, sizes, tensor count and its verification record."""
+    source = checkpoints.torch_zip(tmp_path / "epoch=1-step=100.pt", epoch=1, global_step=100)
+    out = tmp_path / "model.safetensors"
+    done = ckptd("export", source, "--to", out, "--json")
+    assert done.returncode == 0, done.stderr
+    result = _strict_json(done.stdout)
+    assert (result["path"], result["format"], result["size_bytes"]) == (str(out), "safetensors", out.stat().st_size)
+    assert result["source_bytes"] == source.stat().st_size and result["tensors"] > 0
+    assert result["verification"]["status"] == "ok" and result["sha256"] == result["verification"]["sha256"]
+
+
+def test_check_config_json_gives_the_verdict_and_every_problem(tmp_path: Path) -> None:
+    """`check-config --json` prints `ok` and what the config sets up; an invalid config prints ok false with
+    every problem on stdout, still says them on stderr, and exits 78."""
+    good = _scan_config(tmp_path)
+    done = ckptd("check-config", good, "--json")
+    assert done.returncode == 0, done.stderr
+    result = _strict_json(done.stdout)
+    assert result["ok"] is True and result["problems"] == [] and result["watches"] == ["runs"]
+    assert result["state_dir"] == str(tmp_path / "state")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[daemon]\nworkers = "three"\n[[watch]]\nname = "runs"\npath = "runs"\n')
+    done = ckptd("check-config", bad, "--json")
+    assert done.returncode == 78
+    result = _strict_json(done.stdout)
+    assert result["ok"] is False and any("workers" in p for p in result["problems"]) and "workers" in done.stderr
+
+
+def test_json_answers_stay_strict_when_a_metric_is_nan(tmp_path: Path) -> None:
+    """`status --json` and `ls --json` stay strict JSON when a run's metric is NaN (the string "NaN")."""
+    config = _mirrored_site(tmp_path)
+    verified(checkpoints.torch_zip(tmp_path / "runs" / "exp10" / "epoch=2-step=60.pt", epoch=2, global_step=60,
+                                   metrics={"val_loss": float("nan")}))  # fmt: skip
+    assert ckptd("scan", "--config", config).returncode == 0
+    assert ckptd("mirror", "--config", config).returncode == 0
+    _strict_json(ckptd("status", "--config", config, "--json").stdout)
+    found = _strict_json(ckptd("ls", "backup", "--config", config, "--json").stdout)
+    copy = found["runs/exp10"]["copies"]["epoch=2-step=60.pt"]
+    assert copy["metrics"] == {"val_loss": "NaN"}

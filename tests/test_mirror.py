@@ -83,7 +83,9 @@ def test_roles_for_without_a_metric_copies_latest_only_and_knows_milestones_and_
     assert roles_for(entries, ["best", "latest"], None, "min") == {"/r/step=300.pt": ["latest"]}
     assert roles_for(entries, ["milestones"], None, "min", milestone_every=2) == {"/r/step=200.pt": ["milestone"]}
     assert roles_for(entries, ["milestones"], None, "min", milestone_every=0) == {}
-    assert sorted(roles_for(entries, ["all"], None, "min")) == ["/r/step=100.pt", "/r/step=200.pt", "/r/step=300.pt"]
+    assert roles_for(entries, ["all"], None, "min") == {  # all includes latest: the index names it for restore
+        "/r/step=100.pt": ["all"], "/r/step=200.pt": ["all"], "/r/step=300.pt": ["latest", "all"],
+    }  # fmt: skip
     assert roles_for([], ["best", "latest", "all"], "val_loss", "min") == {}
 
 
@@ -700,9 +702,12 @@ def test_ls_lists_runs_and_their_best_and_latest(local_site: Site, capsys: pytes
     assert ckptd(capsys, "mirror", "--config", local_site.config_path)[0] == 0
     code, out, _err = ckptd(capsys, "ls", "local", "--config", local_site.config_path)
     assert code == 0
-    assert "runs/exp1:" in out and "runs/exp10/seed0:" in out
-    assert f"{local_site.best.name}  [best]" in out and f"{local_site.latest.name}  [latest]" in out
-    assert "epoch=1-step=50.pt  [best,latest]" in out or "epoch=1-step=50.pt  [latest,best]" in out
+    # piped: one record per copy, `run copy roles ...` (the run as `restore` takes it)
+    roles = {tuple(line.split("\t")[:2]): line.split("\t")[2] for line in out.splitlines() if line[:1] != "#"}
+    assert {run for run, _name in roles} == {"runs/exp1", "runs/exp10/seed0"}
+    assert roles["runs/exp1", local_site.best.name] == "best"
+    assert roles["runs/exp1", local_site.latest.name] == "latest"
+    assert roles["runs/exp10/seed0", "epoch=1-step=50.pt"] in ("best,latest", "latest,best")
     code, out, _err = ckptd(capsys, "ls", "local", "runs/exp1", "--config", local_site.config_path, "--json")
     assert code == 0 and list(json.loads(out)) == ["runs/exp1"]
     code, _out, err = ckptd(capsys, "ls", "local", "runs/nothing", "--config", local_site.config_path)

@@ -644,7 +644,9 @@ def test_ckptd_prune_prints_a_table_per_run_with_bytes_freed_and_budget_warnings
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert f"runs: {env.runs / 'exp1'}" in lines[0]
-    rows = {cells[0]: cells[1:] for line in lines if len(cells := [c.strip() for c in line.split("│")]) == 4}
+    # piped: one tab-separated record per checkpoint (its full path, action, size in bytes, reasons)
+    records = [line.split("\t") for line in lines if not line.startswith("#")]
+    rows = {Path(path).name: [action, human_bytes(int(size)), reasons] for path, action, size, reasons in records}
     size = human_bytes(env.ckpt(2).stat().st_size)
     assert rows == {
         "epoch=1.pt": ["delete", size, "no keep rule applies"],
@@ -657,8 +659,8 @@ def test_ckptd_prune_prints_a_table_per_run_with_bytes_freed_and_budget_warnings
         ],
         "epoch=5.pt": ["keep", size, "latest; keep_last 1/2"],
     }
-    assert f"runs: freed {human_bytes(freed)}" in lines
-    assert any(line.startswith("warning max_size 1.0KB cannot be met: ") for line in lines)
+    assert f"# runs: freed {human_bytes(freed)}" in lines
+    assert any(line.startswith("# warning max_size 1.0KB cannot be met: ") for line in lines)
     assert "retention cannot meet its budget" in done.stderr, "and the log says so"
     assert sorted(p.name for p in (env.runs / "exp1").glob("*.pt")) == ["epoch=2.pt", "epoch=5.pt"]
 
