@@ -104,7 +104,8 @@ def name_values(filename: str) -> dict[str, float]:
     parts = [_NAME_NUMBER.match(part) for part in stem.split("-")]
     if len(parts) < 2 or not all(parts):
         return {}
-    return {m["name"]: float(m["value"]) for m in parts if m is not None and not m["unit"]}
+    # `epoch_001-step_1000` spells the same as `epoch1-step1000`: the separator is no part of the name.
+    return {m["name"].rstrip("_"): float(m["value"]) for m in parts if m is not None and not m["unit"]}
 
 
 def value_at(obj: Any, path: str) -> float | None:

@@ -61,6 +61,13 @@ def test_name_values_reads_lightning_file_names() -> None:
     assert name_values("model-v1.pt") == {}
 
 
+def test_name_values_reads_underscored_names_as_their_words() -> None:
+    """`epoch_001-step_1000.pt` names epoch 1 and step 1000 (it once gave metrics `epoch_` and `step_`)."""
+    assert name_values("epoch_001-step_1000.pt") == {"epoch": 1.0, "step": 1000.0}
+    found = extract({}, "epoch_001-step_1000.pt")
+    assert (found.epoch, found.global_step, found.metrics) == (1, 1000, {})
+
+
 @given(text=st.text(max_size=60))
 def test_name_values_never_raises_and_returns_floats(text: str) -> None:
     """Any file name yields a mapping of names to floats, never an exception."""
