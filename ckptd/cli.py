@@ -30,10 +30,10 @@ if TYPE_CHECKING:
     from ckptd.catalog import Catalog
     from ckptd.config import Config, WatchConfig
     from ckptd.model import Entry, Verification
+    from ckptd.progress import Tracker
     from ckptd.sidecar import Sidecar, Store
 
 DEFAULT_CONFIGS = (Path("config.toml"), Path("/etc/ckptd/config.toml"))
-_GB = 1 << 30
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -157,6 +157,7 @@ def cli(debug: bool) -> None:
 @config_option
 def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], config_file: Path | None) -> int:
     """Verify checkpoints: hash, CRCs, a safe load, NaN/Inf. Exit 0 when every PATH is ok, else 1."""
+    from ckptd import progress
     from ckptd import verify as engine
     from ckptd.model import CheckpointChanged
 
@@ -168,13 +169,16 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
         raise UsageError(str(exc)) from exc
     results: list[Verification] = []
     busy: list[str] = []
-    for path in paths:
-        watch = _watch_of(config, path)
-        keys = watch.metric.keys() if watch is not None and watch.metric is not None else {}
-        try:
-            results.append(_verify_one(engine, path, trusted, keys, show_progress=not as_json))
-        except CheckpointChanged as exc:
-            busy.append(f"{exc.path}: changed while being verified (still being written?); try again")
+    with progress.shown() as bars:
+        if bars is not None:
+            bars.plan(len(paths), sum(progress.size_of(_named(path)) for path in paths))
+        for path in paths:
+            watch = _watch_of(config, path)
+            keys = watch.metric.keys() if watch is not None and watch.metric is not None else {}
+            try:
+                results.append(_verify_one(engine, path, trusted, keys, bars))
+            except CheckpointChanged as exc:
+                busy.append(f"{exc.path}: changed while being verified (still being written?); try again")
     if as_json:
         from ckptd.sidecar import jsonable
 
@@ -188,20 +192,19 @@ def verify(paths: tuple[Path, ...], as_json: bool, trust: tuple[str, ...], confi
     return ExitCode.OK if not busy and all(r.status == "ok" for r in results) else ExitCode.CHECK_FAILED
 
 
-def _verify_one(
-    engine: Any, path: Path, trusted: list[str], keys: dict[str, str], *, show_progress: bool
-) -> Verification:
-    path = path.resolve() if path.is_symlink() else path  # named on the command line: the user means its target
-    size = path.stat().st_size if path.is_file() else 0
-    if not (show_progress and size > _GB and sys.stderr.isatty()):
-        result: Verification = engine.verify(path, trusted=trusted, metric_keys=keys)
-        return result
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+def _named(path: Path) -> Path:
+    """A checkpoint named on the command line: a link's target, which is what the user means."""
+    return path.resolve() if path.is_symlink() else path
 
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(path.name, total=size)
-        result = engine.verify(path, trusted=trusted, progress=lambda n: bar.advance(task, n), metric_keys=keys)
+
+def _verify_one(
+    engine: Any, path: Path, trusted: list[str], keys: dict[str, str], bars: Tracker | None
+) -> Verification:
+    path = _named(path)
+    from ckptd.progress import size_of
+
+    read = bars.start(path.name, size_of(path), "verify") if bars is not None else None
+    result: Verification = engine.verify(path, trusted=trusted, progress=read, metric_keys=keys)
     return result
 
 
@@ -214,7 +217,7 @@ def _verify_one(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> int:
     """Verify new and changed checkpoints under PATHS (or the watched folders), once, then exit."""
-    from ckptd import log
+    from ckptd import log, progress
     from ckptd.catalog import Catalog
     from ckptd.config import DEFAULT_PATTERNS
     from ckptd.scan import reconcile
@@ -245,7 +248,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
         targets = [(w.name, w.path, w.patterns) for w in config.watch]
     summary: dict[str, Any] = {}
     failed = False
-    with Catalog(state_dir) as catalog:
+    with Catalog(state_dir) as catalog, progress.shown() as bars:
         for watch_name, root, patterns in targets:
             watch = config.watch_named(watch_name) if config else None
             report = reconcile(
@@ -256,6 +259,7 @@ def scan(paths: tuple[Path, ...], config_file: Path | None, as_json: bool) -> in
                 boundaries=[w.path for w in config.watch] if config else (),
                 store=store_of(config) if config else Store(),
                 placement=watch.sidecars if watch else "auto", metric=watch.metric if watch else None,
+                progress=bars,
             )  # fmt: skip
             failed |= any(v.status != "ok" for v in report.verified) or bool(report.failed)
             summary[str(root)] = {
@@ -702,6 +706,7 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
 def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool, as_json: bool) -> int:
     """Copy each run's best and latest to the mirror targets now (one pass), or check the copies."""
     from ckptd import mirror as mirroring
+    from ckptd import progress
     from ckptd.catalog import Catalog
     from ckptd.mirrors import STALE_AFTER, MirrorError
 
@@ -736,7 +741,8 @@ def mirror(config_file: Path | None, dry_run: bool, verify_copies: bool, as_json
                 said("rebuilt", line, f"{'would rebuild' if dry_run else 'rebuilt'}: {line}")
             for line in found.requeued if dry_run else ():
                 said("would_copy", line, f"would copy: {line}")
-        report = mirroring.mirror_pass(config, catalog, targets, dry_run=dry_run, due_only=False)
+        with progress.shown(not dry_run) as bars:
+            report = mirroring.mirror_pass(config, catalog, targets, dry_run=dry_run, due_only=False, progress=bars)
         for line in report.pending:
             said("would_copy", line, f"would copy: {line}")
         for line in report.copied:
@@ -893,7 +899,7 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
     can bring back any box's run, with no config. A RUN the target does not hold exits 1, naming the runs it
     holds that come closest."""
     from ckptd import mirror as mirroring
-    from ckptd import sidecar
+    from ckptd import progress, sidecar
     from ckptd.mirrors import MirrorError, NotFound
     from ckptd.scan import sidecar_bytes
     from ckptd.verify import engine_versions
@@ -916,26 +922,28 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
     own = config is not None and node in (None, config.daemon.node)
     # Only this box's own copies can be proved against its catalog; another box's against the target's sidecar.
     catalog = Catalog.existing(config.daemon.state_dir) if own and config is not None else None
-    try:
-        found = mirroring.restore(
-            chosen, run, role, destination.absolute(),
-            known=lambda name: (mirroring.recorded_sha(config, catalog, chosen.name, prefix, name)
-                                if own and config is not None else None),
-            step=step, sha256=sha_prefix,
-        )  # fmt: skip
-    except NotFound as exc:
-        # The whole store for a URL's <node>/<watch>/<run>: the box may be the part that is wrong.
-        hint = _did_you_mean(asked, _target(None, target), target) if fleet else _did_you_mean(run, chosen, target)
-        raise NoAnswer(f"{target}: no run {asked!r}{hint}" if hint else str(exc)) from exc
-    except MirrorError as exc:
-        raise NoAnswer(str(exc)) from exc
-    finally:
-        if catalog is not None:
-            catalog.close()
-    restored = found.path
-    # Its hashes proved it whole; a completion marker outside it (DeepSpeed's `latest`) was not restored.
-    trusted = config.daemon.trusted_globals if config is not None else []
-    result = engine_verify(restored, trusted=trusted, require_complete=False)
+    with progress.shown() as bars:  # the download, then its verification
+        try:
+            found = mirroring.restore(
+                chosen, run, role, destination.absolute(),
+                known=lambda name: (mirroring.recorded_sha(config, catalog, chosen.name, prefix, name)
+                                    if own and config is not None else None),
+                step=step, sha256=sha_prefix, progress=bars,
+            )  # fmt: skip
+        except NotFound as exc:
+            # The whole store for a URL's <node>/<watch>/<run>: the box may be the part that is wrong.
+            hint = _did_you_mean(asked, _target(None, target), target) if fleet else _did_you_mean(run, chosen, target)
+            raise NoAnswer(f"{target}: no run {asked!r}{hint}" if hint else str(exc)) from exc
+        except MirrorError as exc:
+            raise NoAnswer(str(exc)) from exc
+        finally:
+            if catalog is not None:
+                catalog.close()
+        restored = found.path
+        # Its hashes proved it whole; a completion marker outside it (DeepSpeed's `latest`) was not restored.
+        trusted = config.daemon.trusted_globals if config is not None else []
+        read = bars.start(restored.name, found.sidecar.verification.size_bytes, "verify") if bars is not None else None
+        result = engine_verify(restored, trusted=trusted, require_complete=False, progress=read)
     if not sidecar.placed_in_state("auto", restored, result.layout):  # never a name a trainer would count
         sidecar.write(restored, sidecar_bytes(result, engine_versions(), time.time()))
     if result.status != "ok":
@@ -962,7 +970,7 @@ def restore(target: str, run: str, role: str | None, step: int | None, sha_prefi
 def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min_epoch: int | None,
             config_file: Path | None, as_json: bool) -> int:  # fmt: skip
     """Rename checkpoints under ROOT to epoch-NN_step-SSSSSS<ext>; sidecars and the catalog follow."""
-    from ckptd import delete
+    from ckptd import delete, progress
     from ckptd import migrate as migration
     from ckptd.catalog import CATALOG_NAME, Catalog
     from ckptd.config import DEFAULT_PATTERNS
@@ -982,10 +990,12 @@ def migrate(root: Path, dry_run: bool, verbose: bool, delete_old: bool, keep_min
     def verifier(path: Path) -> Verification:  # torch is imported only when a name has no step
         from ckptd.verify import verify as engine_verify
 
-        return engine_verify(path, trusted=trusted)
+        read = bars.start(path.name, progress.size_of(path), "read") if bars is not None else None
+        return engine_verify(path, trusted=trusted, progress=read)
 
     # Fix: a name without a step and without a current sidecar has its step read from its contents.
-    result = migration.plan_renames(paths, migration.steps_from_sidecars(entries, verifier))
+    with progress.shown() as bars:
+        result = migration.plan_renames(paths, migration.steps_from_sidecars(entries, verifier))
     state_dir = config.daemon.state_dir if config is not None else Path.home() / ".local/state/ckptd"
     # Opened when it exists too: a migrate --delete-old killed here left an intent in it to finish.
     journaled = not dry_run and (state_dir / CATALOG_NAME).exists()
@@ -1084,10 +1094,11 @@ def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust
            as_json: bool) -> int:  # fmt: skip
     """Write CHECKPOINT's model weights (no optimizer state) as an inference-only file, and verify it."""
     from ckptd import export as exporting
-    from ckptd import tables
+    from ckptd import progress, tables
 
     try:
-        result = exporting.export(checkpoint, destination, fmt=fmt, key=key, trusted=list(trust))
+        with progress.shown() as bars:
+            result = exporting.export(checkpoint, destination, fmt=fmt, key=key, trusted=list(trust), progress=bars)
     except exporting.ExportError as exc:
         raise NoAnswer(str(exc)) from exc
     after = result.verification.size_bytes
@@ -1111,14 +1122,15 @@ def export(checkpoint: Path, destination: Path, fmt: str, key: str | None, trust
 def scrub(config_file: Path | None, as_json: bool) -> int:
     """Re-read every checkpoint and mirror copy at a limited rate; repair or quarantine what rotted."""
     from ckptd import mirror as mirroring
+    from ckptd import progress
     from ckptd import scrub as scrubbing
     from ckptd.catalog import Catalog
 
     config = _command_config(config_file)
     broken: dict[str, str] = {}
     targets = mirroring.targets_of(config, broken)
-    with Catalog(config.daemon.state_dir) as catalog:
-        report = scrubbing.scrub(config, catalog, targets)
+    with Catalog(config.daemon.state_dir) as catalog, progress.shown() as bars:
+        report = scrubbing.scrub(config, catalog, targets, progress=bars)
     report.unreachable.extend(sorted(broken))
     if as_json:
         _echo_json(report.__dict__)

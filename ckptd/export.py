@@ -15,12 +15,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd import __version__
 from ckptd import verify as engine
 from ckptd.fsutil import drop_cache, fsync_dir, opened, temp_path_for
 from ckptd.model import Verification
+
+if TYPE_CHECKING:
+    from ckptd.progress import Tracker
 
 STATE_KEYS = ("model_state_dict", "state_dict", "model", "module", "weights")
 
@@ -91,12 +94,14 @@ def untie(tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export(source: Path, destination: Path, *, fmt: str = "safetensors", key: str | None = None,
-           trusted: list[str] | None = None) -> ExportResult:  # fmt: skip
-    """Verify `source`, write its weights to `destination` atomically, verify the result.
+           trusted: list[str] | None = None, progress: Tracker | None = None) -> ExportResult:  # fmt: skip
+    """Verify `source`, write its weights to `destination` atomically, verify the result. `progress` (a
+    terminal's) is told of both reads.
 
     Raises ExportError when the source is not ok or holds no weights, or the result does not verify.
     """
-    checked = engine.verify(source, trusted=trusted or [])
+    read = progress.start(source.name, source.stat().st_size, "verify") if progress is not None else None
+    checked = engine.verify(source, trusted=trusted or [], progress=read)
     if checked.status != "ok":
         raise ExportError(f"{source} is {checked.status}: {'; '.join(checked.problems or checked.unsafe_globals)}")
     weights = find_weights(engine.load_checkpoint(source, trusted or []), key)
@@ -122,7 +127,8 @@ def export(source: Path, destination: Path, *, fmt: str = "safetensors", key: st
     del weights  # its tensors map the source's pages: unmapped, they can leave the page cache
     with opened(source, follow=True) as fd:
         drop_cache(fd)
-    result = engine.verify(destination, trusted=trusted or [])
+    read = progress.start(destination.name, destination.stat().st_size, "verify") if progress is not None else None
+    result = engine.verify(destination, trusted=trusted or [], progress=read)
     if result.status != "ok":
         raise ExportError(f"the exported file {destination} does not verify: {'; '.join(result.problems)}")
     return ExportResult(destination, result, checked.size_bytes, count)

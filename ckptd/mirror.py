@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -55,6 +55,9 @@ from ckptd.layouts import nshtrainer
 from ckptd.mirrors import IntegrityError, MirrorError, NotFound, Progress, Target, make_target
 from ckptd.model import Entry
 from ckptd.untrusted import UntrustedInput, component, load_json, relative
+
+if TYPE_CHECKING:
+    from ckptd.progress import Tracker
 
 INDEX = "index.json"
 _BESIDE = sidecar.Store()
@@ -562,15 +565,18 @@ def _put_with_retries(target: Target, key: str, path: Path, sha256: str, progres
 
 class CopyProgress:
     """Logs a long copy as it goes: `mirror copy progress` every COPY_PROGRESS_EVERY seconds (a 50 GB checkpoint
-    to a slow store takes minutes, which would otherwise be silence between `started` and `mirrored`)."""
+    to a slow store takes minutes, which would otherwise be silence between `started` and `mirrored`), and
+    passes each count on to `also` (a terminal's progress bar, for `ckptd mirror`)."""
 
-    def __init__(self, logger: Any, *, path: Path, target: str, total: int) -> None:
-        self.logger, self.path, self.target, self.total = logger, path, target, total
+    def __init__(self, logger: Any, *, path: Path, target: str, total: int, also: Progress | None = None) -> None:
+        self.logger, self.path, self.target, self.total, self.also = logger, path, target, total, also
         self.done = 0
         self.started = self.said = time.monotonic()
 
     def __call__(self, count: int) -> None:
         self.done += count
+        if self.also is not None:
+            self.also(count)
         now = time.monotonic()
         if now - self.said >= COPY_PROGRESS_EVERY:
             self.said = now
@@ -584,19 +590,31 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
                 now: Callable[[], float] = time.time, due_only: bool = True,
                 stop: Callable[[], bool] = lambda: False,
                 standby: Callable[[], Set[str]] = frozenset,
-                on_copy: Callable[[str, float, bool], None] | None = None) -> MirrorReport:  # fmt: skip
+                on_copy: Callable[[str, float, bool], None] | None = None,
+                progress: Tracker | None = None) -> MirrorReport:  # fmt: skip
     """Copy every queued checkpoint that is due, target by target; a failing target never stops the others.
 
     `stop` is asked between copies, so a daemon shutting down does not start another one. Watches in `standby`
     (their folder owned by another daemon: ckptd.lease) are left to that daemon. `on_copy(target, seconds, ok)`
-    hears of each copy made or failed (the daemon's metrics).
+    hears of each copy made or failed (the daemon's metrics). `progress` (a terminal's) is told of each copy and
+    its bytes; every copy is logged as it starts and, when long, as it goes (CopyProgress), with or without it.
     """
     logger = log.get("ckptd.mirror")
     report = MirrorReport()
     store = sidecar.store_of(config)
-    for item in catalog.mirror_due(now() if due_only else None):
+    due = catalog.mirror_due(now() if due_only else None)
+    if progress is not None and not dry_run:
+        from ckptd.progress import size_of
+
+        sizes = {str(item["path"]): size_of(Path(item["path"])) for item in due}
+        progress.plan(len(due), sum(sizes.values()), "copies")
+    for item in due:
         if stop():
             break
+        shown = None  # a terminal's bar for this item: every item planned is started, a skipped one reads nothing
+        if progress is not None and not dry_run:
+            path = Path(item["path"])
+            shown = progress.start(path.name, sizes[str(path)], f"copy to {item['target']}")
         if item["watch"] in standby():
             continue
         watch = config.watch_named(item["watch"])
@@ -618,8 +636,8 @@ def mirror_pass(config: Config, catalog: Catalog, targets: Mapping[str, Target],
             if not (item["copied"] and target.stat(f"{prefix}/{sidecar.sidecar_name(path.name)}")):
                 total = found.verification.size_bytes
                 logger.info("mirror copy started", path=str(path), target=target.name, bytes=total)
-                progress = CopyProgress(logger, path=path, target=target.name, total=total)
-                copy_checkpoint(target, prefix, path, found, watch.path, store, progress)
+                told = CopyProgress(logger, path=path, target=target.name, total=total, also=shown)
+                copy_checkpoint(target, prefix, path, found, watch.path, store, told)
             ours = catalog.mirrored_names(target=target.name, run=item["run"])
             doomed = _update_index(target, prefix, item, found, config, now(), ours, catalog)
         except MirrorError as exc:
@@ -1039,7 +1057,8 @@ class Restored:
 
 
 def restore(target: Target, run: str, role: str | None, destination: Path, known: Callable[[str], str | None], *,
-            step: int | None = None, sha256: str | None = None) -> Restored:  # fmt: skip
+            step: int | None = None, sha256: str | None = None,
+            progress: Tracker | None = None) -> Restored:  # fmt: skip
     """Download one copy of a run into the folder `destination`, proving every byte before it is in place.
 
     Which copy (choose_copy): `role` "best" (the mirror's best) or "latest" (the newest copy the target
@@ -1048,7 +1067,8 @@ def restore(target: Target, run: str, role: str | None, destination: Path, known
     target's sidecar and index must then agree with it), else against the mirrored sidecar. Nothing is
     written outside `destination`, whatever the target's index names: names are checked (one plain file
     name), files are created relative to the open folder without following links, in a temp name that only
-    a proved copy replaces. Raises NotFound (no such run or copy), IntegrityError, MirrorError.
+    a proved copy replaces. `progress` (a terminal's) is told of the bytes downloaded. Raises NotFound (no such
+    run or copy), IntegrityError, MirrorError.
     """
     try:
         prefix = "/".join(relative(run.strip("/"), what="the run"))
@@ -1079,11 +1099,12 @@ def restore(target: Target, run: str, role: str | None, destination: Path, known
     destination.mkdir(parents=True, exist_ok=True)
     folder = os.open(destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     staging = temp_name(name)
+    read = progress.start(name, record.size_bytes, "restore") if progress is not None else None
     try:
         if record.is_directory:
-            actual = _download_folder(target, keys, f"{prefix}/{name}/", folder, staging)
+            actual = _download_folder(target, keys, f"{prefix}/{name}/", folder, staging, read)
         else:
-            actual = _download_file(target, f"{prefix}/{name}", folder, staging)
+            actual = _download_file(target, f"{prefix}/{name}", folder, staging, read)
         if actual != record.sha256:
             raise IntegrityError(
                 f"{destination / name}: sha256 {actual} does not match {record.sha256} ({proof}); not restored"
@@ -1103,18 +1124,19 @@ def restore(target: Target, run: str, role: str | None, destination: Path, known
 _NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _download_file(target: Target, key: str, folder: int, name: str) -> str:
+def _download_file(target: Target, key: str, folder: int, name: str, progress: Progress | None = None) -> str:
     """Download `key` into a new file `name` in the open folder; return the SHA-256 of what landed."""
     out = os.open(name, _NEW, 0o644, dir_fd=folder)
     try:
-        target.read_into(key, out)
+        target.read_into(key, out, progress)
         os.fsync(out)
         return sha256_fd(out)
     finally:
         os.close(out)
 
 
-def _download_folder(target: Target, keys: list[str], under: str, folder: int, name: str) -> str:
+def _download_folder(target: Target, keys: list[str], under: str, folder: int, name: str,
+                     progress: Progress | None = None) -> str:  # fmt: skip
     """Download the keys of a directory copy into a new folder `name`; return its directory digest."""
     os.mkdir(name, 0o755, dir_fd=folder)
     files: dict[str, str] = {}
@@ -1131,7 +1153,7 @@ def _download_folder(target: Target, keys: list[str], under: str, folder: int, n
                 below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
                 os.close(parent)
                 parent = below
-            files["/".join(parts)] = _download_file(target, key, parent, parts[-1])
+            files["/".join(parts)] = _download_file(target, key, parent, parts[-1], progress)
         finally:
             os.close(parent)
     return directory_digest(files)

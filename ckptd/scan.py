@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from ckptd import __version__, discover, fsutil, selection, sidecar
 from ckptd.catalog import Catalog
@@ -24,13 +24,20 @@ from ckptd.config import MetricConfig
 from ckptd.discover import Candidate
 from ckptd.model import CheckpointChanged, Entry, Verification
 
+if TYPE_CHECKING:
+    from ckptd.progress import Bytes, Tracker
+
 _BESIDE = sidecar.Store()  # no state folder: every sidecar beside its checkpoint
 
 STEP = 2000  # entries of the walk between two yields of `surveying`: some 5 ms of work
 R = TypeVar("R")
 
-Verifier = Callable[[Path], Verification]
-"""Verifies one checkpoint; may raise CheckpointChanged."""
+
+class Verifier(Protocol):
+    """Verifies one checkpoint (ckptd.verify.verify, its options bound); may raise CheckpointChanged. `progress` is
+    told of the bytes it reads."""
+
+    def __call__(self, path: Path, *, progress: Bytes | None = None) -> Verification: ...
 
 
 @dataclass
@@ -312,9 +319,11 @@ def reconcile(
     store: sidecar.Store = _BESIDE,
     placement: sidecar.Placement = "auto",
     metric: MetricConfig | None = None,
+    progress: Tracker | None = None,
 ) -> ScanReport:
     """Survey `root`, then verify and record every new or changed checkpoint in this process; the runs of
-    checkpoints gone meanwhile get their latest and best again too."""
+    checkpoints gone meanwhile get their latest and best again too. `progress` (a terminal's) is told of each
+    checkpoint verified and the bytes read."""
     found = survey(root, watch=watch, patterns=patterns, catalog=catalog, now=now, boundaries=boundaries, store=store)
     report = ScanReport(
         unchanged=found.unchanged, links=found.links, gone=found.gone, removed_sidecars=found.removed_sidecars,
@@ -322,9 +331,16 @@ def reconcile(
         busy=[str(c.path) for c in found.incomplete],  # a save the trainer has not finished: left for later
     )  # fmt: skip
     touched: set[str] = set()
+    if progress is not None:
+        from ckptd.progress import size_of
+
+        sizes = {c.path: size_of(c.path) for c in found.to_verify}
+        progress.plan(len(sizes), sum(sizes.values()))
     for candidate in found.to_verify:
         try:
-            verification = verifier(candidate.path)
+            path = candidate.path
+            read = progress.start(path.name, sizes[path], "verify") if progress is not None else None
+            verification = verifier(candidate.path, progress=read)
         except CheckpointChanged:
             report.busy.append(str(candidate.path))
             continue

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptd import delete, discover, log
 from ckptd import mirror as mirroring
@@ -28,6 +29,9 @@ from ckptd.fsutil import drop_cache, fsync_dir, open_confined, open_folder, sha2
 from ckptd.mirrors import MirrorError, Target
 from ckptd.model import Identity
 from ckptd.throttle import Throttle
+
+if TYPE_CHECKING:
+    from ckptd.progress import Bytes, Tracker
 
 _PIECE = 4 << 20
 
@@ -45,11 +49,12 @@ class ScrubReport:
     unreachable: list[str] = field(default_factory=list)  # targets whose copies could not be listed
 
 
-def hash_throttled(path: Path, throttle: Throttle, root: Path) -> str:
+def hash_throttled(path: Path, throttle: Throttle, root: Path, progress: Bytes | None = None) -> str:
     """SHA-256 of a file, or of a directory checkpoint (its digest), read at the throttle's rate, every file
-    opened from the watched folder `root` down without following a link (fsutil.open_confined)."""
+    opened from the watched folder `root` down without following a link (fsutil.open_confined); `progress` is
+    told of each piece read."""
     if path.is_dir():
-        files = {rel: hash_throttled(path / rel, throttle, root) for rel in discover.directory_files(path)}
+        files = {rel: hash_throttled(path / rel, throttle, root, progress) for rel in discover.directory_files(path)}
         return discover.directory_digest(files)
     digest = hashlib.sha256()
     fd = open_confined(root, path)
@@ -60,21 +65,28 @@ def hash_throttled(path: Path, throttle: Throttle, root: Path) -> str:
             digest.update(piece)
             at += len(piece)
             throttle(len(piece))
+            if progress is not None:
+                progress(len(piece))
     finally:
         os.close(fd)
     return digest.hexdigest()
 
 
 def scrub(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, now: Callable[[], float] = time.time,
-          stop: Callable[[], bool] = lambda: False) -> ScrubReport:  # fmt: skip
-    """One full scrub: every ok checkpoint of every watch, then every copy on every target."""
+          stop: Callable[[], bool] = lambda: False, progress: Tracker | None = None) -> ScrubReport:  # fmt: skip
+    """One full scrub: every ok checkpoint of every watch, then every copy on every target. `progress` (a
+    terminal's) is told of each checkpoint and copy, and of the bytes read locally."""
     throttle = Throttle(config.daemon.scrub_bandwidth)
     report = ScrubReport()
     for watch in config.watch:
-        for row in catalog.scrub_order(watch.name):
+        rows = catalog.scrub_order(watch.name)
+        if progress is not None:
+            progress.plan(len(rows), sum(row.size for row in rows))
+        for row in rows:
             if stop():
                 return report
-            _scrub_local(row, watch, config, catalog, targets, throttle, report, now())
+            read = progress.start(Path(row.path).name, row.size, "scrub") if progress is not None else None
+            _scrub_local(row, watch, config, catalog, targets, throttle, report, now(), read)
     for target in targets.values():
         try:
             indexes = mirroring.indexes(target)
@@ -86,15 +98,23 @@ def scrub(config: Config, catalog: Catalog, targets: Mapping[str, Target], *, no
         copies = [(prefix, name, copy) for prefix, index in indexes.items()
                   for name, copy in index.get("copies", {}).items()]  # fmt: skip
         copies.sort(key=lambda c: catalog.last_scrubbed(f"{target.name}:{c[0]}/{c[1]}"))  # resume: oldest first
+        if progress is not None:
+            progress.plan(len(copies), sum(_size(copy) for _p, _n, copy in copies))
         for prefix, name, copy in copies:
             if stop():
                 return report
-            _scrub_copy(target, prefix, name, copy, config, catalog, report, now(), throttle)
+            read = progress.start(name, _size(copy), f"scrub {target.name}:") if progress is not None else None
+            _scrub_copy(target, prefix, name, copy, config, catalog, report, now(), throttle, read)
     return report
 
 
+def _size(copy: Mapping[str, object]) -> int:
+    size = copy.get("size_bytes")
+    return size if isinstance(size, int) else 0
+
+
 def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog, targets: Mapping[str, Target],
-                 throttle: Throttle, report: ScrubReport, now: float) -> None:  # fmt: skip
+                 throttle: Throttle, report: ScrubReport, now: float, progress: Bytes | None) -> None:  # fmt: skip
     logger = log.get("ckptd.scrub")
     path = Path(row.path)
     location = f"local:{row.path}"
@@ -110,7 +130,7 @@ def _scrub_local(row: Row, watch: WatchConfig, config: Config, catalog: Catalog,
         return
     report.checked += 1
     try:
-        actual = hash_throttled(path, throttle, watch.path)
+        actual = hash_throttled(path, throttle, watch.path, progress)
     except (OSError, ValueError):  # gone, or its folder is a link now: not rot, and never read through it
         report.skipped.append(row.path)
         return
@@ -194,14 +214,17 @@ def _repair_from_mirror(path: Path, row: Row, watch: WatchConfig, targets: Mappi
 
 
 def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, object], config: Config,
-                catalog: Catalog, report: ScrubReport, now: float, throttle: Throttle) -> None:  # fmt: skip
+                catalog: Catalog, report: ScrubReport, now: float, throttle: Throttle,
+                progress: Bytes | None) -> None:  # fmt: skip
     """Read one copy back against this machine's record of it (else its sidecar); repair it from the local
     checkpoint that holds the right bytes."""
     logger = log.get("ckptd.scrub")
     location = f"{target.name}:{prefix}/{name}"
     known = mirroring.recorded_sha(config, catalog, target.name, prefix, name)
     try:
-        found = mirroring.check_copy(target, prefix, name, known, lambda key: _read_back(target, key, throttle))
+        found = mirroring.check_copy(
+            target, prefix, name, known, lambda key: _read_back(target, key, throttle, progress)
+        )
     except MirrorError as exc:
         catalog.record_scrub(location, sha256=None, result="unreadable", now=now, detail=str(exc))
         report.mismatched.append(location)
@@ -226,8 +249,9 @@ def _scrub_copy(target: Target, prefix: str, name: str, copy: Mapping[str, objec
     report.mismatched.append(location)
 
 
-def _read_back(target: Target, key: str, throttle: Throttle) -> str:
-    """The SHA-256 of a copy on a target, its bytes counted against `scrub_bandwidth`.
+def _read_back(target: Target, key: str, throttle: Throttle, progress: Bytes | None) -> str:
+    """The SHA-256 of a copy on a target, its bytes counted against `scrub_bandwidth` (and told to `progress`
+    once read: Target.sha256 reads it whole).
 
     Fix: mirror copies were read at full speed (only the target's own max_bandwidth applied); the bytes are
     charged to the scrub's throttle after each read, so the average rate stays within scrub_bandwidth.
@@ -235,4 +259,6 @@ def _read_back(target: Target, key: str, throttle: Throttle) -> str:
     digest = target.sha256(key)
     found = target.stat(key)
     throttle(found.size if found is not None else 0)
+    if progress is not None and found is not None:
+        progress(found.size)
     return digest

@@ -449,9 +449,9 @@ def test_scrub_resumes_after_a_restart_with_the_least_recently_scrubbed(
     order: list[str] = []
     real_hash = scrubbing.hash_throttled
 
-    def recording_hash(path: Path, limit: Throttle, root: Path) -> str:
+    def recording_hash(path: Path, limit: Throttle, root: Path, progress: Callable[[int], None] | None = None) -> str:
         order.append(path.name)
-        return real_hash(path, limit, root)
+        return real_hash(path, limit, root, progress)
 
     monkeypatch.setattr(scrubbing, "hash_throttled", recording_hash)
 
