@@ -377,6 +377,18 @@ class Catalog:
         for found in self._exec(query + " ORDER BY path", args):
             yield _row(found)
 
+    def present_identities(self, *, under: str) -> Iterator[tuple[str, str, bool, int, int, int]]:
+        """(path, watch, verified, size, mtime_ns, inode) of every checkpoint and link still on disk below one
+        folder, row by row: what a rescan checks its walk against (one query; no row decoded whole)."""
+        prefix = under.rstrip("/") + "/"
+        rows = self._exec(
+            "SELECT path, watch, status IS NOT NULL AND kind != 'link', size, mtime_ns, inode FROM checkpoints"
+            " WHERE gone_at IS NULL AND (path = ? OR substr(path, 1, ?) = ?)",
+            (under, len(encode(prefix)), prefix),  # substr counts characters of the stored form
+        )
+        for path, watch, verified, size, mtime_ns, inode in rows:
+            yield path, watch, bool(verified), size, mtime_ns, inode
+
     def present_paths(self, *, under: str) -> list[str]:
         """The paths of checkpoints (and links) still on disk below one folder: what a rescan checks its walk
         against, without building whole rows (100,000 of them at a large site)."""

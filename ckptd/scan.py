@@ -85,13 +85,25 @@ class Survey:
     failed: list[str] = field(default_factory=list)  # could not be looked at (permissions, I/O errors)
 
 
-def _changed(found: discover.Found, known: dict[str, tuple[int, int, int]], store: sidecar.Store,
+def _fingerprint(watch: str, size: int, mtime_ns: int, inode: int) -> int:
+    """One int for a checkpoint's identity in its watch: what `survey` keeps per cataloged checkpoint.
+
+    A million checkpoints held as {path: (size, mtime, inode)} plus a set of the paths seen took a gigabyte of
+    the daemon's memory at start-up (benchmarks/scale.py); {hash(path): fingerprint}, crossed off as the walk
+    finds each, takes a tenth. Two different identities (or paths) sharing a 64-bit hash within one pass is
+    beyond any real tree; its only effect would be one checkpoint looked at again, or marked gone a pass late.
+    """
+    return hash((watch, size, mtime_ns, inode))
+
+
+def _changed(found: discover.Found, recorded: int | None, watch: str, store: sidecar.Store,
              read_sidecars: bool) -> bool:  # fmt: skip
-    """True unless the catalog has this exact checkpoint (size, mtime, inode in `known`, as the walk's one
-    `lstat` found them) and its sidecar is there: parsed only when `read_sidecars`, else its presence looked
-    at (in the walk's listing; in the state folder only when it is not beside the checkpoint)."""
+    """True unless the catalog has this exact checkpoint (`recorded`, the fingerprint of its row, matches the
+    size, mtime and inode the walk's one `lstat` found) and its sidecar is there: parsed only when
+    `read_sidecars`, else its presence looked at (in the walk's listing; in the state folder only when it is
+    not beside the checkpoint)."""
     path = found.candidate.path
-    if found.identity is None or known.get(str(path)) != found.identity[:3]:
+    if found.identity is None or recorded != _fingerprint(watch, *found.identity[:3]):
         return True
     if read_sidecars:
         return store.read(path) is None
@@ -135,8 +147,11 @@ def surveying(
     runs it through at once). Whatever the daemon records meanwhile is at worst looked at once more.
     """
     result = Survey()
-    seen: set[str] = set()
-    known = catalog.identities(watch)
+    # Every cataloged checkpoint below root, crossed off as the walk finds it: what is left has vanished.
+    known = {
+        hash(path): _fingerprint(owner, size, mtime_ns, inode) if verified else 0
+        for path, owner, verified, size, mtime_ns, inode in catalog.present_identities(under=str(root))
+    }
     for count, item in enumerate(discover.sweep(root, patterns, boundary=list(boundaries) or root), 1):
         if count % STEP == 0:
             yield
@@ -144,22 +159,24 @@ def surveying(
             _remove_leftover(item, root, result, now)
             continue
         candidate = item.candidate
-        seen.add(str(candidate.path))
+        key = hash(str(candidate.path))
+        recorded = known.pop(key, None)
         try:
             if candidate.kind == "link":
                 record_link(candidate, watch=watch, catalog=catalog, now=now())
                 result.links += 1
             elif not item.complete:
                 result.incomplete.append(candidate)  # never verified half-written: it would pass for `latest`
-            elif _changed(item, known, store, read_sidecars):
+            elif _changed(item, recorded, watch, store, read_sidecars):
                 result.to_verify.append(candidate)
             else:
                 result.unchanged += 1
-        except FileNotFoundError:
-            seen.discard(str(candidate.path))
+        except FileNotFoundError:  # gone meanwhile: left for the vanished ones below
+            if recorded is not None:
+                known[key] = recorded
         except OSError as exc:  # one unreadable checkpoint never stops the survey of the others
             result.failed.append(f"{candidate.path}: {exc}")
-    missing = [path for path in catalog.present_paths(under=str(root)) if path not in seen]
+    missing = [path for path in catalog.present_paths(under=str(root)) if hash(path) in known] if known else []
     yield
     for path in missing:  # few: what a trainer rotated or a user removed since the last pass
         row = catalog.get(path)

@@ -154,3 +154,16 @@ def test_a_long_start_up_survey_asks_systemd_for_more_time_before_ready(
     assert messages and all(m == f"EXTEND_TIMEOUT_USEC={int(daemon_module.EXTEND_BY * 1e6)}" for m in messages)
     assert daemon.stats.last_reconciliation["runs"]  # surveyed before READY...
     assert "runs" in daemon._passes  # ...and the runs' refresh left to the loop
+
+
+def test_a_tree_deeper_than_pythons_recursion_limit_is_walked(tmp_path: Path) -> None:
+    """A hostile tree 1,100 folders deep (beyond the recursion limit of 1,000) neither stops nor crashes the
+    walk: the checkpoint at its bottom is found like any other."""
+    deep = tmp_path / "runs"
+    deep.mkdir()
+    for _ in range(1100):
+        deep = deep / "a"
+        deep.mkdir()
+    bottom = checkpoints.torch_zip(deep / "epoch_1.pt", size_floats=16)
+    found = [c.path for c in discover.discover(tmp_path / "runs", DEFAULT_PATTERNS)]
+    assert found == [bottom]
