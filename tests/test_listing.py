@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import checkpoints
 import click
 import pytest
+from cli_fixtures import Ckptd
 
 from ckptd import sidecar
 from ckptd.scan import sidecar_bytes
 from ckptd.verify import verify
-from tests import checkpoints
-from tests.cli_fixtures import Ckptd
 
 
 def _tree(root: Path, runs: int, per_run: int) -> list[Path]:

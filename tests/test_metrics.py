@@ -268,7 +268,7 @@ def test_a_real_mirror_pass_counts_copies_their_seconds_and_failures_per_target(
     """mirror_pass tells the mirror thread of each copy (on_copy): made and timed on the working folder target,
     failed on the one whose folder is a file; the backlog comes from the catalog, and a pass with a failure is
     no success."""
-    from tests.test_mirror import Site, _enqueue, _local
+    from test_mirror import Site, _enqueue, _local
 
     (tmp_path / "broken").write_text("not a folder")
     site = Site(tmp_path, {"backup": _local(tmp_path / "backup"), "broken": _local(tmp_path / "broken")})

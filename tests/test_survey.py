@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 
+import checkpoints
 import pytest
 
 from ckptd import daemon as daemon_module
@@ -24,7 +25,6 @@ from ckptd.fsutil import TEMP_MARK
 from ckptd.scan import Survey, reconcile, survey
 from ckptd.systemd import Notifier
 from ckptd.verify import verify
-from tests import checkpoints
 
 
 def _reconciled(tmp_path: Path) -> tuple[Path, Catalog]:

@@ -6,8 +6,9 @@ import time
 from concurrent.futures import wait
 from pathlib import Path
 
+import checkpoints
+
 from ckptd.workers import VerifierPool
-from tests import checkpoints
 
 
 def test_the_worker_count_follows_the_load_within_workers(tmp_path: Path) -> None:
