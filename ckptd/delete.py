@@ -175,6 +175,10 @@ def execute(removal: Removal, catalog: Catalog, state_dir: Path, *, now: float, 
     trash_parts = _trash_parts(removal.root, parts, removal.run)
     with _folders(removal.root, parts, trash_parts) as (dir_fd, trash_fd):
         _check(dir_fd, name, removal.identity)
+        if sidecar.pinned_at(dir_fd, name):  # pinned through another box's catalog (a shared folder)
+            if not dry_run:
+                catalog.set_pinned(removal.path, True)  # the next plans keep it as pinned
+            raise Refused("pinned in its sidecar (a `ckptd pin`, perhaps on another box sharing the folder)")
         if dry_run:
             return None
         trash = f"{TRASH_PREFIX}{secrets.token_hex(8)}"

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ckptd.fsutil import atomic_write_bytes, opened, unlink_confined
+from ckptd.fsutil import atomic_write_bytes, open_regular, opened, unlink_confined
 from ckptd.model import Verification
 from ckptd.untrusted import UntrustedInput, fit_name, load_json
 
@@ -127,6 +127,22 @@ def _read_bounded(path: Path) -> bytes:
     """A sidecar's bytes: a regular file, its last component not followed, at most MAX_SIDECAR_BYTES + 1."""
     with opened(path) as fd:
         return os.read(fd, MAX_SIDECAR_BYTES + 1)
+
+
+def pinned_at(dir_fd: int, checkpoint_name: str) -> bool:
+    """Whether the sidecar beside a checkpoint, in an open folder, says `pinned` (its last component not
+    followed). The sidecar is what every box sharing a folder reads: a `ckptd pin` made on one box reaches the
+    others only through it. False when there is none or it cannot be read."""
+    try:
+        fd = open_regular(sidecar_name(checkpoint_name), dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return _parse_body(os.read(fd, MAX_SIDECAR_BYTES + 1)).get("pinned") is True
+    except (OSError, SidecarError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def parse(data: bytes) -> Sidecar:

@@ -752,3 +752,24 @@ def test_ckptd_status_run_reports_that_run_only(env: Env) -> None:
     assert [r["run"] for r in watch["runs"]] == [str(env.runs / "exp2")]
     assert [Path(n["path"]).name for n in watch["not_ok"]] == ["epoch=3.pt"]
     assert watch["runs"][0]["best"] == str(env.ckpt(2, "exp2"))
+
+
+def test_a_pin_made_through_another_boxs_catalog_is_kept_by_this_one(env: Env) -> None:
+    """Two boxes share the folder; a person pins epoch 1 with `ckptd pin` on the box that stands by, which
+    writes `pinned` into the shared sidecar and its own catalog only. This box's plan still deletes epoch 1
+    (its catalog does not know the pin), so the one executor reads the sidecar before it removes anything: it
+    refuses, learns the pin, and the next plan keeps epoch 1 as pinned."""
+    sidecar.set_pinned(env.ckpt(1), True)  # what `ckptd pin` on the other box does to the shared folder
+    dry = prune(env, dry_run=True)
+    assert [(Path(d.path).name, why) for d, why in dry.skipped] == [
+        ("epoch=1.pt", "pinned in its sidecar (a `ckptd pin`, perhaps on another box sharing the folder)")
+    ]
+    with env.catalog() as catalog:
+        assert catalog.get(str(env.ckpt(1))).pinned is False  # type: ignore[union-attr]  # a dry run changes nothing
+    report = prune(env)
+    assert [Path(d.path).name for d, _why in report.skipped] == ["epoch=1.pt"]
+    assert [Path(d.path).name for d in report.done] == ["epoch=3.pt"]
+    assert env.ckpt(1).exists() and not env.ckpt(3).exists()
+    again = prune(env, dry_run=True)
+    kept = {Path(d.path).name: d for d in again.plan.decisions}
+    assert kept["epoch=1.pt"].action == "keep" and not again.skipped

@@ -165,5 +165,11 @@ def test_a_tree_deeper_than_pythons_recursion_limit_is_walked(tmp_path: Path) ->
         deep = deep / "a"
         deep.mkdir()
     bottom = checkpoints.torch_zip(deep / "epoch_1.pt", size_floats=16)
-    found = [c.path for c in discover.discover(tmp_path / "runs", DEFAULT_PATTERNS)]
-    assert found == [bottom]
+    try:
+        found = [c.path for c in discover.discover(tmp_path / "runs", DEFAULT_PATTERNS)]
+        assert found == [bottom]
+    finally:  # shutil.rmtree (pytest's clean-up of old temp folders) recurses, and would fail on this tree
+        bottom.unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
