@@ -689,11 +689,15 @@ def _set_pin(checkpoint: Path, config_file: Path | None, *, pinned: bool) -> int
     config = _command_config(config_file)
     path = checkpoint.absolute()
     with Catalog(config.daemon.state_dir) as catalog:
-        if not catalog.set_pinned(str(path), pinned):
-            raise NoAnswer(f"{checkpoint}: not in the catalog yet; verify it first: ckptd scan {checkpoint.parent}")
+        cataloged = catalog.set_pinned(str(path), pinned)
+    # The sidecar is what every box sharing a folder reads: a standby box, whose catalog never saw the
+    # checkpoint, pins it there, and the owner's deletion executor honours it (ckptd.delete).
     store = sidecar.store_of(config)
-    if store.read(path) is not None:
+    beside = store.read(path) is not None
+    if beside:
         store.set_pinned(path, pinned)
+    if not (cataloged or beside):
+        raise NoAnswer(f"{checkpoint}: not in the catalog yet; verify it first: ckptd scan {checkpoint.parent}")
     click.echo(f"{'pinned' if pinned else 'unpinned'}: {path}")
     return ExitCode.OK
 

@@ -773,3 +773,16 @@ def test_a_pin_made_through_another_boxs_catalog_is_kept_by_this_one(env: Env) -
     again = prune(env, dry_run=True)
     kept = {Path(d.path).name: d for d in again.plan.decisions}
     assert kept["epoch=1.pt"].action == "keep" and not again.skipped
+
+
+def test_ckptd_pin_on_a_standby_box_pins_through_the_shared_sidecar(env: Env, tmp_path: Path) -> None:
+    """A standby box never verified the shared folder's checkpoints (its catalog has no row of them), yet
+    `ckptd pin` there works: it writes `pinned` into the shared sidecar, which the owner honours."""
+    standby = tmp_path / "standby.toml"
+    standby.write_text(env.config_path.read_text().replace('state_dir = "state"', 'state_dir = "standby-state"'))
+    done = ckptd("pin", env.ckpt(1), "--config", standby)
+    assert done.returncode == 0, done.stderr
+    found = sidecar.read(env.ckpt(1))
+    assert found is not None and found.pinned
+    report = prune(env)  # the owner's retention: its catalog never heard of the pin
+    assert env.ckpt(1).exists() and [Path(d.path).name for d, _why in report.skipped] == ["epoch=1.pt"]
