@@ -51,14 +51,15 @@ def cached(path: Path) -> Path:
 @pytest.fixture
 def droppable(tmp_path: Path) -> Path:
     """A folder whose file system drops pages on request (not tmpfs, whose pages are the files themselves)."""
-    if FINCORE is None:
-        pytest.skip("needs /usr/bin/fincore")
+    assert FINCORE is not None, "the page-cache tests read residency with /usr/bin/fincore (util-linux)"
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(4 * MB))
     with fsutil.opened(cached(probe)) as fd:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the kernel's call itself, not ckptd's helper
-    if resident(probe) > MB:
-        pytest.skip("this file system keeps pages that posix_fadvise(DONTNEED) asks to drop")
+    assert resident(probe) <= MB, (
+        f"{tmp_path}: this file system keeps pages that posix_fadvise(DONTNEED) asks to drop (tmpfs?); run the"
+        " suite with its temp folder on a disk file system"
+    )
     return tmp_path
 
 
