@@ -269,16 +269,6 @@ class Catalog:
         found = self._exec("SELECT * FROM checkpoints WHERE path = ?", (path,)).fetchone()
         return _row(found) if found else None
 
-    def identities(self, watch: str) -> dict[str, tuple[int, int, int]]:
-        """{path: (size, mtime_ns, inode)} of every verified checkpoint of a watch on disk (links, pending and
-        gone ones left out): one query for a whole rescan, not one per checkpoint (100,000 at a large site)."""
-        rows = self._exec(
-            "SELECT path, size, mtime_ns, inode FROM checkpoints WHERE watch = ? AND status IS NOT NULL"
-            " AND gone_at IS NULL",
-            (watch,),
-        )
-        return {decode(r["path"]): (r["size"], r["mtime_ns"], r["inode"]) for r in rows}
-
     def record_verified(self, *, watch: str, run: str, verification: Verification, mtime_ns: int, now: float) -> None:
         """Insert or update the row of a verified checkpoint (first_seen and pinned are kept)."""
         v = verification

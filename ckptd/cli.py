@@ -651,9 +651,9 @@ def _run_in_config(config: Config, folder: Path, *, exists: bool = True) -> tupl
     as the config gives it); a UsageError naming the watched folders when it is in none. With `exists` False
     the folder may be gone (`report`: a run deleted whole still has its history in the catalog)."""
     resolved = (_existing_folder(folder) if exists else folder).resolve()
-    for watch in config.watch:
-        if resolved.is_relative_to(watch.path.resolve()):
-            return watch, str(watch.path / resolved.relative_to(watch.path.resolve()))
+    watch = _watch_of(config, resolved)
+    if watch is not None:
+        return watch, str(watch.path / resolved.relative_to(watch.path.resolve()))
     watched = ", ".join(str(w.path) for w in config.watch) or "none"
     raise UsageError(f"--run {folder}: not in a watched folder (the config watches: {watched})")
 

@@ -67,11 +67,13 @@ def test_a_reader_sees_committed_rows_while_the_catalog_is_open(tmp_path: Path) 
 
 def unchanged(catalog: Catalog, path: str, size: int, mtime_ns: int, inode: int) -> bool:
     """What a rescan asks of the catalog (scan.survey): is `path` verified with exactly this identity?"""
-    return catalog.identities("w").get(path) == (size, mtime_ns, inode)
+    rows = catalog.present_identities(under="/")
+    found = {p: (s, m, i) for p, watch, verified, s, m, i in rows if verified and watch == "w"}
+    return found.get(path) == (size, mtime_ns, inode)
 
 
 def test_unchanged_is_true_only_for_identical_size_mtime_and_inode(catalog: Catalog) -> None:
-    """identities() holds the exact recorded size, mtime_ns and inode, and nothing else."""
+    """present_identities() holds the exact recorded size, mtime_ns and inode, and nothing else."""
     _record(catalog, "/r/a.pt")
     assert unchanged(catalog, "/r/a.pt", 1000, MTIME_NS, 42)
     assert not unchanged(catalog, "/r/a.pt", 1001, MTIME_NS, 42)
@@ -111,7 +113,7 @@ def test_first_seen_is_kept_when_a_checkpoint_is_verified_again(catalog: Catalog
 
 
 def test_mark_gone_hides_the_row_from_present_but_keeps_its_history(catalog: Catalog) -> None:
-    """A checkpoint marked gone leaves present(), in_run() and identities(); get() still has it."""
+    """A checkpoint marked gone leaves present(), in_run() and present_identities(); get() still has it."""
     _record(catalog, "/r/a.pt")
     _record(catalog, "/r/b.pt")
     catalog.mark_gone("/r/a.pt", 300.0)
